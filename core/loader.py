@@ -1,0 +1,52 @@
+"""Loading a checkpoint's weights, only those of the layers this rank runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import load_model
+
+from .layout import DecoderLayout
+from .pipeline import PipelineStage
+
+ModelClasses = Callable[[dict[str, Any]], tuple[type[nn.Module], type]]
+
+
+def load_stage(
+    path: Path,
+    model_classes: ModelClasses,
+    make_layout: Callable[[nn.Module], DecoderLayout],
+    *,
+    layers: range | None = None,
+    first: bool = True,
+    last: bool = True,
+) -> tuple[PipelineStage, dict[str, Any]]:
+    """Build a checkpoint's model and load the weights of one pipeline stage.
+
+    Weights are mapped lazily and the parts of the model other stages run are dropped
+    before anything is evaluated, so only this stage's weights are ever read into memory.
+
+    Args:
+        path: a folder with config.json and safetensors files.
+        model_classes: gives the (Model, ModelArgs) classes for the config.
+        make_layout: the family's sharding rule.
+        layers: the layer indices this stage runs (default: all of them).
+        first: whether this stage embeds the tokens.
+        last: whether this stage applies the final norm and head.
+
+    Returns:
+        The stage and the checkpoint's config.
+    """
+    model, config = load_model(Path(path), lazy=True, get_model_classes=model_classes)
+    model.eval()
+    layout = make_layout(model)
+    if layers is None:
+        layers = range(layout.num_layers)
+    if (layers.start, layers.stop) != (0, layout.num_layers) or not (first and last):
+        layout.keep_only(layers, first=first, last=last)
+    mx.eval(model.parameters())
+    return PipelineStage(layout, layers, first=first, last=last), config
