@@ -1,0 +1,31 @@
+"""mlxserve's own answers to the override hooks: ``trylast``, so any plugin comes first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.nn as nn
+
+from mlxserve.core.kv_cache import KVCacheOptions
+from mlxserve.core.layout import DecoderLayout
+
+from .family import ModelFamily
+from .hookspecs import hookimpl
+
+
+@hookimpl(trylast=True)
+def mlxserve_sharding_rule(family: ModelFamily, model: nn.Module) -> DecoderLayout:
+    return family.layout(model)
+
+
+@hookimpl(trylast=True)
+def mlxserve_kv_cache_factory(
+    family: ModelFamily, model: nn.Module, options: KVCacheOptions, layers: Sequence[int]
+) -> list[Any]:
+    return family.make_cache(model, options, layers)
+
+
+@hookimpl(trylast=True)
+def mlxserve_chat_template(family: ModelFamily, tokenizer: Any) -> str:
+    return getattr(tokenizer, "chat_template", None) or family.chat_template

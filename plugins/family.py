@@ -1,0 +1,99 @@
+"""The ModelFamily contract: everything mlxserve needs to know about one model family."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxserve.core.kv_cache import CacheKind, KVCacheOptions, make_layer_cache, warn_unquantizable
+from mlxserve.core.layout import DecoderLayout
+
+
+class ModelFamily:
+    """Base class of a family plugin's family; subclass it and fill in the class attributes.
+
+    The defaults build mlx-lm's own model classes and suit any decoder laid out the
+    mlx-lm way (``model.embed_tokens``, ``model.layers``, ``model.norm``, ``lm_head``).
+    Override a method only where the family differs.
+
+    Attributes:
+        name: the family's name, as ``[models.NAME] family`` and ``mlxserve plugins list`` show it.
+        model_types: the ``model_type`` values of config.json this family claims.
+        mlx_lm_modules: model_type -> module under ``mlx_lm.models`` where they differ.
+        chat_template: Jinja chat template used when a checkpoint's tokenizer has none.
+        bos_token: the token a prompt begins with, or None.
+        stop_tokens: tokens that end a turn; the first is the tokenizer's eos token.
+        control_tokens: other special tokens the chat template writes.
+        sampling_defaults: sampling parameters the family recommends (e.g. temperature).
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    mlx_lm_modules: ClassVar[dict[str, str]] = {}
+    chat_template: ClassVar[str]
+    bos_token: ClassVar[str | None] = None
+    stop_tokens: ClassVar[tuple[str, ...]]
+    control_tokens: ClassVar[tuple[str, ...]] = ()
+    sampling_defaults: ClassVar[dict[str, float]] = {}
+
+    # ---- building the model ----
+
+    def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type]:
+        """The (Model, ModelArgs) classes for a checkpoint's config.json."""
+        model_type = config["model_type"]
+        module_name = self.mlx_lm_modules.get(model_type, model_type)
+        module = importlib.import_module(f"mlx_lm.models.{module_name}")
+        return module.Model, module.ModelArgs
+
+    # ---- sharding rules ----
+
+    def layout(self, model: nn.Module) -> DecoderLayout:
+        """Where the embedding, layers, final norm and head live (pipeline parallelism)."""
+        head = "lm_head" if hasattr(model, "lm_head") else None
+        return DecoderLayout(model, head=head)
+
+    def layer_weights(self, model: nn.Module) -> list[int]:
+        """Relative cost of each layer (bytes of its weights), used to split by memory."""
+        return self.layout(model).layer_nbytes()
+
+    def supports_tensor_parallel(self, model: nn.Module) -> bool:
+        """Whether :meth:`shard_tensors` can split this model's tensors across ranks."""
+        return hasattr(model, "shard")
+
+    def shard_tensors(self, model: nn.Module, group: mx.distributed.Group) -> None:
+        """Split each layer's weights across the ranks of ``group`` (tensor parallelism)."""
+        if not self.supports_tensor_parallel(model):
+            raise NotImplementedError(f"{self.name} has no tensor-parallel rule")
+        model.shard(group)
+
+    # ---- KV cache ----
+
+    def cache_kinds(self, model: nn.Module) -> list[CacheKind]:
+        """The kind of KV cache each layer needs."""
+        return ["full"] * self.layout(model).num_layers
+
+    def sliding_window(self, model: nn.Module) -> int | None:
+        """The window of the family's sliding-window layers, if it has any."""
+        return None
+
+    def make_cache(
+        self, model: nn.Module, options: KVCacheOptions, layers: Sequence[int]
+    ) -> list[Any]:
+        """One fresh cache per layer in ``layers`` (the layers this rank runs)."""
+        kinds = self.cache_kinds(model)
+        warn_unquantizable([kinds[i] for i in layers], options, self.name)
+        window = self.sliding_window(model)
+        return [make_layer_cache(kinds[i], options, window) for i in layers]
+
+    # ---- tiny checkpoints ----
+
+    def tiny_config(self, model_type: str) -> dict[str, Any]:
+        """config.json of a tiny random-weight checkpoint (no vocab_size: the writer sets it)."""
+        raise NotImplementedError(f"{self.name} does not describe a tiny checkpoint")
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}: {', '.join(self.model_types)}>"

@@ -1,0 +1,70 @@
+"""Llama: Meta's Llama 2/3 and the many checkpoints that share its architecture."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+from mlxserve.core.kv_cache import CacheKind
+from mlxserve.core.layout import DecoderLayout, MaskFn
+
+from .family import ModelFamily
+from .hookspecs import hookimpl
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def sliding_window_mask(window: int | None) -> MaskFn:
+    """Causal mask; layers marked ``use_sliding`` see only the last ``window`` tokens."""
+
+    def mask(h: Any, cache: Any, layer: nn.Module) -> Any:
+        sliding = window is not None and getattr(layer, "use_sliding", False)
+        return create_attention_mask(h, cache, window_size=window if sliding else None)
+
+    return mask
+
+
+class Llama(ModelFamily):
+    name = "llama"
+    model_types = ("llama",)
+    chat_template = CHAT_TEMPLATE
+    bos_token = "<|begin_of_text|>"
+    stop_tokens = ("<|eot_id|>", "<|end_of_text|>")
+    control_tokens = ("<|start_header_id|>", "<|end_header_id|>")
+
+    def layout(self, model: nn.Module) -> DecoderLayout:
+        head = "lm_head" if hasattr(model, "lm_head") else None
+        return DecoderLayout(model, head=head, mask=sliding_window_mask(self.sliding_window(model)))
+
+    def cache_kinds(self, model: nn.Module) -> list[CacheKind]:
+        return ["sliding" if t == "sliding_attention" else "full" for t in model.args.layer_types]
+
+    def sliding_window(self, model: nn.Module) -> int | None:
+        return model.model.sliding_window
+
+    def tiny_config(self, model_type: str) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+        }
+
+
+@hookimpl
+def mlxserve_families() -> list[ModelFamily]:
+    return [Llama()]

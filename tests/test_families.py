@@ -1,0 +1,117 @@
+"""The plugin author kit, run over every built-in family and the example plugin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlxserve.core.kv_cache import KVCacheOptions
+from mlxserve.core.layout import DecoderLayout
+from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.testing import (
+    check_family,
+    check_kv_cache,
+    check_loads,
+    check_pipeline_split,
+)
+from mlxserve.plugins.tiny import write_tiny_checkpoint
+from mlxserve.registry.plugins import Plugins
+
+from .conftest import BUILTIN_FAMILIES
+
+
+@pytest.mark.parametrize("name", BUILTIN_FAMILIES)
+def test_builtin_family_passes_the_author_kit(
+    name: str, builtin_families: dict[str, ModelFamily], tmp_path: Path
+) -> None:
+    check_family(builtin_families[name], tmp_path)
+
+
+def test_example_plugin_family_passes_the_author_kit(plugins: Plugins, tmp_path: Path) -> None:
+    check_family(plugins.family("gemma"), tmp_path)
+
+
+def test_kit_catches_a_wrong_sharding_rule(plugins: Plugins, tmp_path: Path) -> None:
+    """Gemma without its embedding scale: the kit must notice the layout is wrong."""
+    gemma = plugins.family("gemma")
+
+    class Unscaled(type(gemma)):  # type: ignore[misc]
+        def layout(self, model):  # noqa: ANN001, ANN202
+            return DecoderLayout(model, head=None)
+
+    path = write_tiny_checkpoint(gemma, tmp_path / "gemma")
+    with pytest.raises(AssertionError, match="layout forward"):
+        check_loads(Unscaled(), path)
+
+
+def test_kit_catches_a_wrong_mask(builtin_families: dict[str, ModelFamily], tmp_path: Path) -> None:
+    """Mistral's windowed layers masked as if they saw everything: caches and masks disagree."""
+    mistral = builtin_families["mistral"]
+
+    class Unwindowed(type(mistral)):  # type: ignore[misc]
+        def layout(self, model):  # noqa: ANN001, ANN202
+            return DecoderLayout(model, head=None if not hasattr(model, "lm_head") else "lm_head")
+
+    path = write_tiny_checkpoint(mistral, tmp_path / "mistral")
+    with pytest.raises(AssertionError):
+        check_loads(Unwindowed(), path)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_kv_cache_stays_close(
+    bits: int, builtin_families: dict[str, ModelFamily], tiny_checkpoints: dict[str, Path]
+) -> None:
+    check_kv_cache(builtin_families["llama"], tiny_checkpoints["llama"], bits=bits)
+
+
+def test_three_stage_split(builtin_families: dict[str, ModelFamily], tiny_checkpoints) -> None:
+    check_pipeline_split(builtin_families["qwen"], tiny_checkpoints["qwen"], num_stages=3)
+
+
+def test_cache_kinds(builtin_families: dict[str, ModelFamily], tiny_checkpoints) -> None:
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+    from mlx_lm.utils import load_model
+
+    def caches(name: str, bits: int | None = None) -> list:
+        family = builtin_families[name]
+        model, _ = load_model(tiny_checkpoints[name], get_model_classes=family.model_classes)
+        return family.make_cache(model, KVCacheOptions(bits=bits), range(4))
+
+    assert all(type(c) is KVCache for c in caches("llama"))
+    assert all(type(c) is QuantizedKVCache and c.bits == 8 for c in caches("llama", 8))
+    windowed = caches("mistral")
+    assert all(type(c) is RotatingKVCache and c.max_size == 32 for c in windowed)
+    assert (
+        builtin_families["deepseek"].cache_kinds(
+            load_model(
+                tiny_checkpoints["deepseek"],
+                get_model_classes=builtin_families["deepseek"].model_classes,
+            )[0]
+        )
+        == ["latent"] * 4
+    )
+    latent = caches("deepseek", 8)  # the latent cache cannot be quantized: full precision
+    assert all(type(c) is KVCache for c in latent)
+
+
+def test_mistral_window_really_limits_attention(
+    builtin_families: dict[str, ModelFamily], tmp_path: Path
+) -> None:
+    """A token out of reach (window x layers back) must not change the last logits; near must."""
+    from mlx_lm.utils import load_model
+
+    family = builtin_families["mistral"]
+    path = write_tiny_checkpoint(family, tmp_path / "m")
+    model, _ = load_model(path, get_model_classes=family.model_classes)
+    window = family.sliding_window(model)
+    reach = window * len(model.layers)
+    tokens = mx.array([[(7 * i) % 300 + 3 for i in range(reach + 8)]])
+    base = model(tokens)[0, -1]
+    far = tokens.tolist()
+    far[0][0] = 5
+    near = tokens.tolist()
+    near[0][-3] = 5
+    assert mx.abs(model(mx.array(far))[0, -1] - base).max().item() < 1e-5
+    assert mx.abs(model(mx.array(near))[0, -1] - base).max().item() > 1e-3
