@@ -1,0 +1,119 @@
+"""The model registry: names and aliases from ``[models]`` to checkpoints, families and models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlxserve.core.errors import ModelNotFoundError
+from mlxserve.core.kv_cache import KVCacheOptions
+from mlxserve.core.loader import load_stage
+from mlxserve.core.pipeline import PipelineStage
+from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.tiny import is_tiny_checkpoint
+
+from .plugins import Plugins
+from .store import ModelStore
+
+if TYPE_CHECKING:
+    from mlxserve.core.config import Config, ModelEntry
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: its stage of layers, tokenizer and family."""
+
+    name: str
+    family: ModelFamily
+    stage: PipelineStage
+    config: dict[str, Any]
+    path: Path
+    tokenizer: Any
+    plugins: Plugins
+    random_weights: bool
+
+    def make_cache(self, options: KVCacheOptions) -> list[Any]:
+        """Fresh KV caches for the layers of this stage, from the family's cache factory."""
+        return self.plugins.hook.mlxserve_kv_cache_factory(
+            family=self.family,
+            model=self.stage.layout.model,
+            options=options,
+            layers=list(self.stage.layers),
+        )
+
+
+class ModelRegistry:
+    """Resolves model names and aliases, and loads their checkpoints with their family."""
+
+    def __init__(self, config: Config, plugins: Plugins) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.store = ModelStore(config.registry.cache_dir, plugins)
+
+    def resolve(self, name: str) -> tuple[str, ModelEntry]:
+        """The canonical name and entry of a model name or alias."""
+        found = self.config.resolve_model(name)
+        if found is None:
+            known = ", ".join(sorted(self.config.models)) or "none"
+            raise ModelNotFoundError(f"model {name!r} is not in the registry (have: {known})")
+        return found
+
+    def checkpoint(self, name: str, *, download: bool = False) -> Path:
+        """The folder of a model's checkpoint (written or downloaded as needed)."""
+        _, entry = self.resolve(name)
+        return self.store.locate(entry.source, revision=entry.revision, download=download)
+
+    def family_of(self, name: str, path: Path) -> ModelFamily:
+        """The family of a model: its entry's ``family``, else its config.json's model_type."""
+        _, entry = self.resolve(name)
+        if entry.family:
+            return self.plugins.family(entry.family)
+        return self.plugins.family_for(read_model_config(path)["model_type"])
+
+    def load(
+        self,
+        name: str,
+        *,
+        layers: range | None = None,
+        first: bool = True,
+        last: bool = True,
+        download: bool = False,
+    ) -> LoadedModel:
+        """Load a model, or one pipeline stage of it (only that stage's weights)."""
+        from mlx_lm.utils import load_tokenizer
+
+        canonical, _ = self.resolve(name)
+        path = self.checkpoint(canonical, download=download)
+        family = self.family_of(canonical, path)
+        hook = self.plugins.hook
+
+        def sharding_rule(model: Any) -> Any:
+            return hook.mlxserve_sharding_rule(family=family, model=model)
+
+        stage, config = load_stage(
+            path, family.model_classes, sharding_rule, layers=layers, first=first, last=last
+        )
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        template = hook.mlxserve_chat_template(family=family, tokenizer=tokenizer._tokenizer)
+        if template:
+            tokenizer._tokenizer.chat_template = template
+        return LoadedModel(
+            canonical,
+            family,
+            stage,
+            config,
+            path,
+            tokenizer,
+            self.plugins,
+            random_weights=is_tiny_checkpoint(path),
+        )
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.json."""
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{path}: cannot read config.json ({exc})") from exc

@@ -1,0 +1,141 @@
+"""The plugin manager: finds plugins by entry point, honours the allow-list, indexes families."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from types import ModuleType
+
+import pluggy
+
+from mlxserve.core.errors import UnknownModelTypeError
+from mlxserve.plugins import defaults, hookspecs
+from mlxserve.plugins.family import ModelFamily
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "mlxserve.plugins"
+BUILTIN_PACKAGE = "mlxserve"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One plugin as found: where it comes from and whether it loaded."""
+
+    name: str
+    module: str
+    package: str
+    version: str
+    builtin: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class FamilyEntry:
+    family: ModelFamily
+    plugin: PluginInfo
+
+
+class Plugins:
+    """The loaded plugins and the families they provide."""
+
+    def __init__(self, pm: pluggy.PluginManager, infos: Sequence[PluginInfo]) -> None:
+        self.pm = pm
+        self.infos = list(infos)
+        self.hook = pm.hook
+        by_name = {info.name: info for info in self.infos}
+        self.families: list[FamilyEntry] = []
+        for impl in pm.hook.mlxserve_families.get_hookimpls():
+            module = getattr(impl.plugin, "__name__", type(impl.plugin).__module__)
+            info = by_name.get(impl.plugin_name) or PluginInfo(
+                impl.plugin_name, module, "(registered)", "", builtin=False
+            )
+            self.families.extend(FamilyEntry(f, info) for f in impl.function())
+
+    def family(self, name: str) -> ModelFamily:
+        """The family called ``name``."""
+        for entry in self.families:
+            if entry.family.name == name:
+                return entry.family
+        known = ", ".join(sorted(e.family.name for e in self.families)) or "none"
+        raise UnknownModelTypeError(f"no enabled plugin provides family {name!r} (have: {known})")
+
+    def family_for(self, model_type: str) -> ModelFamily:
+        """The family that serves checkpoints of ``model_type``.
+
+        A third-party family wins over a built-in one; two third-party families claiming
+        the same model_type are a conflict the operator settles with ``[models.NAME] family``.
+        """
+        claims = [e for e in self.families if model_type in e.family.model_types]
+        if not claims:
+            known = ", ".join(sorted({t for e in self.families for t in e.family.model_types}))
+            raise UnknownModelTypeError(
+                f"no enabled plugin claims model_type {model_type!r} "
+                f"(claimed: {known or 'none'}); install a plugin for it or check [plugins] enabled"
+            )
+        third_party = [e for e in claims if not e.plugin.builtin]
+        if len(third_party) > 1:
+            names = ", ".join(f"{e.family.name} ({e.plugin.package})" for e in third_party)
+            raise UnknownModelTypeError(
+                f"model_type {model_type!r} is claimed by several plugins: {names}; "
+                f'choose one with `family = "..."` in the model\'s [models.NAME] entry'
+            )
+        return (third_party or claims)[0].family
+
+
+def _load_entry_points(pm: pluggy.PluginManager, enabled: Sequence[str] | None) -> list[PluginInfo]:
+    infos = []
+    found = entry_points(group=ENTRY_POINT_GROUP)
+    for ep in sorted(found, key=lambda ep: ep.name):
+        if enabled is not None and ep.name not in enabled:
+            continue
+        if pm.has_plugin(ep.name):
+            continue
+        package = ep.dist.name if ep.dist else "(unknown)"
+        version = ep.dist.version if ep.dist else ""
+        builtin = package == BUILTIN_PACKAGE
+        try:
+            module = ep.load()
+        except Exception as exc:  # a broken plugin must not take the server down
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("plugin %r (%s) failed to load and is skipped: %s", ep.name, package, error)
+            infos.append(PluginInfo(ep.name, ep.value, package, version, builtin, error))
+            continue
+        pm.register(module, name=ep.name)
+        infos.append(PluginInfo(ep.name, ep.value, package, version, builtin))
+    if enabled is not None:
+        missing = sorted(set(enabled) - {ep.name for ep in found})
+        if missing:
+            log.warning(
+                "plugins.enabled names %s, not installed (installed: %s)",
+                ", ".join(missing),
+                ", ".join(sorted(ep.name for ep in found)),
+            )
+    return infos
+
+
+def load_plugins(
+    enabled: Sequence[str] | None = None,
+    *,
+    trace: bool = False,
+    extra: Sequence[tuple[str, ModuleType | object]] = (),
+) -> Plugins:
+    """Create the plugin manager and load every enabled plugin.
+
+    Args:
+        enabled: the allow-list of plugin (entry point) names; None loads every plugin.
+        trace: log each hook call and its result at debug level.
+        extra: (name, plugin) pairs registered directly, after the entry points.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(defaults, name="mlxserve.defaults")
+    infos = _load_entry_points(pm, enabled)
+    for name, plugin in extra:
+        pm.register(plugin, name=name)
+    if trace:
+        pm.trace.root.setwriter(lambda message: log.debug("hook: %s", message.rstrip()))
+        pm.enable_tracing()
+    return Plugins(pm, infos)

@@ -1,0 +1,208 @@
+"""Plugin discovery, the allow-list, broken plugins, conflicts, and every hook."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from mlx_lm.models.cache import RotatingKVCache
+
+from mlxserve.core.config import load_config
+from mlxserve.core.errors import UnknownModelTypeError
+from mlxserve.core.kv_cache import KVCacheOptions
+from mlxserve.core.layout import DecoderLayout
+from mlxserve.plugins import ModelFamily, hookimpl, hookspecs
+from mlxserve.plugins.llama import Llama
+from mlxserve.registry.models import ModelRegistry
+from mlxserve.registry.plugins import load_plugins
+
+from .conftest import BUILTIN_FAMILIES
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOK_NAMES = sorted(n for n in dir(hookspecs) if n.startswith("mlxserve_"))
+
+
+def write_broken_plugin(root: Path) -> Path:
+    """An installed distribution whose plugin module fails to import."""
+    dist = root / "broken_plugin-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mlxserve.plugins]\nbroken = broken_plugin_mod\n")
+    (root / "broken_plugin_mod.py").write_text(
+        "raise ImportError('needs the library frobnicate, which is not installed')\n"
+    )
+    return root
+
+
+def registry_for(tmp_path: Path, checkpoint: Path, *extra: tuple[str, object]) -> ModelRegistry:
+    toml = tmp_path / "mlxserve.toml"
+    toml.write_text(
+        f'[registry]\ndefault_model = "tiny"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[models.tiny]\nsource = "{checkpoint}"\n'
+    )
+    return ModelRegistry(load_config(toml, env={}), load_plugins(extra=extra))
+
+
+def test_builtins_are_found_through_the_entry_point_group() -> None:
+    plugins = load_plugins()
+    builtin = {e.family.name for e in plugins.families if e.plugin.builtin}
+    assert builtin == set(BUILTIN_FAMILIES)
+    for entry in plugins.families:
+        if entry.plugin.builtin:
+            assert entry.plugin.package == "mlxserve"
+            assert entry.plugin.module == f"mlxserve.plugins.{entry.family.name}"
+
+
+def test_external_example_plugin_is_discovered() -> None:
+    plugins = load_plugins()
+    [gemma] = [e for e in plugins.families if e.family.name == "gemma"]
+    assert gemma.plugin.package == "mlxserve-example-family"
+    assert not gemma.plugin.builtin
+    assert plugins.family_for("gemma") is gemma.family
+
+
+def test_allow_list_loads_only_the_named_plugins(caplog: pytest.LogCaptureFixture) -> None:
+    plugins = load_plugins(["llama", "gemma", "nonesuch"])
+    assert sorted(e.family.name for e in plugins.families) == ["gemma", "llama"]
+    with pytest.raises(UnknownModelTypeError, match="qwen3"):
+        plugins.family_for("qwen3")
+    assert "nonesuch" in caplog.text
+
+
+def test_broken_plugin_is_reported_and_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.syspath_prepend(str(write_broken_plugin(tmp_path)))
+    plugins = load_plugins()
+    [broken] = [i for i in plugins.infos if i.name == "broken"]
+    assert broken.error == "ImportError: needs the library frobnicate, which is not installed"
+    assert broken.package == "broken-plugin"
+    assert {e.family.name for e in plugins.families} >= set(BUILTIN_FAMILIES)
+    assert "failed to load and is skipped" in caplog.text
+
+
+class ThirdPartyLlama(Llama):
+    name = "llama-plus"
+
+
+class OtherLlama(Llama):
+    name = "llama-other"
+
+
+class ClaimLlama:
+    def __init__(self, family: ModelFamily) -> None:
+        self.family = family
+
+    @hookimpl
+    def mlxserve_families(self) -> list[ModelFamily]:
+        return [self.family]
+
+
+def test_third_party_family_wins_over_builtin() -> None:
+    plugins = load_plugins(extra=[("plus", ClaimLlama(ThirdPartyLlama()))])
+    assert plugins.family_for("llama").name == "llama-plus"
+
+
+def test_two_third_party_claims_are_a_conflict() -> None:
+    plugins = load_plugins(
+        extra=[("plus", ClaimLlama(ThirdPartyLlama())), ("other", ClaimLlama(OtherLlama()))]
+    )
+    with pytest.raises(UnknownModelTypeError, match="llama-plus.*llama-other|llama-other.*plus"):
+        plugins.family_for("llama")
+    assert plugins.family("llama-other").name == "llama-other"
+
+
+def test_unknown_model_type_names_it() -> None:
+    with pytest.raises(UnknownModelTypeError, match="'mamba'"):
+        load_plugins().family_for("mamba")
+
+
+# ---- one test per hook -----------------------------------------------------------------
+
+
+def test_hook_mlxserve_families() -> None:
+    results = load_plugins().hook.mlxserve_families()
+    families = [f for result in results for f in result]
+    claimed = {t for f in families for t in f.model_types}
+    assert claimed >= {"llama", "qwen2", "qwen3", "mistral", "deepseek_v2", "deepseek_v3"}
+
+
+def test_hook_mlxserve_sharding_rule(tmp_path: Path, tiny_checkpoints: dict[str, Path]) -> None:
+    class MarkedLayout(DecoderLayout):
+        pass
+
+    class Override:
+        @hookimpl
+        def mlxserve_sharding_rule(self, family: ModelFamily, model: object) -> DecoderLayout:
+            return MarkedLayout(model, head="lm_head")
+
+    registry = registry_for(tmp_path, tiny_checkpoints["llama"], ("override", Override()))
+    loaded = registry.load("tiny")
+    assert type(loaded.stage.layout) is MarkedLayout
+    default = registry_for(tmp_path, tiny_checkpoints["llama"]).load("tiny")
+    assert type(default.stage.layout) is DecoderLayout
+
+
+def test_hook_mlxserve_kv_cache_factory(tmp_path: Path, tiny_checkpoints: dict[str, Path]) -> None:
+    class Windowed:
+        @hookimpl
+        def mlxserve_kv_cache_factory(self, family, model, options, layers):  # noqa: ANN001, ANN201
+            return [RotatingKVCache(max_size=8) for _ in layers]
+
+    registry = registry_for(tmp_path, tiny_checkpoints["llama"], ("windowed", Windowed()))
+    caches = registry.load("tiny").make_cache(KVCacheOptions())
+    assert len(caches) == 4 and all(type(c) is RotatingKVCache for c in caches)
+
+
+def test_hook_mlxserve_chat_template(tmp_path: Path, tiny_checkpoints: dict[str, Path]) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    loaded = registry_for(tmp_path, tiny_checkpoints["qwen"]).load("tiny")
+    tokenizer = loaded.tokenizer
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+    class Plain:
+        @hookimpl
+        def mlxserve_chat_template(self, family: ModelFamily, tokenizer: object) -> str:
+            return "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+    loaded = registry_for(tmp_path, tiny_checkpoints["qwen"], ("plain", Plain())).load("tiny")
+    text = loaded.tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == "user: hi\n"
+
+
+def test_family_template_is_the_fallback_when_the_tokenizer_has_none(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    import json
+    import shutil
+
+    checkpoint = tmp_path / "no-template"
+    shutil.copytree(tiny_checkpoints["mistral"], checkpoint)
+    config_file = checkpoint / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    del tokenizer_config["chat_template"]
+    config_file.write_text(json.dumps(tokenizer_config))
+    loaded = registry_for(tmp_path, checkpoint).load("tiny")
+    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text == "<s>[INST] hi [/INST]"
+
+
+# ---- meta: every hook is tested and documented -----------------------------------------
+
+
+def test_every_hook_has_a_test() -> None:
+    tests = set(globals())
+    missing = [name for name in HOOK_NAMES if f"test_hook_{name}" not in tests]
+    assert not missing, f"hooks without a test_hook_<name>: {missing}"
+
+
+def test_every_hook_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    pm = load_plugins().pm
+    for name in HOOK_NAMES:
+        argnames = getattr(pm.hook, name).spec.argnames
+        heading = f"{name}({', '.join(argnames)})"
+        pattern = rf"^#+ `?{re.escape(heading)}`?$"
+        assert re.search(pattern, readme, re.M), f"undocumented: {heading}"
