@@ -1,0 +1,176 @@
+"""The ``mlxserve`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlxserve.core.config import Config, ConfigError, dump_config, load_config
+from mlxserve.core.errors import MlxserveError
+from mlxserve.core.logs import setup_logging
+from mlxserve.registry.plugins import Plugins, load_plugins
+
+
+def _plugins(config: Config) -> Plugins:
+    return load_plugins(config.plugins.enabled, trace=config.plugins.trace)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+# ---- config ----------------------------------------------------------------------------
+
+
+def cmd_config_check(args: argparse.Namespace, config: Config) -> int:
+    names = ", ".join(sorted(config.models))
+    print(f"{args.file or 'configuration'}: OK ({len(config.models)} models: {names})")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace, config: Config) -> int:
+    print(dump_config(config, mask_secrets=True), end="")
+    return 0
+
+
+# ---- plugins ---------------------------------------------------------------------------
+
+
+def cmd_plugins_list(args: argparse.Namespace, config: Config) -> int:
+    plugins = _plugins(config)
+    rows = [["FAMILY", "MODEL TYPES", "PLUGIN", "PACKAGE", "BUILT-IN"]]
+    for entry in plugins.families:
+        package = f"{entry.plugin.package} {entry.plugin.version}".strip()
+        rows.append(
+            [
+                entry.family.name,
+                ", ".join(entry.family.model_types),
+                entry.plugin.name,
+                package,
+                "yes" if entry.plugin.builtin else "no",
+            ]
+        )
+    print(_table(rows))
+    for info in plugins.infos:
+        if info.error:
+            print(f"\nplugin {info.name!r} ({info.package}) failed to load: {info.error}")
+    return 0
+
+
+# ---- models ----------------------------------------------------------------------------
+
+
+def cmd_models_tiny(args: argparse.Namespace, config: Config) -> int:
+    from mlxserve.plugins.tiny import RANDOM_WEIGHTS_NOTE, write_tiny_checkpoint
+
+    family = _plugins(config).family(args.family)
+    path = write_tiny_checkpoint(family, args.dir, model_type=args.model_type, seed=args.seed)
+    print(f"wrote a tiny {family.name} checkpoint to {path} ({RANDOM_WEIGHTS_NOTE})")
+    return 0
+
+
+# ---- generate --------------------------------------------------------------------------
+
+
+def _greedy_tokens(loaded: Any, prompt: list[int], max_tokens: int) -> Iterator[int]:
+    import mlx.core as mx
+
+    from mlxserve.core.kv_cache import KVCacheOptions
+
+    cache = loaded.make_cache(KVCacheOptions())
+    eos = set(loaded.tokenizer.eos_token_ids)
+    logits = loaded.stage.forward(mx.array([prompt]), cache)
+    for _ in range(max_tokens):
+        token = mx.argmax(logits[0, -1]).item()
+        if token in eos:
+            return
+        yield token
+        logits = loaded.stage.forward(mx.array([[token]]), cache)
+
+
+def cmd_generate(args: argparse.Namespace, config: Config) -> int:
+    from mlxserve.registry.models import ModelRegistry
+
+    registry = ModelRegistry(config, _plugins(config))
+    loaded = registry.load(args.model or config.registry.default_model, download=True)
+    if loaded.random_weights:
+        print(f"[{loaded.name} has random weights: expect gibberish]", file=sys.stderr)
+    tokenizer = loaded.tokenizer
+    messages = [{"role": "user", "content": args.prompt}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in _greedy_tokens(loaded, prompt, args.max_tokens):
+        detokenizer.add_token(token)
+        print(detokenizer.last_segment, end="", flush=True)
+    detokenizer.finalize()
+    print(detokenizer.last_segment)
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxserve", description="A plugin-based LLM inference server on MLX."
+    )
+    parser.add_argument("--config", help="mlxserve.toml to use (default: ./mlxserve.toml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="check or show the configuration")
+    config_cmds = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    for name, func, text in [
+        ("check", cmd_config_check, "validate a config file; exit 2 on error"),
+        ("show", cmd_config_show, "print the effective config, secrets masked"),
+    ]:
+        sub = config_cmds.add_parser(name, help=text)
+        sub.add_argument("file", nargs="?", help="config file (default: ./mlxserve.toml)")
+        sub.set_defaults(func=func)
+
+    plugins = commands.add_parser("plugins", help="list plugins and their model families")
+    plugins_cmds = plugins.add_subparsers(dest="plugins_command", required=True, metavar="ACTION")
+    plugins_cmds.add_parser("list", help="families, model types, packages").set_defaults(
+        func=cmd_plugins_list
+    )
+
+    models = commands.add_parser("models", help="model checkpoints")
+    models_cmds = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    tiny = models_cmds.add_parser("tiny", help="write a tiny random-weight checkpoint")
+    tiny.add_argument("family", help="a family name, e.g. llama, qwen, mistral, deepseek")
+    tiny.add_argument("dir", type=Path, help="folder to write")
+    tiny.add_argument("--model-type", help="which of the family's model types")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    tiny.set_defaults(func=cmd_models_tiny)
+
+    generate = commands.add_parser("generate", help="answer one prompt (greedy) and exit")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", help="a registry name or alias (default: the default)")
+    generate.add_argument("--max-tokens", type=int, default=32)
+    generate.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(getattr(args, "file", None) or args.config)
+        setup_logging(config.logging.level, config.logging.file)
+        return args.func(args, config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MlxserveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
