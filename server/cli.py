@@ -31,7 +31,9 @@ def _table(rows: list[list[str]]) -> str:
 
 def cmd_config_check(args: argparse.Namespace, config: Config) -> int:
     names = ", ".join(sorted(config.models))
-    print(f"{args.file or 'configuration'}: OK ({len(config.models)} models: {names})")
+    plural = "s" if len(config.models) != 1 else ""
+    count = f"{len(config.models)} model{plural}"
+    print(f"{args.file or 'configuration'}: OK ({count}: {names})")
     return 0
 
 
