@@ -60,7 +60,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_tiny_checkpoint(
-    family: ModelFamily, dest: str | Path, *, model_type: str | None = None, seed: int = 0
+    family: ModelFamily,
+    dest: str | Path,
+    *,
+    model_type: str | None = None,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` into ``dest``.
 
@@ -69,6 +74,7 @@ def write_tiny_checkpoint(
         dest: the folder to write (created if missing).
         model_type: which of the family's model types (default: its first).
         seed: the random seed of the weights; the same seed gives the same checkpoint.
+        overrides: config.json values to change, e.g. a bigger ``hidden_size`` for benchmarks.
 
     Returns:
         ``dest`` as a Path.
@@ -87,6 +93,7 @@ def write_tiny_checkpoint(
     eos = family.stop_tokens[0]
     config = {
         **family.tiny_config(model_type),
+        **(overrides or {}),
         "vocab_size": tokenizer.get_vocab_size(),
         "eos_token_id": [tokenizer.token_to_id(t) for t in family.stop_tokens],
         "torch_dtype": "float32",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from mlxserve.core.config import Config, ConfigError, dump_config, load_config
 from mlxserve.core.errors import MlxserveError
 from mlxserve.core.logs import setup_logging
 from mlxserve.registry.plugins import Plugins, load_plugins
+
+from .cli_models import add_models_commands
 
 
 def _plugins(config: Config) -> Plugins:
@@ -63,18 +64,6 @@ def cmd_plugins_list(args: argparse.Namespace, config: Config) -> int:
     for info in plugins.infos:
         if info.error:
             print(f"\nplugin {info.name!r} ({info.package}) failed to load: {info.error}")
-    return 0
-
-
-# ---- models ----------------------------------------------------------------------------
-
-
-def cmd_models_tiny(args: argparse.Namespace, config: Config) -> int:
-    from mlxserve.plugins.tiny import RANDOM_WEIGHTS_NOTE, write_tiny_checkpoint
-
-    family = _plugins(config).family(args.family)
-    path = write_tiny_checkpoint(family, args.dir, model_type=args.model_type, seed=args.seed)
-    print(f"wrote a tiny {family.name} checkpoint to {path} ({RANDOM_WEIGHTS_NOTE})")
     return 0
 
 
@@ -143,14 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_plugins_list
     )
 
-    models = commands.add_parser("models", help="model checkpoints")
-    models_cmds = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    tiny = models_cmds.add_parser("tiny", help="write a tiny random-weight checkpoint")
-    tiny.add_argument("family", help="a family name, e.g. llama, qwen, mistral, deepseek")
-    tiny.add_argument("dir", type=Path, help="folder to write")
-    tiny.add_argument("--model-type", help="which of the family's model types")
-    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
-    tiny.set_defaults(func=cmd_models_tiny)
+    add_models_commands(commands)
 
     generate = commands.add_parser("generate", help="answer one prompt (greedy) and exit")
     generate.add_argument("prompt")

@@ -1,0 +1,76 @@
+"""How one request wants its tokens chosen, and when it wants to stop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidParameterError(ValueError):
+    """A sampling parameter is out of range; ``param`` names it (for the API's error body)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling and stopping rules of one request.
+
+    ``max_tokens`` None means "as many as the context allows". ``temperature`` 0 is greedy.
+    ``top_k`` 0, ``top_p`` 1 and ``min_p`` 0 switch those filters off. Penalties follow
+    OpenAI (presence, frequency: subtracted from logits) and Hugging Face (repetition:
+    logits of seen tokens divided, or multiplied when negative). ``logit_bias`` maps token
+    ids to values added to their logits. ``top_logprobs`` > 0 implies ``logprobs``.
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", 0 <= self.temperature <= 100, "must be between 0 and 100"),
+            ("top_p", 0 < self.top_p <= 1, "must be greater than 0 and at most 1"),
+            ("top_k", self.top_k >= 0, "must be 0 (off) or more"),
+            ("min_p", 0 <= self.min_p <= 1, "must be between 0 and 1"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 10, "must be in (0, 10]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be between -2 and 2"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be between -2 and 2"),
+            ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be between 0 and 20"),
+            ("stop", len(self.stop) <= 16 and all(self.stop), "at most 16 non-empty strings"),
+            ("logit_bias", all(-100 <= b <= 100 for _, b in self.logit_bias),
+             "values must be between -100 and 100"),
+        ]
+        for param, ok, message in checks:
+            if not ok:
+                raise InvalidParameterError(param, message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
+
+    @property
+    def penalized(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
