@@ -21,3 +21,19 @@ class ModelNotFoundError(MlxserveError):
 
 class HubUnavailableError(MlxserveError):
     """The Hugging Face hub cannot be reached (offline, firewall, or HF_HUB_OFFLINE)."""
+
+
+class QueueFullError(MlxserveError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+class ContextLengthError(MlxserveError):
+    """A prompt (plus the tokens asked for) does not fit the context."""
+
+
+class EngineUnavailableError(MlxserveError):
+    """The engine has stopped or failed and cannot take requests."""
+
+
+class ModelBusyError(MlxserveError):
+    """A model cannot be unloaded while requests are running on it."""

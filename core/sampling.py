@@ -52,8 +52,11 @@ class SamplingParams:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be between -2 and 2"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be between 0 and 20"),
             ("stop", len(self.stop) <= 16 and all(self.stop), "at most 16 non-empty strings"),
-            ("logit_bias", all(-100 <= b <= 100 for _, b in self.logit_bias),
-             "values must be between -100 and 100"),
+            (
+                "logit_bias",
+                all(-100 <= b <= 100 for _, b in self.logit_bias),
+                "values must be between -100 and 100",
+            ),
         ]
         for param, ok, message in checks:
             if not ok:

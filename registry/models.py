@@ -34,6 +34,11 @@ class LoadedModel:
     plugins: Plugins
     random_weights: bool
 
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model was trained for (its max_position_embeddings)."""
+        return int(self.config.get("max_position_embeddings") or 2**31)
+
     def make_cache(self, options: KVCacheOptions) -> list[Any]:
         """Fresh KV caches for the layers of this stage, from the family's cache factory."""
         return self.plugins.hook.mlxserve_kv_cache_factory(

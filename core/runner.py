@@ -1,0 +1,101 @@
+"""Runs step plans on a model stage: per-sequence prefill caches and one decode batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import mlx.core as mx
+
+from .pipeline import PipelineStage
+from .plan import PrefillChunk, StepPlan
+
+Cache = list[Any]
+
+
+def check_batchable(cache: Cache) -> None:
+    """The engine batches sequences by merging their caches; refuse kinds that cannot merge."""
+    for layer_cache in cache:
+        if not hasattr(type(layer_cache), "merge"):
+            raise ValueError(
+                f"{type(layer_cache).__name__} cannot be batched; "
+                "continuous batching needs caches that merge (full, sliding or latent)"
+            )
+
+
+class ModelRunner:
+    """Holds the KV caches of one model stage and runs each step plan's forward passes."""
+
+    def __init__(self, stage: PipelineStage, make_cache: Callable[[], Cache]) -> None:
+        self.stage = stage
+        self.make_cache = make_cache
+        self.prefilling: dict[str, Cache] = {}
+        self.batch: Cache | None = None
+        self.rows: list[str] = []
+
+    def run(self, plan: StepPlan) -> mx.array | None:
+        """Run one step; the logits (one row per ``plan.sample_ids``), or None."""
+        self.release(plan.release)
+        assert list(plan.decode_ids) == self.rows, "step plan and decode batch disagree"
+        outputs = []
+        if plan.decode_ids:
+            tokens = mx.array(plan.decode_tokens)[:, None]
+            outputs.append(self.stage.forward(tokens, self.batch)[:, -1])
+        touched: list[Cache] = []
+        for group in plan.prefill:
+            logits, cache = self._prefill(group)
+            if group[-1].last:
+                outputs.append(logits[:, -1])
+                self._join([c.request_id for c in group], cache)
+            else:
+                touched.append(cache)
+        logits = mx.concatenate(outputs) if outputs else None
+        mx.eval(logits, [[c.state for c in cache] for cache in touched])
+        return logits
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        """Drop the caches of finished or aborted sequences."""
+        gone = set(request_ids)
+        for request_id in gone:
+            self.prefilling.pop(request_id, None)
+        keep = [i for i, r in enumerate(self.rows) if r not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.batch = None
+        elif self.batch is not None:
+            indices = mx.array(keep)
+            for layer_cache in self.batch:
+                layer_cache.filter(indices)
+
+    def reset(self) -> None:
+        self.prefilling.clear()
+        self.batch, self.rows = None, []
+
+    def _prefill(self, group: tuple[PrefillChunk, ...]) -> tuple[mx.array, Cache]:
+        if len(group) == 1:
+            chunk = group[0]
+            cache = self.prefilling.pop(chunk.request_id, None) or self.make_cache()
+            logits = self.stage.forward(mx.array([chunk.tokens]), cache)
+            if chunk.last:
+                return logits, [type(c).merge([c]) for c in cache]
+            self.prefilling[chunk.request_id] = cache
+            return logits, cache
+        longest = max(len(c.tokens) for c in group)
+        padding = [longest - len(c.tokens) for c in group]
+        rows = [[0] * pad + list(c.tokens) for pad, c in zip(padding, group, strict=True)]
+        tokens = mx.array(rows)
+        per_layer = zip(*(self.make_cache() for _ in group), strict=True)
+        cache = [type(caches[0]).merge(list(caches)) for caches in per_layer]
+        for layer_cache in cache:
+            layer_cache.prepare(left_padding=padding)
+        return self.stage.forward(tokens, cache), cache
+
+    def _join(self, request_ids: list[str], cache: Cache) -> None:
+        if self.batch is None:
+            self.batch = cache
+        else:
+            for mine, theirs in zip(self.batch, cache, strict=True):
+                mine.extend(theirs)
+        self.rows.extend(request_ids)

@@ -1,0 +1,86 @@
+"""Choosing each sequence's next token from its logits, with its own sampling parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import mlx.core as mx
+
+from .sampling import SamplingParams
+from .sequence import Sequence, TokenLogprob
+
+
+def _adjust_row(row: mx.array, seq: Sequence) -> mx.array:
+    params = seq.params
+    if params.penalized and seq.token_counts:
+        ids = mx.array(list(seq.token_counts))
+        counts = mx.array(list(seq.token_counts.values()), dtype=mx.float32)
+        seen = row[ids]
+        if params.repetition_penalty != 1.0:
+            penalty = params.repetition_penalty
+            seen = mx.where(seen > 0, seen / penalty, seen * penalty)
+        seen = seen - params.presence_penalty - params.frequency_penalty * counts
+        row[ids] = seen
+    if params.logit_bias:
+        ids = mx.array([i for i, _ in params.logit_bias])
+        row[ids] = row[ids] + mx.array([b for _, b in params.logit_bias])
+    return row
+
+
+def _filter(logits: mx.array, params: Seq[SamplingParams]) -> mx.array:
+    """Mask (to -inf) the tokens top-k, top-p and min-p rule out, row by row."""
+    order = mx.argsort(-logits, axis=-1)
+    ranked = mx.take_along_axis(logits, order, axis=-1)
+    probs = mx.softmax(ranked, axis=-1)
+    positions = mx.arange(logits.shape[-1])[None]
+    top_k = mx.array([p.top_k or logits.shape[-1] for p in params])[:, None]
+    top_p = mx.array([p.top_p for p in params])[:, None]
+    min_p = mx.array([p.min_p for p in params])[:, None]
+    mass_before = mx.cumsum(probs, axis=-1) - probs
+    keep = (positions < top_k) & (mass_before < top_p) & (probs >= min_p * probs[:, :1])
+    masked = mx.where(keep, ranked, -mx.inf)
+    return mx.put_along_axis(mx.full(logits.shape, -mx.inf), order, masked, axis=-1)
+
+
+def _gumbel_noise(seqs: Seq[Sequence], vocab: int) -> mx.array:
+    keys = [mx.random.key(hash((s.seed, len(s.output_ids))) & (2**63 - 1)) for s in seqs]
+    return mx.stack([mx.random.gumbel((vocab,), key=k) for k in keys])
+
+
+def sample(logits: mx.array, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token per row of ``logits`` (rows in the order of ``seqs``).
+
+    A seeded request draws the same tokens whatever else is in the batch: each draw's
+    randomness comes from the request's seed and the token's position alone.
+    """
+    logits = logits.astype(mx.float32)
+    if any(s.params.penalized or s.params.logit_bias for s in seqs):
+        logits = mx.stack([_adjust_row(logits[i], s) for i, s in enumerate(seqs)])
+    greedy = mx.argmax(logits, axis=-1)
+    if all(s.params.greedy for s in seqs):
+        tokens = greedy
+    else:
+        params = [s.params for s in seqs]
+        scaled = logits / mx.array([max(p.temperature, 1e-5) for p in params])[:, None]
+        if any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params):
+            scaled = _filter(scaled, params)
+        drawn = mx.argmax(scaled + _gumbel_noise(seqs, logits.shape[-1]), axis=-1)
+        tokens = mx.where(mx.array([p.greedy for p in params]), greedy, drawn)
+    token_list = tokens.tolist()
+    if not any(s.params.wants_logprobs for s in seqs):
+        return token_list, [None] * len(seqs)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return token_list, [
+        _logprob(logprobs[i], token_list[i], s.params.top_logprobs)
+        if s.params.wants_logprobs
+        else None
+        for i, s in enumerate(seqs)
+    ]
+
+
+def _logprob(row: mx.array, token: int, top_n: int) -> TokenLogprob:
+    top: tuple[tuple[int, float], ...] = ()
+    if top_n:
+        ids = mx.argsort(-row)[:top_n].tolist()
+        top = tuple(zip(ids, row[mx.array(ids)].tolist(), strict=True))
+    return TokenLogprob(token, row[token].item(), top)

@@ -1,0 +1,139 @@
+"""Continuous batching: who waits, who prefills which chunk, who decodes, who is done."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .plan import PrefillChunk, StepPlan
+from .sequence import RequestOutput, Sequence, Status, TokenLogprob
+
+
+class Scheduler:
+    """Admits waiting sequences as batch slots free up and plans each step.
+
+    Each step decodes every running sequence and prefills prompt chunks of up to
+    ``prefill_step_size`` tokens in all, so a long prompt never stalls running streams for
+    more than one chunk. Whole short prompts that arrive together are prefilled as one batch.
+    """
+
+    def __init__(self, max_batch_size: int, prefill_step_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.to_release: list[str] = []
+        self.admitting = True
+
+    @property
+    def num_active(self) -> int:
+        return len(self.prefilling) + len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.prefilling or self.to_release) or (
+            self.admitting and bool(self.waiting)
+        )
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.prefilling, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    return seq
+        return None
+
+    def schedule(self) -> StepPlan:
+        release, self.to_release = tuple(self.to_release), []
+        while self.admitting and self.waiting and self.num_active < self.max_batch_size:
+            seq = self.waiting.popleft()
+            seq.status = Status.PREFILLING
+            self.prefilling.append(seq)
+        return StepPlan(
+            release=release,
+            decode_ids=tuple(s.request_id for s in self.running),
+            decode_tokens=tuple(s.last_token for s in self.running),
+            prefill=self._prefill_groups(),
+        )
+
+    def _prefill_groups(self) -> tuple[tuple[PrefillChunk, ...], ...]:
+        budget = self.prefill_step_size
+        fresh: list[PrefillChunk] = []
+        singles: list[tuple[PrefillChunk, ...]] = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            size = min(seq.prompt_remaining, budget)
+            start = seq.num_prefilled
+            chunk = PrefillChunk(
+                seq.request_id,
+                tuple(seq.prompt_ids[start : start + size]),
+                start,
+                last=size == seq.prompt_remaining,
+            )
+            budget -= size
+            longest = max([size, *(len(c.tokens) for c in fresh)])
+            if start == 0 and chunk.last and (len(fresh) + 1) * longest <= self.prefill_step_size:
+                fresh.append(chunk)
+            else:
+                singles.append((chunk,))
+        return ((tuple(fresh),) if fresh else ()) + tuple(singles)
+
+    def postprocess(
+        self, plan: StepPlan, tokens: list[int], logprobs: list[TokenLogprob | None]
+    ) -> list[tuple[Sequence, RequestOutput]]:
+        """Account for a step's results; the output of every sequence that sampled a token."""
+        by_id = {s.request_id: s for s in self.prefilling}
+        for group in plan.prefill:
+            for chunk in group:
+                seq = by_id[chunk.request_id]
+                seq.num_prefilled += len(chunk.tokens)
+                if chunk.last:
+                    self.prefilling.remove(seq)
+                    seq.status = Status.RUNNING
+                    self.running.append(seq)
+        by_id = {s.request_id: s for s in self.running}
+        return [
+            (by_id[rid], self._advance(by_id[rid], token, logprob))
+            for rid, token, logprob in zip(plan.sample_ids, tokens, logprobs, strict=True)
+        ]
+
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq.append(token)
+        params = seq.params
+        if token in params.stop_token_ids or (token in seq.eos_ids and not params.ignore_eos):
+            text, reason = seq.text.finish(), "stop"
+        else:
+            text = seq.text.add(token)
+            reason = "stop" if seq.text.stopped else None
+            if reason is None and len(seq.output_ids) >= seq.max_tokens:
+                text, reason = text + seq.text.finish(), "length"
+        if reason:
+            self.finish(seq, reason)
+        return RequestOutput(
+            seq.request_id,
+            text=text,
+            token_ids=(token,),
+            logprobs=(logprob,) if logprob else (),
+            finish_reason=reason,
+            usage=seq.usage() if reason else None,
+        )
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence wherever it is; its caches are released at the next step."""
+        if seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            queue = self.running if seq.status == Status.RUNNING else self.prefilling
+            queue.remove(seq)
+            self.to_release.append(seq.request_id)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def drain(self) -> list[Sequence]:
+        """Every sequence, ended or not, for when the model goes away or fails."""
+        seqs = [*self.running, *self.prefilling, *self.waiting]
+        self.running, self.prefilling, self.waiting = [], [], deque()
+        self.to_release = []
+        return seqs
