@@ -1,0 +1,516 @@
+"""Wire schemas of the OpenAI-compatible API: requests, responses, errors and SSE framing."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
+
+from mlxserve.core.config import ModelEntry
+from mlxserve.core.sampling import InvalidParameterError, SamplingParams
+
+FinishReason = Literal["stop", "length"]
+
+
+def new_id(prefix: str) -> str:
+    """Return a fresh response id such as ``chatcmpl-<hex>``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Return the current Unix time in whole seconds."""
+    return int(time.time())
+
+
+class OpenAIBaseModel(BaseModel):
+    """Base of request models: unknown fields are kept and ignored, as clients send many."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _Response(BaseModel):
+    """Base of response models: None fields are left out unless listed in ``_keep_none``."""
+
+    _keep_none: ClassVar[frozenset[str]] = frozenset()
+
+    # Unannotated on purpose: a return annotation would replace each model's JSON schema.
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k in self._keep_none}
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class ErrorInfo(_Response):
+    """The ``error`` object of an error response."""
+
+    _keep_none = frozenset({"param", "code"})
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(_Response):
+    """An error response body."""
+
+    error: ErrorInfo
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> dict[str, Any]:
+    """Return an OpenAI-style error body: ``{"error": {message, type, param, code}}``."""
+    info = ErrorInfo(message=message, type=type, param=param, code=code)
+    return ErrorResponse(error=info).model_dump()
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class StreamOptions(OpenAIBaseModel):
+    """Options of a streamed response."""
+
+    include_usage: bool = False
+
+
+class TextContentPart(OpenAIBaseModel):
+    """A text part of a message's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIBaseModel):
+    """One message of a chat conversation."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _only_text_parts(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" and isinstance(kind, str):
+                raise PydanticCustomError(
+                    "unsupported_content",
+                    "'{kind}' content parts are not supported; mlxserve serves text-only models, "
+                    "so send content as a string or as 'text' parts",
+                    {"kind": kind},
+                )
+        return content
+
+    def text(self) -> str:
+        """Return the content as one string; text parts are joined with newlines."""
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class _SamplingRequest(OpenAIBaseModel):
+    """Fields and sampling-parameter mapping shared by chat and text completions."""
+
+    _default_max_tokens: ClassVar[int | None] = None
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="Sample from the k most likely tokens; 0 is off.")
+    min_p: float | None = Field(
+        None, description="Drop tokens less likely than min_p times the most likely one."
+    )
+    n: int | None = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = Field(
+        None, description="Hugging Face style penalty on already seen tokens; 1 is off."
+    )
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
+    stop_token_ids: list[NonNegativeInt] | None = Field(
+        None, description="Token ids that end generation, besides the model's own."
+    )
+
+    def check_supported(self) -> None:
+        """Raise InvalidParameterError for a well-formed request this server cannot serve."""
+        if self.n not in (None, 1):
+            message = f"only n=1 is supported (got {self.n}); send one request per choice"
+            raise _unsupported("n", message)
+
+    def _sampling_params(
+        self,
+        defaults: ModelEntry | None,
+        *,
+        max_tokens: int | None,
+        logprobs: bool,
+        top_logprobs: int | None,
+        renames: dict[str, str],
+    ) -> SamplingParams:
+        self.check_supported()
+        wanted: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        for name, value in wanted.items():
+            if value is None and defaults is not None:
+                wanted[name] = getattr(defaults, name)
+        if wanted["max_tokens"] is None:
+            wanted["max_tokens"] = self._default_max_tokens
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        wanted |= {
+            "seed": self.seed,
+            "stop": stop,
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": _logit_bias(self.logit_bias),
+            "logprobs": logprobs,
+            "top_logprobs": top_logprobs,
+        }
+        try:
+            return SamplingParams(**{k: v for k, v in wanted.items() if v is not None})
+        except InvalidParameterError as exc:
+            param = renames.get(exc.param, exc.param)
+            message = str(exc).removeprefix(f"{exc.param}: ")
+            raise InvalidParameterError(param, message) from None
+
+
+def _unsupported(param: str, message: str) -> InvalidParameterError:
+    return InvalidParameterError(param, f"{message} (not supported by mlxserve)")
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    pairs: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if token < 0:
+            raise InvalidParameterError(
+                "logit_bias", f"keys must be token ids (non-negative integers), got {key!r}"
+            )
+        pairs[token] = value
+    return tuple(pairs.items())
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """A ``POST /v1/chat/completions`` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        """Raise InvalidParameterError for a well-formed request this server cannot serve."""
+        super().check_supported()
+        if self.tools or self.functions:
+            param = "tools" if self.tools else "functions"
+            raise _unsupported(param, "tool calling is not available")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise _unsupported("tool_choice", "tool calling is not available")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise _unsupported("response_format", f"only type 'text' is available, not {kind!r}")
+
+    def to_sampling_params(self, defaults: ModelEntry | None = None) -> SamplingParams:
+        """Map the request to SamplingParams; unset values fall back to ``defaults``."""
+        wanted = self.max_completion_tokens
+        renames = {"max_tokens": "max_completion_tokens"} if wanted is not None else {}
+        return self._sampling_params(
+            defaults,
+            max_tokens=wanted if wanted is not None else self.max_tokens,
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs,
+            renames=renames,
+        )
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """Return the messages as plain dicts for a chat template; ``developer`` becomes system."""
+        messages = []
+        for message in self.messages:
+            role = "system" if message.role == "developer" else message.role
+            entry = {"role": role, "content": message.text()}
+            if message.name is not None:
+                entry["name"] = message.name
+            messages.append(entry)
+        return messages
+
+
+class CompletionRequest(_SamplingRequest):
+    """A ``POST /v1/completions`` body; ``prompt`` is normalized to one string or id list."""
+
+    _default_max_tokens: ClassVar[int | None] = 16
+
+    prompt: str | list[NonNegativeInt]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> Any:
+        if not isinstance(prompt, list):
+            return prompt
+        if not prompt:
+            raise PydanticCustomError("empty_prompt", "prompt must not be an empty list")
+        if all(isinstance(item, (str, list)) for item in prompt):
+            if len(prompt) > 1:
+                raise PydanticCustomError(
+                    "unsupported_prompt",
+                    "only one prompt per request is supported (got {count}); "
+                    "send one request per prompt",
+                    {"count": len(prompt)},
+                )
+            prompt = prompt[0]
+            if prompt == []:
+                raise PydanticCustomError("empty_prompt", "prompt must not be an empty list")
+        return prompt
+
+    def check_supported(self) -> None:
+        """Raise InvalidParameterError for a well-formed request this server cannot serve."""
+        super().check_supported()
+        if self.best_of not in (None, 1):
+            raise _unsupported("best_of", f"only best_of=1 is supported (got {self.best_of})")
+        if self.echo:
+            raise _unsupported("echo", "echoing the prompt is not available")
+        if self.suffix:
+            raise _unsupported("suffix", "insertion after a suffix is not available")
+
+    def to_sampling_params(self, defaults: ModelEntry | None = None) -> SamplingParams:
+        """Map the request to SamplingParams; unset values fall back to ``defaults``, then 16."""
+        return self._sampling_params(
+            defaults,
+            max_tokens=self.max_tokens,
+            logprobs=self.logprobs is not None,
+            top_logprobs=self.logprobs,
+            renames={"top_logprobs": "logprobs"},
+        )
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(_Response):
+    """Breakdown of the prompt tokens."""
+
+    cached_tokens: int = 0
+
+
+class UsageInfo(_Response):
+    """Token counts of a request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class Timings(_Response):
+    """Speed of a request (mlxserve extension, sent as ``timings``)."""
+
+    ttft_s: float = Field(description="Seconds from arrival to the first generated token.")
+    tokens_per_s: float = Field(description="Generation speed, in tokens per second.")
+    prompt_tokens_per_s: float | None = Field(
+        None, description="Prompt processing speed, in tokens per second."
+    )
+
+
+class TopLogprob(_Response):
+    """One of the most likely tokens at a position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogprob(TopLogprob):
+    """Log probability of one generated token and its top alternatives."""
+
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(_Response):
+    """Log probabilities of a chat choice."""
+
+    _keep_none = frozenset({"content"})
+
+    content: list[ChatCompletionLogprob] | None = None
+
+
+class CompletionLogprobs(_Response):
+    """Log probabilities of a text completion choice, in the legacy shape."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
+class ChatResponseMessage(_Response):
+    """The generated message of a chat choice."""
+
+    _keep_none = frozenset({"content"})
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(_Response):
+    """One choice of a chat completion."""
+
+    _keep_none = frozenset({"finish_reason", "logprobs"})
+
+    index: int = 0
+    message: ChatResponseMessage
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionResponse(_Response):
+    """A chat completion."""
+
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+    timings: Timings | None = None
+
+
+class DeltaMessage(_Response):
+    """The new part of a streamed chat message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Response):
+    """One choice of a streamed chat completion chunk."""
+
+    _keep_none = frozenset({"finish_reason", "logprobs"})
+
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(_Response):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChunkChoice] = []
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+    timings: Timings | None = None
+
+
+class CompletionChoice(_Response):
+    """One choice of a text completion, whole or streamed."""
+
+    _keep_none = frozenset({"finish_reason", "logprobs"})
+
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(_Response):
+    """A text completion."""
+
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+    timings: Timings | None = None
+
+
+class CompletionChunk(_Response):
+    """One server-sent event of a streamed text completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice] = []
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+    timings: Timings | None = None
+
+
+class ModelCard(_Response):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "mlxserve"
+    aliases: list[str] = Field([], description="Other names this model answers to.")
+    loaded: bool = Field(False, description="Whether the weights are in memory now.")
+    family: str | None = Field(None, description="The plugin family that runs this model.")
+    random_weights: bool = Field(False, description="Built-in test model with random weights.")
+
+
+class ModelList(_Response):
+    """The ``GET /v1/models`` body."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = []
+
+
+def sse(data: BaseModel | dict[str, Any] | str) -> str:
+    """Format one server-sent event; a string (such as ``[DONE]``) is sent as is."""
+    if isinstance(data, BaseModel):
+        payload = data.model_dump_json()
+    elif isinstance(data, dict):
+        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    else:
+        payload = data
+    return f"data: {payload}\n\n"
