@@ -67,6 +67,25 @@ def cmd_plugins_list(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+# ---- serve ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(config)
+    uvicorn.run(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        log_level=config.logging.level,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
 # ---- generate --------------------------------------------------------------------------
 
 
@@ -113,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlxserve", description="A plugin-based LLM inference server on MLX."
     )
-    parser.add_argument("--config", help="mlxserve.toml to use (default: ./mlxserve.toml)")
+    config_help = "mlxserve.toml to use (default: ./mlxserve.toml)"
+    parser.add_argument("--config", help=config_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = commands.add_parser("config", help="check or show the configuration")
@@ -128,13 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = commands.add_parser("plugins", help="list plugins and their model families")
     plugins_cmds = plugins.add_subparsers(dest="plugins_command", required=True, metavar="ACTION")
-    plugins_cmds.add_parser("list", help="families, model types, packages").set_defaults(
-        func=cmd_plugins_list
-    )
+    plugins_cmds.add_parser(
+        "list", parents=[common], help="families, model types, packages"
+    ).set_defaults(func=cmd_plugins_list)
 
     add_models_commands(commands)
 
-    generate = commands.add_parser("generate", help="answer one prompt (greedy) and exit")
+    serve = commands.add_parser(
+        "serve", parents=[common], help="start the OpenAI-compatible server"
+    )
+    serve.add_argument("--host", help="interface to bind (default: [server] host)")
+    serve.add_argument("--port", type=int, help="port (default: [server] port)")
+    serve.add_argument(
+        "--model", dest="default_model", help="default model: a registry name or alias"
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    generate = commands.add_parser(
+        "generate", parents=[common], help="answer one prompt (greedy) and exit"
+    )
     generate.add_argument("prompt")
     generate.add_argument("--model", help="a registry name or alias (default: the default)")
     generate.add_argument("--max-tokens", type=int, default=32)
@@ -145,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(getattr(args, "file", None) or args.config)
+        overrides = {
+            "server.host": getattr(args, "host", None),
+            "server.port": getattr(args, "port", None),
+            "registry.default_model": getattr(args, "default_model", None),
+        }
+        config = load_config(getattr(args, "file", None) or args.config, overrides=overrides)
         setup_logging(config.logging.level, config.logging.file)
         return args.func(args, config)
     except ConfigError as exc:

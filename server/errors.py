@@ -1,0 +1,102 @@
+"""Every error the API returns, in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from mlxserve.core.errors import (
+    ContextLengthError,
+    EngineUnavailableError,
+    HubUnavailableError,
+    ModelBusyError,
+    ModelNotFoundError,
+    QueueFullError,
+    UnknownModelTypeError,
+)
+from mlxserve.core.sampling import InvalidParameterError
+
+from .protocol import error_body
+
+log = logging.getLogger(__name__)
+
+
+class RequestTimeoutError(Exception):
+    """A request took longer than ``[server] request_timeout_s``."""
+
+
+class GenerationError(Exception):
+    """The engine ended a request with an error (the server goes on serving the others)."""
+
+
+class AuthError(Exception):
+    """Missing or wrong API key."""
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status, headers=headers)
+
+
+# exception class -> (status, type, code)
+_MAPPED: dict[type[Exception], tuple[int, str, str | None]] = {
+    ModelNotFoundError: (404, "invalid_request_error", "model_not_found"),
+    ContextLengthError: (400, "invalid_request_error", "context_length_exceeded"),
+    QueueFullError: (429, "rate_limit_error", "queue_full"),
+    EngineUnavailableError: (503, "server_error", "engine_unavailable"),
+    HubUnavailableError: (503, "server_error", "hub_unavailable"),
+    UnknownModelTypeError: (500, "server_error", "model_family_unavailable"),
+    ModelBusyError: (409, "invalid_request_error", "model_busy"),
+    RequestTimeoutError: (504, "server_error", "timeout"),
+    GenerationError: (500, "server_error", "generation_failed"),
+    AuthError: (401, "invalid_request_error", "invalid_api_key"),
+}
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"the request body is not valid JSON: {first['msg']}")
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid request")
+    return error_response(400, f"{param}: {message}" if param else message, param=param)
+
+
+def _invalid_parameter(request: Request, exc: InvalidParameterError) -> JSONResponse:
+    return error_response(400, str(exc), param=exc.param)
+
+
+def _mapped(request: Request, exc: Exception) -> JSONResponse:
+    status, kind, code = next(v for k, v in _MAPPED.items() if isinstance(exc, k))
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return error_response(status, str(exc), kind, code=code, headers=headers)
+
+
+def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(InvalidParameterError, _invalid_parameter)
+    for exc_class in _MAPPED:
+        app.add_exception_handler(exc_class, _mapped)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

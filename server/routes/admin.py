@@ -1,0 +1,42 @@
+"""/admin: load and unload models without a restart."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from mlxserve.core.errors import ModelNotFoundError
+
+from ..deps import ConfigDep, EngineDep, require_api_key
+from ..protocol import ModelCard, ModelList
+from .models import model_card
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_api_key)])
+
+
+def _canonical(config: ConfigDep, name: str) -> str:
+    found = config.resolve_model(name)
+    if found is None:
+        raise ModelNotFoundError(f"model {name!r} does not exist")
+    return found[0]
+
+
+@router.get("/models", response_model=ModelList)
+async def loaded_models(config: ConfigDep, engine: EngineDep) -> ModelList:
+    """The models loaded now, least recently used first."""
+    return ModelList(data=[model_card(config, engine, n) for n in engine.loaded_models()])
+
+
+@router.post("/models/{name}/load", response_model=ModelCard)
+async def load_model(name: str, config: ConfigDep, engine: EngineDep) -> ModelCard:
+    """Load a model (unloading the least recently used idle one if there is no room)."""
+    canonical = _canonical(config, name)
+    await engine.model(canonical)
+    return model_card(config, engine, canonical)
+
+
+@router.post("/models/{name}/unload", response_model=ModelCard)
+async def unload_model(name: str, config: ConfigDep, engine: EngineDep) -> ModelCard:
+    """Unload a model; 409 while it has running requests."""
+    canonical = _canonical(config, name)
+    await engine.unload(canonical)
+    return model_card(config, engine, canonical)

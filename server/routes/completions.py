@@ -1,0 +1,101 @@
+"""POST /v1/completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from mlxserve.core.sequence import RequestOutput, TokenLogprob
+from mlxserve.core.worker import ServedModel
+
+from ..deps import ConfigDep, EngineDep, require_api_key
+from ..generation import admit, collect, finish_reason, timings, token_text, usage_info
+from ..protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    new_id,
+)
+from ..streaming import event_stream
+
+router = APIRouter(prefix="/v1", tags=["completions"], dependencies=[Depends(require_api_key)])
+
+
+def _legacy_logprobs(
+    model: ServedModel, logprobs: list[TokenLogprob], offset: int = 0
+) -> CompletionLogprobs | None:
+    if not logprobs:
+        return None
+    tokens = [token_text(model, lp.token_id) for lp in logprobs]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[lp.logprob for lp in logprobs],
+        top_logprobs=[{token_text(model, t): p for t, p in lp.top} for lp in logprobs],
+        text_offset=offsets,
+    )
+
+
+@router.post("/completions", response_model=CompletionResponse)
+async def completions(
+    body: CompletionRequest, request: Request, engine: EngineDep, config: ConfigDep
+) -> Any:
+    """Continue a prompt (text or token ids), at once or streamed as server-sent events."""
+
+    def prompt(model: ServedModel) -> list[int]:
+        if isinstance(body.prompt, str):
+            return list(model.tokenizer.encode(body.prompt))
+        return list(body.prompt)
+
+    admitted = await admit(engine, config, body.model, body.to_sampling_params, prompt)
+    response_id = new_id("cmpl")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offset = 0
+
+        def to_events(output: RequestOutput) -> list[object]:
+            nonlocal offset
+            choice = CompletionChoice(
+                text=output.text,
+                finish_reason=finish_reason(output.finish_reason),
+                logprobs=_legacy_logprobs(admitted.model, list(output.logprobs), offset),
+            )
+            offset += len(output.text)
+            events: list[object] = [
+                CompletionChunk(id=response_id, model=admitted.name, choices=[choice])
+            ]
+            if output.usage and include_usage:
+                events.append(
+                    CompletionChunk(
+                        id=response_id,
+                        model=admitted.name,
+                        choices=[],
+                        usage=usage_info(output.usage),
+                        timings=timings(output.usage),
+                    )
+                )
+            return events
+
+        return await event_stream(engine, admitted, request, to_events)
+
+    result = await collect(engine, admitted, request)
+    assert result.usage is not None
+    return CompletionResponse(
+        id=response_id,
+        model=admitted.name,
+        choices=[
+            CompletionChoice(
+                text=result.text,
+                finish_reason=finish_reason(result.finish_reason) or "stop",
+                logprobs=_legacy_logprobs(admitted.model, result.logprobs),
+            )
+        ],
+        usage=usage_info(result.usage),
+        timings=timings(result.usage),
+    )

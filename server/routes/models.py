@@ -1,0 +1,40 @@
+"""GET /v1/models: the registry's names, their aliases, and which are loaded."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from mlxserve.core.config import Config
+from mlxserve.core.engine import Engine
+from mlxserve.core.errors import ModelNotFoundError
+
+from ..deps import ConfigDep, EngineDep, require_api_key
+from ..protocol import ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
+
+
+def model_card(config: Config, engine: Engine, name: str) -> ModelCard:
+    entry = config.models[name]
+    return ModelCard(
+        id=name,
+        aliases=list(entry.aliases),
+        loaded=name in engine.loaded_models(),
+        family=entry.family,
+        random_weights=entry.source_kind == "builtin",
+    )
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(config: ConfigDep, engine: EngineDep) -> ModelList:
+    """Every model in the registry."""
+    return ModelList(data=[model_card(config, engine, name) for name in config.models])
+
+
+@router.get("/models/{model_id}", response_model=ModelCard)
+async def get_model(model_id: str, config: ConfigDep, engine: EngineDep) -> ModelCard:
+    """One model, by name or alias."""
+    found = config.resolve_model(model_id)
+    if found is None:
+        raise ModelNotFoundError(f"model {model_id!r} does not exist")
+    return model_card(config, engine, found[0])

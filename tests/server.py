@@ -1,0 +1,78 @@
+"""A real uvicorn server on loopback, in a thread, for the API tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from mlxserve.core.config import Config, load_config
+from mlxserve.registry.plugins import Plugins
+from mlxserve.server.app import create_app
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: FastAPI
+
+    @property
+    def engine(self):  # noqa: ANN201
+        return self.app.state.engine
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "mlxserve.toml"
+    path.write_text(text)
+    return load_config(path, env={})
+
+
+@contextmanager
+def running_server(config: Config, plugins: Plugins | None = None) -> Iterator[RunningServer]:
+    app = create_app(config, plugins=plugins)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield RunningServer(url, app)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def get(server: RunningServer, path: str, **kwargs: object) -> httpx.Response:
+    return httpx.get(server.url + path, timeout=30, **kwargs)
+
+
+def post(server: RunningServer, path: str, **kwargs: object) -> httpx.Response:
+    return httpx.post(server.url + path, timeout=60, **kwargs)
