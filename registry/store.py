@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from mlxserve.core.errors import HubUnavailableError, ModelNotFoundError
+from mlxserve.core.errors import HubUnavailableError, MlxserveError, ModelNotFoundError
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 
 from .plugins import Plugins
 
 BUILTIN_PREFIX = "builtin:"
 TINY_PREFIX = "tiny-"
+LOCAL_PREFIXES = ("/", "./", "../", "~")
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """Whether a source's checkpoint is on disk, where, and its size there."""
+
+    cached: bool
+    path: Path | None = None
+    size_bytes: int = 0
+
+
+def source_kind(source: str) -> Literal["builtin", "local", "hub"]:
+    """``builtin:NAME``, a local path, or a Hugging Face repo id."""
+    if source.startswith(BUILTIN_PREFIX):
+        return "builtin"
+    return "local" if source.startswith(LOCAL_PREFIXES) else "hub"
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 if missing), following the HF cache's blob links."""
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
 class ModelStore:
@@ -38,13 +66,11 @@ class ModelStore:
         Built-in checkpoints are written on first use. Hub checkpoints come from the local
         Hugging Face cache, and are downloaded first when ``download`` is set.
         """
-        if source.startswith(BUILTIN_PREFIX):
+        kind = source_kind(source)
+        if kind == "builtin":
             return self.builtin(source.removeprefix(BUILTIN_PREFIX))
-        if source.startswith(("/", "./", "../", "~")):
-            path = Path(source).expanduser()
-            if not (path / "config.json").is_file():
-                raise ModelNotFoundError(f"{source}: no config.json there (is it a checkpoint?)")
-            return path
+        if kind == "local":
+            return _checkpoint_folder(Path(source).expanduser(), source)
         return self.hub(source, revision=revision, download=download)
 
     def builtin(self, name: str) -> Path:
@@ -55,7 +81,7 @@ class ModelStore:
                 + ", ".join(f"builtin:{n}" for n in self.builtin_names())
                 + ")"
             )
-        path = self.cache_dir / "builtin" / name
+        path = self._builtin_dir(name)
         if (path / "config.json").is_file():
             return path
         kind = name.removeprefix(TINY_PREFIX)
@@ -74,13 +100,22 @@ class ModelStore:
             shutil.rmtree(staging, ignore_errors=True)
         return path
 
-    def hub(self, repo_id: str, *, revision: str | None = None, download: bool = False) -> Path:
+    def hub(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        download: bool = False,
+        progress: bool = True,
+    ) -> Path:
         """The local snapshot of a Hugging Face repo (downloaded first if ``download``)."""
+        import httpx2
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
-            GatedRepoError,
+            HfHubHTTPError,
             LocalEntryNotFoundError,
             RepositoryNotFoundError,
+            RevisionNotFoundError,
         )
 
         try:
@@ -90,11 +125,17 @@ class ModelStore:
                     revision=revision,
                     allow_patterns=HUB_FILES,
                     local_files_only=not download,
+                    tqdm_class=None if progress else _quiet_tqdm(),
                 )
             )
-        except (RepositoryNotFoundError, GatedRepoError) as exc:
+        except RevisionNotFoundError as exc:
             raise ModelNotFoundError(
-                f"{repo_id}: not on the Hugging Face hub or not allowed: {exc}"
+                f"{repo_id}: the Hugging Face hub has no revision {revision!r} of it"
+            ) from exc
+        except RepositoryNotFoundError as exc:  # also gated repos
+            raise ModelNotFoundError(
+                f"{repo_id}: not on the Hugging Face hub or not allowed ({_reason(exc)}); "
+                f"check the name, or log in (`hf auth login`) if it is private or gated"
             ) from exc
         except LocalEntryNotFoundError as exc:
             if not download:
@@ -102,8 +143,132 @@ class ModelStore:
                     f"{repo_id} is not in the local Hugging Face cache; "
                     f"download it with `mlxserve models pull`"
                 ) from exc
-            raise HubUnavailableError(
-                f"{repo_id}: the Hugging Face hub cannot be reached and the model is not "
-                f"cached ({type(exc).__name__}); check the network or HF_ENDPOINT, "
-                f"or point the entry's source at a local folder"
-            ) from exc
+            raise _hub_unavailable(repo_id, exc) from exc
+        except (HfHubHTTPError, httpx2.TransportError) as exc:  # failed mid-download
+            raise _hub_unavailable(repo_id, exc) from exc
+
+    def pull(
+        self,
+        repo_id: str,
+        revision: str | None = None,
+        *,
+        retries: int = 3,
+        backoff: float = 1.0,
+        progress: bool = True,
+    ) -> Path:
+        """Download a Hugging Face repo into its cache, retrying while the hub is unavailable.
+
+        Waits ``backoff``, then twice as long, and so on, between attempts. A repo the hub
+        does not have is reported at once (ModelNotFoundError), without retrying.
+        """
+        from huggingface_hub import is_offline_mode
+
+        if is_offline_mode():
+            raise _hub_unavailable(repo_id, None)
+        for attempt in range(retries):
+            try:
+                return self.hub(repo_id, revision=revision, download=True, progress=progress)
+            except HubUnavailableError as exc:
+                delay = backoff * 2**attempt
+                why = f"{repo_id}: hub unavailable ({_reason(exc)})"
+                log.warning("%s; retry %d/%d in %.1f s", why, attempt + 1, retries, delay)
+                time.sleep(delay)
+        return self.hub(repo_id, revision=revision, download=True, progress=progress)
+
+    def status(self, source: str, revision: str | None = None) -> ModelStatus:
+        """Whether a source's checkpoint is on disk; writes nothing and never uses the network."""
+        try:
+            if source_kind(source) == "builtin":
+                path = _checkpoint_folder(self._builtin_dir(source), source)
+            else:
+                path = self.locate(source, revision=revision)
+        except ModelNotFoundError:
+            return ModelStatus(cached=False)
+        return ModelStatus(cached=True, path=path, size_bytes=disk_size(path))
+
+    def remove(self, source: str, revision: str | None = None) -> int:
+        """Delete a built-in or hub checkpoint from disk; the bytes freed (0 if not there).
+
+        A hub repo loses every cached revision, or only ``revision`` (a branch, tag or commit).
+        """
+        kind = source_kind(source)
+        if kind == "local":
+            raise MlxserveError(
+                f"{source}: local models are not managed by mlxserve; delete the folder yourself"
+            )
+        if kind == "hub":
+            return _remove_from_hf_cache(source, revision)
+        path = self._builtin_dir(source)
+        size = disk_size(path)
+        shutil.rmtree(path, ignore_errors=True)
+        return size
+
+    def _builtin_dir(self, name: str) -> Path:
+        name = name.removeprefix(BUILTIN_PREFIX)
+        if name in ("", ".", "..") or Path(name).name != name:
+            raise ModelNotFoundError(f"builtin:{name} is not a built-in model name")
+        return self.cache_dir / "builtin" / name
+
+
+def _checkpoint_folder(path: Path, source: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{source}: no config.json there (is it a checkpoint?)")
+    return path
+
+
+def _remove_from_hf_cache(repo_id: str, revision: str | None) -> int:
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir()
+    except CacheNotFound:
+        return 0
+    hashes = [
+        rev.commit_hash
+        for repo in cache.repos
+        if repo.repo_type == "model" and repo.repo_id == repo_id
+        for rev in repo.revisions
+        if revision in (None, rev.commit_hash, *rev.refs)
+    ]
+    if not hashes:
+        return 0
+    strategy = cache.delete_revisions(*hashes)
+    strategy.execute()
+    return strategy.expected_freed_size
+
+
+def _hub_unavailable(repo_id: str, cause: BaseException | None) -> HubUnavailableError:
+    from huggingface_hub import constants, is_offline_mode
+
+    if is_offline_mode():
+        return HubUnavailableError(
+            f"{repo_id}: cannot download it, Hugging Face offline mode is on (HF_HUB_OFFLINE=1); "
+            f"unset HF_HUB_OFFLINE to download"
+        )
+    return HubUnavailableError(
+        f"{repo_id}: the Hugging Face hub cannot be reached and the model is not cached "
+        f"({_reason(cause)}); check the network and HF_ENDPOINT (now {constants.ENDPOINT}), "
+        f"or point the entry's source at a local folder"
+    )
+
+
+def _reason(exc: BaseException | None) -> str:
+    """The root cause of a huggingface_hub error, in one line."""
+    while exc is not None and exc.__cause__ is not None:
+        exc = exc.__cause__
+    response = getattr(exc, "response", None)
+    if response is not None:
+        return f"HTTP {response.status_code}"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _quiet_tqdm() -> type[Any]:
+    from tqdm.auto import tqdm
+
+    class Quiet(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    return Quiet

@@ -4,10 +4,34 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlxserve.core.config import Config
 from mlxserve.registry.plugins import load_plugins
+
+if TYPE_CHECKING:
+    from mlxserve.registry.models import ModelRegistry
+
+_PULLED = {
+    "hub": "in the Hugging Face cache",
+    "builtin": "built in, random weights",
+    "local": "a local folder, nothing to download",
+}
+
+
+def _registry(config: Config) -> ModelRegistry:
+    from mlxserve.registry.models import ModelRegistry
+
+    return ModelRegistry(config, load_plugins(config.plugins.enabled))
+
+
+def human_size(size: int) -> str:
+    """Bytes in decimal units, e.g. ``12.3 MB``."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    power = 0
+    while power < len(units) - 1 and round(size / 1000**power, 1) >= 1000:
+        power += 1
+    return f"{size} B" if power == 0 else f"{size / 1000**power:.1f} {units[power]}"
 
 
 def cmd_models_tiny(args: argparse.Namespace, config: Config) -> int:
@@ -19,10 +43,80 @@ def cmd_models_tiny(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_models_list(args: argparse.Namespace, config: Config) -> int:
+    from mlxserve.plugins.tiny import is_tiny_checkpoint
+
+    from .cli import _table
+
+    store = _registry(config).store
+    rows = [["NAME", "ALIASES", "SOURCE", "FAMILY", "CACHED", "SIZE", "NOTE"]]
+    for name, entry in config.models.items():
+        status = store.status(entry.source, entry.revision)
+        source = f"{entry.source}@{entry.revision}" if entry.revision else entry.source
+        tiny = entry.source_kind == "builtin" or bool(
+            status.path and is_tiny_checkpoint(status.path)
+        )
+        rows.append(
+            [
+                name,
+                ", ".join(entry.aliases) or "-",
+                source,
+                entry.family or "auto",
+                "yes" if status.cached else "no",
+                human_size(status.size_bytes) if status.cached else "-",
+                "random weights" if tiny else "",
+            ]
+        )
+    print(_table(rows))
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace, config: Config) -> int:
+    from mlxserve.registry.store import disk_size
+
+    registry = _registry(config)
+    name, entry = registry.resolve(args.name)
+    if entry.source_kind == "hub":
+        path = registry.store.pull(
+            entry.source, entry.revision, retries=args.retries, backoff=args.retry_delay
+        )
+    else:
+        path = registry.store.locate(entry.source)
+    print(f"{name}: {path} ({human_size(disk_size(path))}; {_PULLED[entry.source_kind]})")
+    return 0
+
+
+def cmd_models_rm(args: argparse.Namespace, config: Config) -> int:
+    registry = _registry(config)
+    name, entry = registry.resolve(args.name)
+    freed = registry.store.remove(entry.source, entry.revision)
+    if freed:
+        print(f"{name}: removed {entry.source} ({human_size(freed)} freed)")
+    else:
+        print(f"{name}: {entry.source} is not on disk, nothing to remove")
+    return 0
+
+
 def add_models_commands(commands: Any) -> None:
     """Add ``models`` and its actions to the top-level subcommand parser."""
     models = commands.add_parser("models", help="model checkpoints")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    actions.add_parser(
+        "list", help="registry models, where they come from, whether they are on disk"
+    ).set_defaults(func=cmd_models_list)
+
+    pull = actions.add_parser("pull", help="download a registry model (or write a built-in one)")
+    pull.add_argument("name", help="a registry name or alias")
+    pull.add_argument("--retries", type=int, default=3, help="retries while the hub is down")
+    pull.add_argument(
+        "--retry-delay", type=float, default=1.0, help="seconds before the first retry; doubles"
+    )
+    pull.set_defaults(func=cmd_models_pull)
+
+    rm = actions.add_parser("rm", help="delete a registry model's downloaded or built-in files")
+    rm.add_argument("name", help="a registry name or alias")
+    rm.set_defaults(func=cmd_models_rm)
+
     tiny = actions.add_parser("tiny", help="write a tiny random-weight checkpoint")
     tiny.add_argument("family", help="a family name, e.g. llama, qwen, mistral, deepseek")
     tiny.add_argument("dir", type=Path, help="folder to write")
