@@ -99,6 +99,7 @@ class Engine:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mlxserve-engine", daemon=True)
         self._stopping = False
+        self._stopped = threading.Event()
 
     # ---- the event loop's side -----------------------------------------------------------
 
@@ -109,11 +110,11 @@ class Engine:
         self._stopping = True
         self.commands.put(("stop", None))
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._stopped.wait(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._thread.is_alive() and not self._stopped.is_set() and self.error is None
 
     def loaded_models(self) -> list[str]:
         return list(self.workers)
@@ -193,7 +194,7 @@ class Engine:
     def _check_alive(self) -> None:
         if self.error is not None:
             raise EngineUnavailableError(f"the engine has failed: {self.error}")
-        if self._stopping or not self._thread.is_alive():
+        if self._stopping or not self.alive:
             raise EngineUnavailableError("the engine is not running")
 
     async def _call(self, command: str, name: str) -> Any:
@@ -221,6 +222,10 @@ class Engine:
             for stream in list(self.streams.values()):
                 stream.put(RequestOutput(stream.request_id, finish_reason="error", error=reason))
             self.streams.clear()
+            self._stopped.set()
+        # A thread that ran MLX work and exits can abort the process when it ends
+        # ("terminate called without an active exception"); park it until the process ends.
+        threading.Event().wait()
 
     def _count_waiting(self) -> None:
         waiting = sum(len(w.scheduler.waiting) for w in self.workers.values())

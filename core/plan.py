@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,3 +46,29 @@ class StepPlan:
     @property
     def computes(self) -> bool:
         return bool(self.decode_ids or self.prefill)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "release": list(self.release),
+            "decode_ids": list(self.decode_ids),
+            "decode_tokens": list(self.decode_tokens),
+            "prefill": [
+                [[c.request_id, list(c.tokens), c.start, c.last] for c in group]
+                for group in self.prefill
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepPlan:
+        return cls(
+            release=tuple(data["release"]),
+            decode_ids=tuple(data["decode_ids"]),
+            decode_tokens=tuple(data["decode_tokens"]),
+            prefill=tuple(
+                tuple(
+                    PrefillChunk(rid, tuple(tokens), start, last)
+                    for rid, tokens, start, last in group
+                )
+                for group in data["prefill"]
+            ),
+        )

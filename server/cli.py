@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from mlxserve.core.config import Config, ConfigError, dump_config, load_config
 from mlxserve.core.errors import MlxserveError
@@ -89,39 +88,37 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 # ---- generate --------------------------------------------------------------------------
 
 
-def _greedy_tokens(loaded: Any, prompt: list[int], max_tokens: int) -> Iterator[int]:
-    import mlx.core as mx
-
-    from mlxserve.core.kv_cache import KVCacheOptions
-
-    cache = loaded.make_cache(KVCacheOptions())
-    eos = set(loaded.tokenizer.eos_token_ids)
-    logits = loaded.stage.forward(mx.array([prompt]), cache)
-    for _ in range(max_tokens):
-        token = mx.argmax(logits[0, -1]).item()
-        if token in eos:
-            return
-        yield token
-        logits = loaded.stage.forward(mx.array([[token]]), cache)
-
-
 def cmd_generate(args: argparse.Namespace, config: Config) -> int:
+    import asyncio
+
+    from mlxserve.core.engine import Engine
+    from mlxserve.core.sampling import SamplingParams
     from mlxserve.registry.models import ModelRegistry
 
+    from .app import engine_settings
+
     registry = ModelRegistry(config, _plugins(config))
-    loaded = registry.load(args.model or config.registry.default_model, download=True)
-    if loaded.random_weights:
-        print(f"[{loaded.name} has random weights: expect gibberish]", file=sys.stderr)
-    tokenizer = loaded.tokenizer
-    messages = [{"role": "user", "content": args.prompt}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    for token in _greedy_tokens(loaded, prompt, args.max_tokens):
-        detokenizer.add_token(token)
-        print(detokenizer.last_segment, end="", flush=True)
-    detokenizer.finalize()
-    print(detokenizer.last_segment)
+    name, _ = registry.resolve(args.model or config.registry.default_model)
+    engine = Engine(lambda model: registry.load(model, download=True), engine_settings(config))
+
+    async def answer() -> None:
+        model = await engine.model(name)
+        if model.random_weights:
+            print(f"[{name} has random weights: expect gibberish]", file=sys.stderr)
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = list(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+        async for output in engine.submit(model, prompt, params):
+            if output.error:
+                raise MlxserveError(output.error)
+            print(output.text, end="", flush=True)
+        print()
+
+    engine.start()
+    try:
+        asyncio.run(answer())
+    finally:
+        engine.stop()
     return 0
 
 
@@ -154,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "list", parents=[common], help="families, model types, packages"
     ).set_defaults(func=cmd_plugins_list)
 
-    add_models_commands(commands)
+    add_models_commands(commands, common)
 
     serve = commands.add_parser(
         "serve", parents=[common], help="start the OpenAI-compatible server"
@@ -166,12 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
-    generate = commands.add_parser(
-        "generate", parents=[common], help="answer one prompt (greedy) and exit"
-    )
+    generate = commands.add_parser("generate", parents=[common], help="answer one prompt and exit")
     generate.add_argument("prompt")
     generate.add_argument("--model", help="a registry name or alias (default: the default)")
     generate.add_argument("--max-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.set_defaults(func=cmd_generate)
     return parser
 

@@ -97,15 +97,19 @@ def cmd_models_rm(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def add_models_commands(commands: Any) -> None:
-    """Add ``models`` and its actions to the top-level subcommand parser."""
+def add_models_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``models`` and its actions (each taking ``common``'s options) to the CLI."""
     models = commands.add_parser("models", help="model checkpoints")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     actions.add_parser(
-        "list", help="registry models, where they come from, whether they are on disk"
+        "list",
+        parents=[common],
+        help="registry models, where they come from, whether they are on disk",
     ).set_defaults(func=cmd_models_list)
 
-    pull = actions.add_parser("pull", help="download a registry model (or write a built-in one)")
+    pull = actions.add_parser(
+        "pull", parents=[common], help="download a registry model (or write a built-in one)"
+    )
     pull.add_argument("name", help="a registry name or alias")
     pull.add_argument("--retries", type=int, default=3, help="retries while the hub is down")
     pull.add_argument(
@@ -113,11 +117,15 @@ def add_models_commands(commands: Any) -> None:
     )
     pull.set_defaults(func=cmd_models_pull)
 
-    rm = actions.add_parser("rm", help="delete a registry model's downloaded or built-in files")
+    rm = actions.add_parser(
+        "rm", parents=[common], help="delete a registry model's downloaded or built-in files"
+    )
     rm.add_argument("name", help="a registry name or alias")
     rm.set_defaults(func=cmd_models_rm)
 
-    tiny = actions.add_parser("tiny", help="write a tiny random-weight checkpoint")
+    tiny = actions.add_parser(
+        "tiny", parents=[common], help="write a tiny random-weight checkpoint"
+    )
     tiny.add_argument("family", help="a family name, e.g. llama, qwen, mistral, deepseek")
     tiny.add_argument("dir", type=Path, help="folder to write")
     tiny.add_argument("--model-type", help="which of the family's model types")

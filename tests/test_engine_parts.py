@@ -1,0 +1,161 @@
+"""The engine's parts on their own: detokenizer, stop strings, sampler, scheduler."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.utils import load_tokenizer
+
+from mlxserve.core.detokenizer import IncrementalDetokenizer, TextStream
+from mlxserve.core.plan import StepPlan
+from mlxserve.core.sampler import sample
+from mlxserve.core.sampling import InvalidParameterError, SamplingParams
+from mlxserve.core.scheduler import Scheduler
+from mlxserve.core.sequence import Sequence
+
+TEXT = "Ünïcödé 東京 🙂 naïve café — mixed text, and some ASCII too."
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoints: dict[str, Path]):  # noqa: ANN201
+    return load_tokenizer(tiny_checkpoints["llama"])
+
+
+def test_incremental_text_equals_whole_decode(tokenizer) -> None:  # noqa: ANN001
+    ids = tokenizer.encode(TEXT)
+    assert len(ids) > len(TEXT) / 2  # multi-byte characters span several tokens
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_random_token_streams_never_show_broken_characters(tokenizer) -> None:  # noqa: ANN001
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(30)]
+        detok = IncrementalDetokenizer(tokenizer)
+        text = "".join(detok.add(i) for i in ids) + detok.flush()
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("stop", ["東京", "ï", "café —", "ASCII too.", "é 東"])
+def test_stop_strings_are_never_shown_in_part(tokenizer, stop: str) -> None:  # noqa: ANN001
+    stream = TextStream(tokenizer, (stop, "never-there"))
+    shown = ""
+    for token in tokenizer.encode(TEXT):
+        shown += stream.add(token)
+        assert not any(shown.endswith(stop[:n]) for n in range(1, len(stop) + 1)) or (
+            stream.stopped
+        ), f"{shown!r} shows part of {stop!r}"
+        if stream.stopped:
+            break
+    assert stream.stopped and shown == TEXT[: TEXT.index(stop)]
+
+
+def test_text_without_stop_is_all_shown_at_the_end(tokenizer) -> None:  # noqa: ANN001
+    stream = TextStream(tokenizer, ("zzz", "Ünï!"))
+    shown = "".join(stream.add(t) for t in tokenizer.encode(TEXT)) + stream.finish()
+    assert shown == TEXT and not stream.stopped
+
+
+def make_seq(request_id: str, prompt: list[int], tokenizer=None, **params: object) -> Sequence:  # noqa: ANN001
+    return Sequence(
+        request_id=request_id,
+        prompt_ids=prompt,
+        params=SamplingParams(**params),
+        max_tokens=params.get("max_tokens") or 10,
+        eos_ids=frozenset({0}),
+        seed=int(params.get("seed") or 1),
+        text=TextStream(tokenizer, ()) if tokenizer else None,
+    )
+
+
+def test_sampling_parameters_are_checked() -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        SamplingParams(top_p=0)
+    assert info.value.param == "top_p"
+    with pytest.raises(InvalidParameterError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 500.0),))
+
+
+def test_sampler_rules() -> None:
+    logits = mx.array([[1.0, 3.0, 2.0, 0.5], [0.1, 0.2, 5.0, 0.3]])
+    greedy = make_seq("a", [1], temperature=0)
+    top1 = make_seq("b", [1], temperature=2.0, top_k=1)
+    assert sample(logits, [greedy, top1])[0] == [1, 2]
+    biased = make_seq("c", [1], temperature=0, logit_bias=((3, 10.0),))
+    assert sample(logits[:1], [biased])[0] == [3]
+    penalized = make_seq("d", [1], temperature=0, presence_penalty=2.0)
+    penalized.append(1)
+    assert sample(logits[:1], [penalized])[0] == [2]
+    repeated = make_seq("e", [1], temperature=0, repetition_penalty=2.0)
+    repeated.append(1)
+    assert sample(logits[:1], [repeated])[0] == [2]
+
+
+def test_seeded_draws_do_not_depend_on_the_batch() -> None:
+    logits = mx.random.normal((3, 50), key=mx.random.key(3))
+    alone = sample(logits[1:2], [make_seq("x", [1], seed=42, temperature=1.0)])[0]
+    batch = [make_seq(r, [1], seed=s, temperature=1.0) for r, s in (("p", 1), ("x", 42), ("q", 2))]
+    assert sample(logits, batch)[0][1] == alone[0]
+    draws = {
+        sample(logits[1:2], [make_seq("x", [1], seed=s, temperature=1.0)])[0][0] for s in range(20)
+    }
+    assert len(draws) > 3
+
+
+def test_top_p_and_min_p_keep_only_likely_tokens() -> None:
+    logits = mx.log(mx.array([[0.6, 0.3, 0.05, 0.05]]))
+    for seed in range(30):
+        top_p = make_seq("a", [1], seed=seed, temperature=1.0, top_p=0.5)
+        min_p = make_seq("b", [1], seed=seed, temperature=1.0, min_p=0.4)
+        assert sample(logits, [top_p])[0] == [0]
+        assert sample(logits, [min_p])[0][0] in (0, 1)
+
+
+def test_logprobs_are_normalized() -> None:
+    logits = mx.array([[1.0, 2.0, 3.0]])
+    seq = make_seq("a", [1], temperature=0, logprobs=True, top_logprobs=2)
+    [token], [logprob] = sample(logits, [seq])
+    assert token == 2 and logprob.top[0][0] == 2 and len(logprob.top) == 2
+    assert abs(sum(mx.exp(mx.array([p for _, p in logprob.top]))).item() - 0.9) < 0.01
+
+
+def test_long_prompt_is_chunked_and_running_streams_keep_decoding(tokenizer) -> None:  # noqa: ANN001
+    scheduler = Scheduler(max_batch_size=4, prefill_step_size=8)
+    running = make_seq("run", [1, 2, 3], tokenizer, max_tokens=50)
+    scheduler.add(running)
+    plan = scheduler.schedule()
+    scheduler.postprocess(plan, [5], [None])
+    scheduler.add(make_seq("long", list(range(1, 30)), tokenizer, max_tokens=5))
+    chunks = []
+    for _ in range(4):
+        plan = scheduler.schedule()
+        assert plan.decode_ids == ("run",), "the running stream must decode every step"
+        [[chunk]] = plan.prefill
+        chunks.append((chunk.start, len(chunk.tokens), chunk.last))
+        scheduler.postprocess(plan, [5] * len(plan.sample_ids), [None] * len(plan.sample_ids))
+    assert chunks == [(0, 8, False), (8, 8, False), (16, 8, False), (24, 5, True)]
+    assert scheduler.schedule().decode_ids == ("run", "long")
+
+
+def test_short_fresh_prompts_are_prefilled_together(tokenizer) -> None:  # noqa: ANN001
+    scheduler = Scheduler(max_batch_size=8, prefill_step_size=64)
+    for i in range(3):
+        scheduler.add(make_seq(f"s{i}", [1] * (3 + i), tokenizer))
+    plan = scheduler.schedule()
+    assert [[c.request_id for c in g] for g in plan.prefill] == [["s0", "s1", "s2"]]
+    assert plan.sample_ids == ("s0", "s1", "s2")
+
+
+def test_batch_size_limits_admission(tokenizer) -> None:  # noqa: ANN001
+    scheduler = Scheduler(max_batch_size=2, prefill_step_size=64)
+    for i in range(3):
+        scheduler.add(make_seq(f"s{i}", [1, 2], tokenizer))
+    plan = scheduler.schedule()
+    assert plan.sample_ids == ("s0", "s1") and len(scheduler.waiting) == 1
+    assert isinstance(StepPlan().computes, bool) and not StepPlan().computes
