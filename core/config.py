@@ -268,6 +268,7 @@ class DistributedConfig(_Section):
     strategy: Literal["pipeline", "tensor", "auto"] = "auto"
     split: Literal["even", "memory"] | list[int] = "even"
     step_timeout_s: PositiveFloat = 30.0
+    memory_limit_mb: list[PositiveInt] = []
     ssh_user: str | None = None
     python: str | None = None
     workdir: str | None = None
@@ -377,6 +378,10 @@ class Config(_Section):
         if isinstance(split, list) and hosts and len(split) != len(hosts):
             message = f"has {len(split)} entries for {len(hosts)} distributed.hosts"
             problems.append((("distributed", "split"), f"{message}; give one per host"))
+        limits = self.distributed.memory_limit_mb
+        if limits and len(limits) != len(hosts):
+            message = f"has {len(limits)} entries for {len(hosts)} distributed.hosts"
+            problems.append((("distributed", "memory_limit_mb"), f"{message}; give one per host"))
         problems += [(("kv_cache", key), msg) for key, msg in _kv_conflicts(self.kv_cache)]
         for name, entry in self.models.items():
             overridden = {key for key, value in entry.kv_cache or () if value is not None}

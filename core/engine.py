@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import random
 import threading
+import time
 import traceback
 import uuid
 from collections import OrderedDict
@@ -19,13 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .detokenizer import TextStream
+from .distributed import Cluster
 from .errors import (
     ContextLengthError,
     EngineUnavailableError,
+    MlxserveError,
     ModelBusyError,
     QueueFullError,
 )
 from .kv_cache import KVCacheOptions
+from .plan import StepPlan
 from .sampling import SamplingParams
 from .sequence import RequestOutput, Sequence
 from .worker import ModelWorker, ServedModel
@@ -41,6 +46,8 @@ class EngineSettings:
     max_loaded_models: int = 1
     max_sequence_length: int = 4096
     kv_options: KVCacheOptions = KVCacheOptions()
+    step_timeout_s: float = 30.0
+    exit_grace_s: float = 3.0
 
 
 class RequestStream:
@@ -86,9 +93,16 @@ class Engine:
     switching never loses a running request's tokens.
     """
 
-    def __init__(self, load_model: Callable[[str], ServedModel], settings: EngineSettings) -> None:
+    def __init__(
+        self,
+        load_model: Callable[[str], ServedModel],
+        settings: EngineSettings,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.load_model = load_model
         self.settings = settings
+        self.cluster = cluster or Cluster()
+        self._busy_since: float | None = None
         self.workers: OrderedDict[str, ModelWorker] = OrderedDict()
         self.streams: dict[str, RequestStream] = {}
         self.waiting_for_model: dict[str, list[asyncio.Future | Sequence]] = {}
@@ -105,6 +119,8 @@ class Engine:
 
     def start(self) -> None:
         self._thread.start()
+        if self.cluster.distributed:
+            threading.Thread(target=self._watch, name="mlxserve-watchdog", daemon=True).start()
 
     def stop(self, timeout: float = 30) -> None:
         self._stopping = True
@@ -118,6 +134,11 @@ class Engine:
 
     def loaded_models(self) -> list[str]:
         return list(self.workers)
+
+    def placements(self) -> dict[str, Any]:
+        """Each loaded model's share among the ranks (when it has one)."""
+        shares = {n: getattr(w.model, "placement", None) for n, w in self.workers.items()}
+        return {name: share for name, share in shares.items() if share is not None}
 
     async def model(self, name: str) -> ServedModel:
         """The loaded model ``name``, loading it (on the engine thread) first if needed."""
@@ -215,7 +236,7 @@ class Engine:
                 self._serve_waiting_models()
                 self._count_waiting()
         except Exception as exc:  # a bug in the loop itself: fail loudly, never hang
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
             log.critical("engine thread failed:\n%s", traceback.format_exc())
         finally:
             reason = self.error or "the engine stopped"
@@ -251,6 +272,7 @@ class Engine:
 
     def _on_stop(self, _: None) -> None:
         self._stopping = True
+        self._together(lambda: self.cluster.broadcast({"op": "stop"}))
 
     def _on_submit(self, arg: tuple[str, Sequence]) -> None:
         name, seq = arg
@@ -306,6 +328,7 @@ class Engine:
 
     def _unload(self, name: str) -> None:
         worker = self.workers.pop(name)
+        self._together(lambda: self.cluster.broadcast({"op": "unload", "model": name}))
         for seq in worker.scheduler.drain():  # only waiting ones: it was idle
             self.waiting_for_model.setdefault(name, []).append(seq)
         log.info("unloaded model %s", name)
@@ -334,10 +357,11 @@ class Engine:
         try:
             if name not in self.workers:
                 log.info("loading model %s", name)
-                model = self.load_model(name)
+                model = self._together(lambda: self._load_everywhere(name))
                 s = self.settings
+                announce = self._announcer(name) if self.cluster.distributed else None
                 self.workers[name] = ModelWorker(
-                    model, s.max_batch_size, s.prefill_step_size, s.kv_options
+                    model, s.max_batch_size, s.prefill_step_size, s.kv_options, announce
                 )
         except Exception as exc:
             log.error("loading model %s failed: %s", name, exc)
@@ -358,14 +382,17 @@ class Engine:
 
     def _step(self, name: str, worker: ModelWorker) -> None:
         try:
-            results = worker.step()
+            results = self._together(worker.step)
         except Exception as exc:
+            if _lost_a_rank(exc):
+                raise
             log.error("step of model %s failed:\n%s", name, traceback.format_exc())
             error = f"{type(exc).__name__}: {exc}"
             for seq in worker.fail():
                 self._publish(
                     seq, RequestOutput(seq.request_id, finish_reason="error", error=error)
                 )
+            self._together(lambda: self.cluster.broadcast({"op": "reset", "model": name}))
             return
         for seq, output in results:
             self._publish(seq, output)
@@ -374,3 +401,80 @@ class Engine:
         seq.stream.put(output)
         if output.finish_reason is not None:
             self.streams.pop(seq.request_id, None)
+
+    # ---- several ranks -------------------------------------------------------------------
+
+    def _load_everywhere(self, name: str) -> ServedModel:
+        """Load on every rank at once; fail (everywhere) if any rank fails."""
+        self.cluster.broadcast({"op": "load", "model": name})
+        model, error = None, None
+        try:
+            model = self.load_model(name)
+        except Exception as exc:
+            error = exc
+        statuses = self.cluster.gather(0 if error else 1)
+        failed = [rank for rank, ok in enumerate(statuses) if not ok]
+        if failed:
+            if len(failed) < len(statuses):
+                self.cluster.broadcast({"op": "unload", "model": name})
+            if error is not None:
+                raise error
+            raise MlxserveError(
+                f"rank {', '.join(map(str, failed))} could not load model {name!r} "
+                f"(see that rank's log)"
+            )
+        placement = getattr(model, "placement", None)
+        if placement is not None and self.cluster.distributed:
+            log.info("model %s: %s", name, placement.describe())
+        return model
+
+    def _announcer(self, name: str) -> Callable[[StepPlan], None]:
+        def announce(plan: StepPlan) -> None:
+            self.cluster.broadcast({"op": "step", "model": name, "plan": plan.to_json()})
+
+        return announce
+
+    def _together(self, work: Callable[[], Any]) -> Any:
+        """Run work that the other ranks take part in, under the step-timeout watchdog."""
+        if not self.cluster.distributed:
+            return work()
+        self._busy_since = time.monotonic()
+        try:
+            return work()
+        except Exception as exc:
+            if _lost_a_rank(exc):
+                self._fail_group(f"lost contact with {_other_ranks(self.cluster)}: {exc}")
+            raise
+        finally:
+            self._busy_since = None
+
+    def _watch(self) -> None:
+        timeout = self.settings.step_timeout_s
+        while self.error is None:
+            time.sleep(min(0.5, timeout / 4))
+            started = self._busy_since
+            if started is not None and time.monotonic() - started > timeout:
+                self._fail_group(
+                    f"{_other_ranks(self.cluster)} did not answer within "
+                    f"[distributed] step_timeout_s ({timeout:g} s)"
+                )
+
+    def _fail_group(self, reason: str) -> None:
+        """A rank is gone: end every request, say so, and exit so a supervisor can restart."""
+        if self.error is not None:
+            return
+        self.error = reason
+        log.critical("%s; exiting in %g s", reason, self.settings.exit_grace_s)
+        for stream in list(self.streams.values()):
+            stream.put(RequestOutput(stream.request_id, finish_reason="error", error=reason))
+        self.streams.clear()
+        threading.Timer(self.settings.exit_grace_s, os._exit, (1,)).start()
+
+
+def _lost_a_rank(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "[ring]" in str(exc)
+
+
+def _other_ranks(cluster: Cluster) -> str:
+    others = list(range(1, cluster.size))
+    return f"rank {others[0]}" if len(others) == 1 else f"ranks {others[0]}-{others[-1]}"

@@ -45,6 +45,19 @@ class DecoderLayout:
     norm: str = "model.norm"
     head: str | None = "lm_head"
     mask: MaskFn = field(default=causal_mask)
+    hidden_dtype: mx.Dtype = field(init=False)
+
+    def __post_init__(self) -> None:
+        from mlx.utils import tree_flatten
+
+        embed = _resolve(self.model, self.embed)
+        params = tree_flatten(embed.parameters()) if embed is not None else []
+        floats = [p.dtype for _, p in params if mx.issubdtype(p.dtype, mx.floating)]
+        self.hidden_dtype = floats[0] if floats else mx.float32
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.args.hidden_size
 
     @property
     def num_layers(self) -> int:

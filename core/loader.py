@@ -16,6 +16,32 @@ from .pipeline import PipelineStage
 ModelClasses = Callable[[dict[str, Any]], tuple[type[nn.Module], type]]
 
 
+def build_lazy(path: Path, model_classes: ModelClasses) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's model with its weights mapped but not read (nothing is evaluated)."""
+    model, config = load_model(Path(path), lazy=True, get_model_classes=model_classes)
+    model.eval()
+    return model, config
+
+
+def materialize(
+    layout: DecoderLayout,
+    *,
+    layers: range | None = None,
+    first: bool = True,
+    last: bool = True,
+    group: Any = None,
+    prev_rank: int | None = None,
+    next_rank: int | None = None,
+) -> PipelineStage:
+    """Drop what this stage does not run, then read the rest of the weights into memory."""
+    if layers is None:
+        layers = range(layout.num_layers)
+    if (layers.start, layers.stop) != (0, layout.num_layers) or not (first and last):
+        layout.keep_only(layers, first=first, last=last)
+    mx.eval(layout.model.parameters())
+    return PipelineStage(layout, layers, first, last, group, prev_rank, next_rank)
+
+
 def load_stage(
     path: Path,
     model_classes: ModelClasses,
@@ -41,12 +67,6 @@ def load_stage(
     Returns:
         The stage and the checkpoint's config.
     """
-    model, config = load_model(Path(path), lazy=True, get_model_classes=model_classes)
-    model.eval()
-    layout = make_layout(model)
-    if layers is None:
-        layers = range(layout.num_layers)
-    if (layers.start, layers.stop) != (0, layout.num_layers) or not (first and last):
-        layout.keep_only(layers, first=first, last=last)
-    mx.eval(model.parameters())
-    return PipelineStage(layout, layers, first=first, last=last), config
+    model, config = build_lazy(path, model_classes)
+    stage = materialize(make_layout(model), layers=layers, first=first, last=last)
+    return stage, config

@@ -81,19 +81,41 @@ def stage_ranges(counts: Sequence[int]) -> list[range]:
 
 @dataclass
 class PipelineStage:
-    """One contiguous slice of layers; the first stage embeds, the last one gives logits."""
+    """One contiguous slice of layers; the first stage embeds, the last one gives logits.
+
+    On several ranks, a stage that is not first receives its input from ``prev_rank`` and
+    one that is not last sends its output on to ``next_rank``; with no ranks set, the
+    caller passes hidden states between stages itself.
+    """
 
     layout: DecoderLayout
     layers: range
     first: bool
     last: bool
+    group: Any = None
+    prev_rank: int | None = None
+    next_rank: int | None = None
 
     def forward(self, x: mx.array, caches: Sequence[Any]) -> mx.array:
-        """Token ids (first stage) or hidden states in; hidden states or logits out.
+        """Run this stage on token ids ``x`` (B, L); hidden states or logits out.
 
+        Only the first stage embeds ``x``; the others receive hidden states from
+        ``prev_rank``, or take ``x`` as hidden states when there is no previous rank.
         ``caches`` holds one cache per layer of this stage, in order.
         """
-        h = self.layout.embed_tokens(x) if self.first else x
+        if self.first:
+            h = self.layout.embed_tokens(x)
+        elif self.prev_rank is not None:
+            shape = (*x.shape[:2], self.layout.hidden_size)
+            h = mx.distributed.recv(
+                shape, self.layout.hidden_dtype, self.prev_rank, group=self.group
+            )
+        else:
+            h = x
         for index, cache in zip(self.layers, caches, strict=True):
             h = self.layout.run_layer(index, h, cache)
-        return self.layout.logits(h) if self.last else h
+        if self.last:
+            return self.layout.logits(h)
+        if self.next_rank is not None:
+            return mx.distributed.send(h, self.next_rank, group=self.group)
+        return h

@@ -26,9 +26,13 @@ def check_batchable(cache: Cache) -> None:
 class ModelRunner:
     """Holds the KV caches of one model stage and runs each step plan's forward passes."""
 
-    def __init__(self, stage: PipelineStage, make_cache: Callable[[], Cache]) -> None:
+    def __init__(
+        self, stage: PipelineStage, make_cache: Callable[[], Cache], lockstep: bool = False
+    ) -> None:
         self.stage = stage
         self.make_cache = make_cache
+        # Across ranks, each forward pass's sends and receives must happen in plan order.
+        self.lockstep = lockstep
         self.prefilling: dict[str, Cache] = {}
         self.batch: Cache | None = None
         self.rows: list[str] = []
@@ -40,10 +44,11 @@ class ModelRunner:
         outputs = []
         if plan.decode_ids:
             tokens = mx.array(plan.decode_tokens)[:, None]
-            outputs.append(self.stage.forward(tokens, self.batch)[:, -1])
+            outputs.append(self._sync(self.stage.forward(tokens, self.batch))[:, -1])
         touched: list[Cache] = []
         for group in plan.prefill:
             logits, cache = self._prefill(group)
+            self._sync(logits)
             if group[-1].last:
                 outputs.append(logits[:, -1])
                 self._join([c.request_id for c in group], cache)
@@ -52,6 +57,11 @@ class ModelRunner:
         logits = mx.concatenate(outputs) if outputs else None
         mx.eval(logits, [[c.state for c in cache] for cache in touched])
         return logits
+
+    def _sync(self, output: mx.array) -> mx.array:
+        if self.lockstep:
+            mx.eval(output)
+        return output
 
     def release(self, request_ids: Sequence[str]) -> None:
         """Drop the caches of finished or aborted sequences."""

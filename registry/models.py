@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlxserve.core.distributed import Cluster
 from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.core.kv_cache import KVCacheOptions
-from mlxserve.core.loader import load_stage
+from mlxserve.core.loader import build_lazy, materialize
 from mlxserve.core.pipeline import PipelineStage
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import is_tiny_checkpoint
 
+from .placement import Placement, plan_placement
 from .plugins import Plugins
 from .store import ModelStore
 
@@ -33,6 +35,7 @@ class LoadedModel:
     tokenizer: Any
     plugins: Plugins
     random_weights: bool
+    placement: Placement | None = None
 
     @property
     def context_length(self) -> int:
@@ -52,9 +55,10 @@ class LoadedModel:
 class ModelRegistry:
     """Resolves model names and aliases, and loads their checkpoints with their family."""
 
-    def __init__(self, config: Config, plugins: Plugins) -> None:
+    def __init__(self, config: Config, plugins: Plugins, cluster: Cluster | None = None) -> None:
         self.config = config
         self.plugins = plugins
+        self.cluster = cluster or Cluster()
         self.store = ModelStore(config.registry.cache_dir, plugins)
 
     def resolve(self, name: str) -> tuple[str, ModelEntry]:
@@ -86,20 +90,25 @@ class ModelRegistry:
         last: bool = True,
         download: bool = False,
     ) -> LoadedModel:
-        """Load a model, or one pipeline stage of it (only that stage's weights)."""
+        """Load a model: this rank's share of it, or the given stage of it.
+
+        Only the weights of the layers this rank (or stage) runs are read into memory. On
+        several ranks every rank must call this at the same time (they agree on the split).
+        """
         from mlx_lm.utils import load_tokenizer
 
         canonical, _ = self.resolve(name)
         path = self.checkpoint(canonical, download=download)
         family = self.family_of(canonical, path)
         hook = self.plugins.hook
-
-        def sharding_rule(model: Any) -> Any:
-            return hook.mlxserve_sharding_rule(family=family, model=model)
-
-        stage, config = load_stage(
-            path, family.model_classes, sharding_rule, layers=layers, first=first, last=last
-        )
+        model, config = build_lazy(path, family.model_classes)
+        layout = hook.mlxserve_sharding_rule(family=family, model=model)
+        placement = None
+        if layers is not None:
+            stage = materialize(layout, layers=layers, first=first, last=last)
+        else:
+            placement = plan_placement(family, model, self.cluster, self.config.distributed)
+            stage = self._materialize_share(family, layout, placement)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
         template = hook.mlxserve_chat_template(family=family, tokenizer=tokenizer._tokenizer)
         if template:
@@ -113,6 +122,27 @@ class ModelRegistry:
             tokenizer,
             self.plugins,
             random_weights=is_tiny_checkpoint(path),
+            placement=placement,
+        )
+
+    def _materialize_share(
+        self, family: ModelFamily, layout: Any, placement: Placement
+    ) -> PipelineStage:
+        cluster = self.cluster
+        if placement.strategy == "tensor":
+            family.shard_tensors(layout.model, cluster.group)
+        if placement.strategy != "pipeline":
+            return materialize(layout)
+        rank, size = cluster.rank, cluster.size
+        first, last = rank == size - 1, rank == 0
+        return materialize(
+            layout,
+            layers=placement.for_rank(rank).layers,
+            first=first,
+            last=last,
+            group=cluster.group,
+            prev_rank=None if first else rank + 1,
+            next_rank=None if last else rank - 1,
         )
 
 

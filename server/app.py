@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from mlxserve.core.config import Config
+from mlxserve.core.distributed import Cluster
 from mlxserve.core.engine import Engine, EngineSettings
 from mlxserve.core.kv_cache import KVCacheOptions
 from mlxserve.registry.models import ModelRegistry
@@ -31,17 +32,23 @@ def engine_settings(config: Config) -> EngineSettings:
         max_loaded_models=config.registry.max_loaded_models,
         max_sequence_length=config.kv_cache.max_sequence_length,
         kv_options=KVCacheOptions(),
+        step_timeout_s=config.distributed.step_timeout_s,
     )
 
 
 def create_app(
-    config: Config, *, plugins: Plugins | None = None, engine: Engine | None = None
+    config: Config,
+    *,
+    plugins: Plugins | None = None,
+    engine: Engine | None = None,
+    cluster: Cluster | None = None,
 ) -> FastAPI:
-    """Build the server for ``config``; the engine starts and stops with the app."""
+    """Build the server for ``config`` (rank 0's, on several ranks); the engine starts and
+    stops with the app."""
     plugins = plugins or load_plugins(config.plugins.enabled, trace=config.plugins.trace)
-    registry = ModelRegistry(config, plugins)
+    registry = ModelRegistry(config, plugins, cluster)
     engine = engine or Engine(
-        lambda name: registry.load(name, download=True), engine_settings(config)
+        lambda name: registry.load(name, download=True), engine_settings(config), cluster
     )
 
     @asynccontextmanager

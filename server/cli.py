@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from mlxserve.core.config import Config, ConfigError, dump_config, load_config
 from mlxserve.core.errors import MlxserveError
@@ -72,17 +73,55 @@ def cmd_plugins_list(args: argparse.Namespace, config: Config) -> int:
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     import uvicorn
 
+    from mlxserve.core.distributed import Cluster
+
     from .app import create_app
 
-    app = create_app(config)
-    uvicorn.run(
+    cluster = Cluster.join(config.distributed.backend)
+    if cluster.distributed:
+        setup_logging(config.logging.level, config.logging.file, rank=cluster.rank)
+    if cluster.rank > 0:
+        return follow_rank_zero(config, cluster)
+    app = create_app(config, cluster=cluster)
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # When a rank is lost, mlx.launch stops the others at once; keep answering 503
+            # (and saying why) until the engine exits by itself a few seconds later.
+            if engine.error is None:
+                super().handle_exit(sig, frame)
+
+    settings = uvicorn.Config(
         app,
         host=config.server.host,
         port=config.server.port,
         log_level=config.logging.level,
         timeout_graceful_shutdown=5,
     )
+    Server(settings).run()
     return 0
+
+
+def follow_rank_zero(config: Config, cluster: Any) -> int:
+    """Every rank but 0: run rank 0's steps on this rank's share of each model."""
+    from mlxserve.core.follower import follow
+    from mlxserve.core.kv_cache import KVCacheOptions
+    from mlxserve.registry.models import ModelRegistry
+
+    registry = ModelRegistry(config, _plugins(config), cluster)
+    try:
+        follow(cluster, lambda name: registry.load(name, download=True), KVCacheOptions())
+    except RuntimeError as exc:
+        print(f"error: rank {cluster.rank} lost contact with rank 0: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace, config: Config) -> int:
+    from .launch import run_launch
+
+    return run_launch(config, getattr(args, "config", None), args.dry_run)
 
 
 # ---- generate --------------------------------------------------------------------------
@@ -162,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", dest="default_model", help="default model: a registry name or alias"
     )
     serve.set_defaults(func=cmd_serve)
+
+    launch = commands.add_parser(
+        "launch", parents=[common], help="start every [distributed] host's rank with mlx.launch"
+    )
+    launch.add_argument("--dry-run", action="store_true", help="print what would run")
+    launch.set_defaults(func=cmd_launch)
 
     generate = commands.add_parser("generate", parents=[common], help="answer one prompt and exit")
     generate.add_argument("prompt")

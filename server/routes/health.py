@@ -20,7 +20,14 @@ async def health(engine: EngineDep) -> JSONResponse:
         "status": "ok" if engine.alive else "unavailable",
         "loaded_models": engine.loaded_models(),
         "queued_requests": engine.queue_depth(),
+        "ranks": engine.cluster.size,
     }
+    placements = {
+        name: {"strategy": p.strategy, "stages": [s.to_json() for s in p.stages]}
+        for name, p in engine.placements().items()
+    }
+    if placements:
+        body["placement"] = placements
     if not engine.alive:
         body["error"] = engine.error or "the engine is not running"
     return JSONResponse(body, status_code=200 if engine.alive else 503)

@@ -1,0 +1,72 @@
+"""The ranks of one server: who is who, and the messages rank 0 sends to all the others.
+
+MLX's own collectives carry everything (``mx.distributed``, ring backend over TCP); there is
+no other transport. Rank 0 serves HTTP and schedules; every other rank follows its messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+LENGTH_BYTES = 8
+
+
+@dataclass
+class Cluster:
+    """This process's place among the ranks (one rank, alone, when not distributed)."""
+
+    group: Any = None
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def join(cls, backend: str = "ring") -> Cluster:
+        """Join the group ``mlx.launch`` started this process in, or stay alone."""
+        if "MLX_RANK" not in os.environ:
+            return cls()
+        group = mx.distributed.init(strict=True, backend=backend)
+        return cls(group, group.rank(), group.size())
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def broadcast(self, message: Any = None) -> Any:
+        """Rank 0's ``message`` (JSON-able), on every rank; others pass nothing."""
+        if not self.distributed:
+            return message
+        payload = json.dumps(message).encode() if self.rank == 0 else b""
+        length = mx.array([len(payload)], dtype=mx.int64)
+        size = int(mx.distributed.all_sum(length, group=self.group).item())
+        data = mx.zeros((size,), dtype=mx.uint8)
+        if self.rank == 0:
+            data = mx.array(list(payload), dtype=mx.uint8)
+        data = mx.distributed.all_sum(data, group=self.group)
+        return json.loads(bytes(memoryview(data)).decode()) if size else None
+
+    def gather(self, value: int) -> list[int]:
+        """Every rank's ``value``, in rank order."""
+        if not self.distributed:
+            return [value]
+        gathered = mx.distributed.all_gather(mx.array([value], dtype=mx.int64), group=self.group)
+        return [int(v) for v in gathered.tolist()]
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give to weights and caches."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(mx, "metal") and mx.metal.is_available():
+        info = mx.metal.device_info()
+        return int(info.get("max_recommended_working_set_size", info["memory_size"]))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
