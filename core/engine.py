@@ -37,6 +37,8 @@ from .worker import ModelWorker, ServedModel
 
 log = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.2
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
@@ -229,7 +231,9 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                self._handle_commands(block=not self._has_work())
+                idle = not self._has_work()
+                if not self._handle_commands(block=idle) and idle and self.cluster.distributed:
+                    self._together(self._let_followers_rest)
                 for name, worker in list(self.workers.items()):
                     if worker.scheduler.has_work():
                         self._step(name, worker)
@@ -261,13 +265,15 @@ class Engine:
     def _has_work(self) -> bool:
         return any(w.scheduler.has_work() for w in self.workers.values())
 
-    def _handle_commands(self, block: bool) -> None:
+    def _handle_commands(self, block: bool) -> bool:
+        """Carry out the queued commands (waiting a while for one if ``block``); any?"""
+        handled = False
         while True:
             try:
-                command, arg = self.commands.get(block=block, timeout=0.5 if block else None)
+                command, arg = self.commands.get(block=block, timeout=IDLE_WAIT_S)
             except queue.Empty:
-                return
-            block = False
+                return handled
+            block, handled = False, True
             getattr(self, f"_on_{command}")(arg)
 
     def _on_stop(self, _: None) -> None:
@@ -427,6 +433,11 @@ class Engine:
         if placement is not None and self.cluster.distributed:
             log.info("model %s: %s", name, placement.describe())
         return model
+
+    def _let_followers_rest(self) -> None:
+        # MLX's ring backend spins while it waits: rather than wait in a collective for
+        # the next step, idle followers sleep, and wake just before rank 0 may call again.
+        self.cluster.broadcast({"op": "idle", "sleep": IDLE_WAIT_S * 0.9})
 
     def _announcer(self, name: str) -> Callable[[StepPlan], None]:
         def announce(plan: StepPlan) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from .distributed import Cluster
@@ -28,6 +29,8 @@ def follow(
         op, name = message["op"], message.get("model")
         if op == "stop":
             return
+        if op == "idle":
+            time.sleep(message["sleep"])
         if op == "load":
             try:
                 model = load_model(name)

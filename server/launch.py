@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import os
 import re
 import shlex
 import signal
@@ -18,6 +20,14 @@ from mlxserve.core.config import Config, DistributedConfig
 from mlxserve.core.errors import MlxserveError
 
 LOCAL = "127.0.0.1"
+# mlx.launch waits in select() for its ranks' stdin to be writable, which it always is, so it
+# spins on a core for as long as the ranks run. mlxserve sends no input: drop the wait.
+LAUNCHER = """
+from select import select as wait
+from mlx._distributed_utils import launch
+launch.select = lambda r, w, x, timeout=None: (*wait(r, [], x, timeout)[:1], [], [])
+launch.main()
+"""
 # mlx.launch exits 0 whatever its ranks do; it only says so on stderr.
 RANK_FAILED = re.compile(r"Node with rank (\d+) (?:exited with code -?\d+|was killed)")
 
@@ -54,7 +64,7 @@ def launch_command(config: Config, config_file: str | None, hostfile_path: str) 
     """The mlx.launch command that starts every rank, each running ``mlxserve serve``."""
     dist = config.distributed
     python = dist.python or sys.executable
-    launcher = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
+    launcher = [sys.executable, "-c", LAUNCHER]
     command = [
         *launcher,
         "--hostfile",
@@ -84,10 +94,20 @@ def run_launch(config: Config, config_file: str | None, dry_run: bool) -> int:
     print("command:", shlex.join(command), flush=True)
     if dry_run:
         return 0
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,  # kept open and empty, so that mlx.launch waits on it quietly
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
 
     def stop(signum: int, _: Any) -> None:
-        process.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        # mlx.launch does not pass signals on; its local ranks share its process group and
+        # remote ones end with their ssh session.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

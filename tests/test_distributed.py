@@ -113,7 +113,8 @@ def test_unequal_memory_gives_an_uneven_split(tmp_path: Path, tiny_checkpoints) 
         assert stages[0]["bytes"] == 3 * stages[1]["bytes"]
 
 
-def rank_pids(rank: int) -> list[int]:
+def rank_pids(rank: int, tmp: Path) -> list[int]:
+    """The processes of rank ``rank`` launched with the config in ``tmp``."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -121,7 +122,8 @@ def rank_pids(rank: int) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"mlxserve.server.cli" in cmdline and f"MLX_RANK={rank}".encode() in environ:
+        ours = str(tmp).encode() in cmdline and b"mlxserve.server.cli" in cmdline
+        if ours and f"MLX_RANK={rank}".encode() in environ:
             pids.append(int(proc.name))
     return pids
 
@@ -129,7 +131,7 @@ def rank_pids(rank: int) -> list[int]:
 def test_a_killed_rank_is_reported_not_hung_on(tmp_path: Path, tiny_checkpoints) -> None:
     text = config_text(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 5\n")
     with launched(tmp_path, text) as (url, process):
-        [pid] = rank_pids(1)
+        [pid] = rank_pids(1, tmp_path)
         body = {"prompt": [5] * 8, "max_tokens": 3000, "ignore_eos": True, "stream": True}
         started = time.monotonic()
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as stream:
@@ -147,7 +149,7 @@ def test_a_killed_rank_is_reported_not_hung_on(tmp_path: Path, tiny_checkpoints)
 def test_a_hung_rank_is_detected_within_the_step_timeout(tmp_path: Path, tiny_checkpoints) -> None:
     text = config_text(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 2\n")
     with launched(tmp_path, text) as (url, process):
-        [pid] = rank_pids(1)
+        [pid] = rank_pids(1, tmp_path)
         os.kill(pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
