@@ -100,6 +100,17 @@ class DecoderLayout:
                 return part
         return "other"
 
+    def weight_needed(self, key: str, layers: range, *, first: bool, last: bool) -> bool:
+        """Whether the stage (``layers``, ``first``, ``last``) needs the weight ``key``."""
+        owner = self.weight_owner(key)
+        if isinstance(owner, int):
+            return owner in layers
+        if owner == "embed":
+            return first or (last and self.head is None)
+        if owner in ("norm", "head"):
+            return last
+        return True
+
     def keep_only(self, layers: range, *, first: bool, last: bool) -> None:
         """Drop every part this stage does not run, so its weights are never loaded."""
         modules = self.layer_modules

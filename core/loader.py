@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import load_model
+from mlx_lm.utils import load_config, load_model
 
 from .layout import DecoderLayout
 from .pipeline import PipelineStage
@@ -16,11 +16,40 @@ from .pipeline import PipelineStage
 ModelClasses = Callable[[dict[str, Any]], tuple[type[nn.Module], type]]
 
 
-def build_lazy(path: Path, model_classes: ModelClasses) -> tuple[nn.Module, dict[str, Any]]:
-    """The checkpoint's model with its weights mapped but not read (nothing is evaluated)."""
-    model, config = load_model(Path(path), lazy=True, get_model_classes=model_classes)
+def build_lazy(
+    path: Path, model_classes: ModelClasses, *, partial: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's model with its weights mapped but not read (nothing is evaluated).
+
+    ``partial``: only some safetensors files are there (a rank downloads its own layers'
+    files); the parts they do not cover must be dropped before anything is evaluated.
+    """
+    model, config = load_model(
+        Path(path), lazy=True, strict=not partial, get_model_classes=model_classes
+    )
     model.eval()
     return model, config
+
+
+def build_skeleton(
+    path: Path, model_classes: ModelClasses, weight_keys: Collection[str]
+) -> nn.Module:
+    """The checkpoint's model from config.json and its weights' names alone (nothing read),
+    quantized where the weights are, so that its parameter sizes are the real ones."""
+    config = load_config(Path(path))
+    model_class, args_class = model_classes(config)
+    model = model_class(args_class.from_dict(config))
+    quantization = config.get("quantization")
+    if quantization:
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda p, m: (
+                hasattr(m, "to_quantized") and f"{p}.scales" in weight_keys
+            ),
+        )
+    return model
 
 
 def materialize(

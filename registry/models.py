@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from mlxserve.core.distributed import Cluster
 from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.core.kv_cache import KVCacheOptions
-from mlxserve.core.loader import build_lazy, materialize
+from mlxserve.core.loader import build_lazy, build_skeleton, materialize
 from mlxserve.core.pipeline import PipelineStage
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import is_tiny_checkpoint
@@ -97,17 +98,22 @@ class ModelRegistry:
         """
         from mlx_lm.utils import load_tokenizer
 
-        canonical, _ = self.resolve(name)
-        path = self.checkpoint(canonical, download=download)
-        family = self.family_of(canonical, path)
+        canonical, entry = self.resolve(name)
         hook = self.plugins.hook
-        model, config = build_lazy(path, family.model_classes)
-        layout = hook.mlxserve_sharding_rule(family=family, model=model)
         placement = None
+        if layers is None and self._downloads_own_layers_only(entry.source_kind):
+            path, family, placement = self._download_own_layers(canonical, entry, download)
+        else:
+            path = self.checkpoint(canonical, download=download)
+            family = self.family_of(canonical, path)
+        model, config = build_lazy(path, family.model_classes, partial=placement is not None)
+        layout = hook.mlxserve_sharding_rule(family=family, model=model)
         if layers is not None:
             stage = materialize(layout, layers=layers, first=first, last=last)
         else:
-            placement = plan_placement(family, model, self.cluster, self.config.distributed)
+            placement = placement or plan_placement(
+                family, model, self.cluster, self.config.distributed
+            )
             stage = self._materialize_share(family, layout, placement)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
         template = hook.mlxserve_chat_template(family=family, tokenizer=tokenizer._tokenizer)
@@ -125,6 +131,47 @@ class ModelRegistry:
             placement=placement,
         )
 
+    def _downloads_own_layers_only(self, source_kind: str) -> bool:
+        return (
+            self.cluster.distributed
+            and source_kind == "hub"
+            and self.config.distributed.strategy != "tensor"
+        )
+
+    def _download_own_layers(
+        self, name: str, entry: ModelEntry, download: bool
+    ) -> tuple[Path, ModelFamily, Placement]:
+        """Plan this rank's share from the checkpoint's config and weight index, then fetch
+        only the safetensors files that hold its layers."""
+        fetch = functools.partial(
+            self.store.hub, entry.source, revision=entry.revision, download=download
+        )
+        path = fetch(weight_files=[])
+        family = self.family_of(name, path)
+        index = path / "model.safetensors.index.json"
+        if not index.is_file():  # one weights file: every rank needs it
+            path = fetch()
+            model, _ = build_lazy(path, family.model_classes)
+            return (
+                path,
+                family,
+                plan_placement(family, model, self.cluster, self.config.distributed),
+            )
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        skeleton = build_skeleton(path, family.model_classes, weight_map)
+        layout = self.plugins.hook.mlxserve_sharding_rule(family=family, model=skeleton)
+        placement = plan_placement(family, skeleton, self.cluster, self.config.distributed)
+        rank, size = self.cluster.rank, self.cluster.size
+        mine = placement.for_rank(rank).layers
+        files = sorted(
+            {
+                file
+                for key, file in weight_map.items()
+                if layout.weight_needed(key, mine, first=rank == size - 1, last=rank == 0)
+            }
+        )
+        return fetch(weight_files=files), family, placement
+
     def _materialize_share(
         self, family: ModelFamily, layout: Any, placement: Placement
     ) -> PipelineStage:
@@ -133,8 +180,8 @@ class ModelRegistry:
             family.shard_tensors(layout.model, cluster.group)
         if placement.strategy != "pipeline":
             return materialize(layout)
-        rank, size = cluster.rank, cluster.size
-        first, last = rank == size - 1, rank == 0
+        rank = cluster.rank
+        first, last = placement.role(rank)
         return materialize(
             layout,
             layers=placement.for_rank(rank).layers,

@@ -41,6 +41,10 @@ class Placement:
     def for_rank(self, rank: int) -> StagePlacement:
         return self.stages[rank]
 
+    def role(self, rank: int) -> tuple[bool, bool]:
+        """(first, last) of ``rank``'s pipeline stage: the last rank embeds, rank 0 samples."""
+        return rank == len(self.stages) - 1, rank == 0
+
     def describe(self) -> str:
         return "; ".join(
             f"rank {s.rank} ({s.host}): layers {s.layers.start}-{s.layers.stop - 1}, "

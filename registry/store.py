@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,8 @@ from .plugins import Plugins
 BUILTIN_PREFIX = "builtin:"
 TINY_PREFIX = "tiny-"
 LOCAL_PREFIXES = ("/", "./", "../", "~")
-HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+METADATA_FILES = ["*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+HUB_FILES = [*METADATA_FILES, "*.safetensors"]
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,13 @@ class ModelStore:
         revision: str | None = None,
         download: bool = False,
         progress: bool = True,
+        weight_files: Sequence[str] | None = None,
     ) -> Path:
-        """The local snapshot of a Hugging Face repo (downloaded first if ``download``)."""
+        """The local snapshot of a Hugging Face repo (downloaded first if ``download``).
+
+        ``weight_files`` limits the safetensors files to those named (config and tokenizer
+        files always come along); None takes them all.
+        """
         import httpx2
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
@@ -123,7 +130,9 @@ class ModelStore:
                 snapshot_download(
                     repo_id,
                     revision=revision,
-                    allow_patterns=HUB_FILES,
+                    allow_patterns=HUB_FILES
+                    if weight_files is None
+                    else [*METADATA_FILES, *weight_files],
                     local_files_only=not download,
                     tqdm_class=None if progress else _quiet_tqdm(),
                 )
