@@ -157,6 +157,11 @@ class _SamplingRequest(OpenAIBaseModel):
         None, description="Token ids that end generation, besides the model's own."
     )
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream should end with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
     def check_supported(self) -> None:
         """Raise InvalidParameterError for a well-formed request this server cannot serve."""
         if self.n not in (None, 1):

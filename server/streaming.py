@@ -6,25 +6,41 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from mlxserve.core.engine import Engine
 from mlxserve.core.sequence import RequestOutput
 
 from .errors import GenerationError, RequestTimeoutError
-from .generation import Admitted, outputs
+from .generation import Admitted, outputs, timings, usage_info
 from .protocol import error_body, sse
-
-ChunkMaker = Callable[[RequestOutput], list[object]]
 
 
 async def event_stream(
-    engine: Engine, admitted: Admitted, request: Request, to_events: ChunkMaker
+    engine: Engine,
+    admitted: Admitted,
+    request: Request,
+    *,
+    response_id: str,
+    chunk: type[BaseModel],
+    to_choice: Callable[[RequestOutput], BaseModel],
+    include_usage: bool,
 ) -> StreamingResponse:
     """Wait for the first output (so early errors get a proper status), then stream the rest.
 
     Once streaming, Starlette notices a client that goes away and cancels the stream, which
     aborts the request; before that, ``outputs`` watches for it.
     """
+
+    def to_events(output: RequestOutput) -> list[BaseModel]:
+        events = [chunk(id=response_id, model=admitted.name, choices=[to_choice(output)])]
+        if output.usage and include_usage:
+            usage, spent = usage_info(output.usage), timings(output.usage)
+            events.append(
+                chunk(id=response_id, model=admitted.name, choices=[], usage=usage, timings=spent)
+            )
+        return events
+
     admitted.watch = request
     source = outputs(engine, admitted)
     first = await anext(source, None)

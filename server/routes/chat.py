@@ -70,34 +70,27 @@ async def chat_completions(
     admitted = await admit(engine, config, body.model, body.to_sampling_params, prompt)
     response_id = new_id("chatcmpl")
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         started = False
 
-        def to_events(output: RequestOutput) -> list[object]:
+        def to_choice(output: RequestOutput) -> ChunkChoice:
             nonlocal started
             delta = DeltaMessage(role=None if started else "assistant", content=output.text)
             started = True
-            choice = ChunkChoice(
+            return ChunkChoice(
                 delta=delta,
                 finish_reason=finish_reason(output.finish_reason),
                 logprobs=_chat_logprobs(admitted.model, list(output.logprobs)),
             )
-            events: list[object] = [
-                ChatCompletionChunk(id=response_id, model=admitted.name, choices=[choice])
-            ]
-            if output.usage and include_usage:
-                events.append(
-                    ChatCompletionChunk(
-                        id=response_id,
-                        model=admitted.name,
-                        choices=[],
-                        usage=usage_info(output.usage),
-                        timings=timings(output.usage),
-                    )
-                )
-            return events
 
-        return await event_stream(engine, admitted, request, to_events)
+        return await event_stream(
+            engine,
+            admitted,
+            request,
+            response_id=response_id,
+            chunk=ChatCompletionChunk,
+            to_choice=to_choice,
+            include_usage=body.include_usage,
+        )
 
     result = await collect(engine, admitted, request)
     assert result.usage is not None

@@ -56,10 +56,9 @@ async def completions(
     admitted = await admit(engine, config, body.model, body.to_sampling_params, prompt)
     response_id = new_id("cmpl")
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         offset = 0
 
-        def to_events(output: RequestOutput) -> list[object]:
+        def to_choice(output: RequestOutput) -> CompletionChoice:
             nonlocal offset
             choice = CompletionChoice(
                 text=output.text,
@@ -67,22 +66,17 @@ async def completions(
                 logprobs=_legacy_logprobs(admitted.model, list(output.logprobs), offset),
             )
             offset += len(output.text)
-            events: list[object] = [
-                CompletionChunk(id=response_id, model=admitted.name, choices=[choice])
-            ]
-            if output.usage and include_usage:
-                events.append(
-                    CompletionChunk(
-                        id=response_id,
-                        model=admitted.name,
-                        choices=[],
-                        usage=usage_info(output.usage),
-                        timings=timings(output.usage),
-                    )
-                )
-            return events
+            return choice
 
-        return await event_stream(engine, admitted, request, to_events)
+        return await event_stream(
+            engine,
+            admitted,
+            request,
+            response_id=response_id,
+            chunk=CompletionChunk,
+            to_choice=to_choice,
+            include_usage=body.include_usage,
+        )
 
     result = await collect(engine, admitted, request)
     assert result.usage is not None
