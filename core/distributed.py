@@ -68,5 +68,6 @@ def available_memory() -> int:
         pass
     if hasattr(mx, "metal") and mx.metal.is_available():
         info = mx.metal.device_info()
-        return int(info.get("max_recommended_working_set_size", info["memory_size"]))
+        usable = int(info.get("max_recommended_working_set_size", info["memory_size"]))
+        return max(0, usable - mx.get_active_memory())
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -50,6 +50,11 @@ class EngineSettings:
     kv_options: KVCacheOptions = KVCacheOptions()
     step_timeout_s: float = 30.0
     exit_grace_s: float = 3.0
+    kv_budget_kind: str = "auto"
+    kv_budget_value: int = 0
+    reserved_memory_mb: int = 2048
+    block_size: int = 16
+    prefix_cache: bool = True
 
 
 class RequestStream:
@@ -169,6 +174,9 @@ class Engine:
         """
         self._check_alive()
         limit = min(self.settings.max_sequence_length, model.context_length)
+        worker = self.workers.get(model.name)
+        if worker is not None and worker.capacity_tokens < limit:
+            limit = worker.capacity_tokens
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if not prompt_ids or wanted > limit:
             raise ContextLengthError(
@@ -364,11 +372,11 @@ class Engine:
             if name not in self.workers:
                 log.info("loading model %s", name)
                 model = self._together(lambda: self._load_everywhere(name))
-                s = self.settings
-                announce = self._announcer(name) if self.cluster.distributed else None
-                self.workers[name] = ModelWorker(
-                    model, s.max_batch_size, s.prefill_step_size, s.kv_options, announce
-                )
+                distributed = self.cluster.distributed
+                announce = self._announcer(name) if distributed else None
+                placement = getattr(model, "placement", None)
+                can_measure = not distributed or placement.strategy == "pipeline"
+                self.workers[name] = ModelWorker(model, self.settings, announce, can_measure)
         except Exception as exc:
             log.error("loading model %s failed: %s", name, exc)
             for item in pending:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from .distributed import Cluster
-from .kv_cache import KVCacheOptions
+from .engine import EngineSettings
 from .plan import StepPlan
 from .runner import ModelRunner
 from .worker import ServedModel, make_runner
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def follow(
-    cluster: Cluster, load_model: Callable[[str], ServedModel], kv_options: KVCacheOptions
+    cluster: Cluster, load_model: Callable[[str], ServedModel], settings: EngineSettings
 ) -> None:
     """Load, unload and run each step of each model as rank 0 says, until it says stop.
 
@@ -34,7 +34,7 @@ def follow(
         if op == "load":
             try:
                 model = load_model(name)
-                runners[name] = make_runner(model, kv_options, lockstep=True)
+                runners[name] = make_runner(model, settings, lockstep=True)
                 log.info("loaded model %s: %s", name, getattr(model, "placement", None))
                 ok = 1
             except Exception:

@@ -6,7 +6,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+from .distributed import available_memory
+from .pipeline import PipelineStage
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +59,25 @@ def warn_unquantizable(kinds: list[CacheKind], options: KVCacheOptions, family: 
             " and ".join(skipped),
             options.bits,
         )
+
+
+def bytes_per_token(stage: PipelineStage, cache: list[Any]) -> int:
+    """KV bytes one token takes in ``stage``'s layers, measured on the fresh ``cache``.
+
+    Runs each layer once on one zero hidden state, locally (no other rank takes part).
+    """
+    layout = stage.layout
+    h = mx.zeros((1, 1, layout.hidden_size), dtype=layout.hidden_dtype)
+    for index, layer_cache in zip(stage.layers, cache, strict=True):
+        h = layout.run_layer(index, h, layer_cache)
+    mx.eval(h, [c.state for c in cache])
+    return max(1, round(sum(c.nbytes / c.keys.shape[2] for c in cache)))
+
+
+def budget_tokens(kind: str, value: int, reserved_mb: int, per_token: int) -> int:
+    """How many tokens of KV fit the budget: a token count, a size, or "auto" (free memory)."""
+    if kind == "tokens":
+        return value
+    if kind == "bytes":
+        return value // per_token
+    return max(0, available_memory() - reserved_mb * 2**20) // per_token

@@ -27,10 +27,16 @@ class ModelRunner:
     """Holds the KV caches of one model stage and runs each step plan's forward passes."""
 
     def __init__(
-        self, stage: PipelineStage, make_cache: Callable[[], Cache], lockstep: bool = False
+        self,
+        stage: PipelineStage,
+        make_cache: Callable[[], Cache],
+        lockstep: bool = False,
+        block_size: int = 16,
     ) -> None:
         self.stage = stage
         self.make_cache = make_cache
+        self.block_size = block_size
+        self.blocks: dict[str, list[tuple[mx.array, mx.array]]] = {}
         # Across ranks, each forward pass's sends and receives must happen in plan order.
         self.lockstep = lockstep
         self.prefilling: dict[str, Cache] = {}
@@ -39,6 +45,9 @@ class ModelRunner:
 
     def run(self, plan: StepPlan) -> mx.array | None:
         """Run one step; the logits (one row per ``plan.sample_ids``), or None."""
+        self._save(plan.save)
+        for block_hash in plan.evict:
+            self.blocks.pop(block_hash, None)
         self.release(plan.release)
         assert list(plan.decode_ids) == self.rows, "step plan and decode batch disagree"
         outputs = []
@@ -81,12 +90,40 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.prefilling.clear()
+        self.blocks.clear()
         self.batch, self.rows = None, []
+
+    def _save(self, saves: Sequence[tuple[str, tuple[tuple[int, str], ...]]]) -> None:
+        """Copy full blocks of finished sequences out of the batch, into the prefix cache."""
+        kept = []
+        for request_id, blocks in saves:
+            row = self.rows.index(request_id)
+            caches = [layer_cache.extract(row) for layer_cache in self.batch]
+            for index, block_hash in blocks:
+                part = slice(index * self.block_size, (index + 1) * self.block_size)
+                self.blocks[block_hash] = [
+                    (mx.contiguous(c.keys[..., part, :]), mx.contiguous(c.values[..., part, :]))
+                    for c in caches
+                ]
+                kept.append(self.blocks[block_hash])
+        if kept:
+            mx.eval(kept)
+
+    def _restore(self, reused: Sequence[str]) -> Cache:
+        """Fresh caches that already hold the KV of the cached blocks ``reused``."""
+        cache = self.make_cache()
+        for layer, layer_cache in enumerate(cache):
+            layer_cache.keys = mx.concatenate([self.blocks[h][layer][0] for h in reused], 2)
+            layer_cache.values = mx.concatenate([self.blocks[h][layer][1] for h in reused], 2)
+            layer_cache.offset = layer_cache.keys.shape[2]
+        return cache
 
     def _prefill(self, group: tuple[PrefillChunk, ...]) -> tuple[mx.array, Cache]:
         if len(group) == 1:
             chunk = group[0]
-            cache = self.prefilling.pop(chunk.request_id, None) or self.make_cache()
+            cache = self.prefilling.pop(chunk.request_id, None)
+            if cache is None:
+                cache = self._restore(chunk.reused) if chunk.reused else self.make_cache()
             logits = self.stage.forward(mx.array([chunk.tokens]), cache)
             if chunk.last:
                 return logits, [type(c).merge([c]) for c in cache]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from .block_manager import BlockManager, block_hashes
 from .plan import PrefillChunk, StepPlan
 from .sequence import RequestOutput, Sequence, Status, TokenLogprob
 
@@ -16,9 +17,18 @@ class Scheduler:
     more than one chunk. Whole short prompts that arrive together are prefilled as one batch.
     """
 
-    def __init__(self, max_batch_size: int, prefill_step_size: int) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        prefill_step_size: int,
+        blocks: BlockManager | None = None,
+        prefix_salt: str | None = None,
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
+        self.blocks = blocks
+        self.prefix_salt = prefix_salt  # None: no prefix caching
+        self.to_save: list[tuple[str, tuple[tuple[int, str], ...]]] = []
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -46,16 +56,38 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         release, self.to_release = tuple(self.to_release), []
+        save, self.to_save = tuple(self.to_save), []
         while self.admitting and self.waiting and self.num_active < self.max_batch_size:
+            if not self._reserve(self.waiting[0]):
+                break
             seq = self.waiting.popleft()
             seq.status = Status.PREFILLING
             self.prefilling.append(seq)
         return StepPlan(
             release=release,
+            save=save,
+            evict=tuple(self.blocks.take_evicted()) if self.blocks else (),
             decode_ids=tuple(s.request_id for s in self.running),
             decode_tokens=tuple(s.last_token for s in self.running),
             prefill=self._prefill_groups(),
         )
+
+    def _reserve(self, seq: Sequence) -> bool:
+        """Take the KV blocks ``seq`` may need, reusing cached ones; False if they don't fit."""
+        if self.blocks is None:
+            return True
+        reused: list[str] = []
+        if self.prefix_salt is not None:
+            hashes = block_hashes(seq.prompt_ids, self.blocks.block_size, self.prefix_salt)
+            at_most = (len(seq.prompt_ids) - 1) // self.blocks.block_size  # one must be run
+            reused = self.blocks.cached_prefix(hashes)[:at_most]
+        total = len(seq.prompt_ids) + seq.max_tokens
+        if not self.blocks.can_reserve(total, reused):
+            return False
+        seq.reservation = self.blocks.reserve(total, reused)
+        seq.reused = tuple(reused)
+        seq.cached_tokens = seq.num_prefilled = len(reused) * self.blocks.block_size
+        return True
 
     def _prefill_groups(self) -> tuple[tuple[PrefillChunk, ...], ...]:
         budget = self.prefill_step_size
@@ -71,6 +103,7 @@ class Scheduler:
                 tuple(seq.prompt_ids[start : start + size]),
                 start,
                 last=size == seq.prompt_remaining,
+                reused=seq.reused if start == seq.cached_tokens else (),
             )
             budget -= size
             longest = max([size, *(len(c.tokens) for c in fresh)])
@@ -121,7 +154,20 @@ class Scheduler:
         )
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End a sequence wherever it is; its caches are released at the next step."""
+        """End a sequence wherever it is; its caches are released at the next step.
+
+        A sequence that was decoding leaves its full KV blocks in the prefix cache.
+        """
+        if seq.reservation is not None:
+            full: list[str] = []
+            if seq.status == Status.RUNNING and self.prefix_salt is not None:
+                computed = (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1]
+                full = block_hashes(computed, self.blocks.block_size, self.prefix_salt)
+            added = set(self.blocks.release(seq.reservation, full))
+            if added:
+                blocks = tuple((i, h) for i, h in enumerate(full) if h in added)
+                self.to_save.append((seq.request_id, blocks))
+            seq.reservation = None
         if seq.status == Status.WAITING:
             self.waiting.remove(seq)
         else:
@@ -134,6 +180,12 @@ class Scheduler:
     def drain(self) -> list[Sequence]:
         """Every sequence, ended or not, for when the model goes away or fails."""
         seqs = [*self.running, *self.prefilling, *self.waiting]
+        if self.blocks is not None:
+            for seq in seqs:
+                if seq.reservation is not None:
+                    self.blocks.release(seq.reservation, [])
+                    seq.reservation, seq.reused = None, ()
+                    seq.num_prefilled = seq.cached_tokens = 0
         self.running, self.prefilling, self.waiting = [], [], deque()
-        self.to_release = []
+        self.to_release, self.to_save = [], []
         return seqs

@@ -69,6 +69,8 @@ class Sequence:
     first_token_time: float | None = None
     token_counts: dict[int, int] = field(default_factory=dict)
     stream: Any = None
+    reused: tuple[str, ...] = ()
+    reservation: Any = None
 
     @property
     def num_tokens(self) -> int:

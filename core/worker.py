@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .kv_cache import KVCacheOptions
+from mlx_lm.models.cache import KVCache
+
+from .block_manager import BlockManager
+from .kv_cache import KVCacheOptions, budget_tokens, bytes_per_token
 from .pipeline import PipelineStage
 from .plan import StepPlan
 from .runner import ModelRunner, check_batchable
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
+
+if TYPE_CHECKING:
+    from .engine import EngineSettings
+
+log = logging.getLogger(__name__)
 
 
 class ServedModel(Protocol):
@@ -29,18 +38,51 @@ class ServedModel(Protocol):
 
 
 class ModelWorker:
+    """One loaded model: its scheduler and runner, its KV budget and prefix cache."""
+
     def __init__(
         self,
         model: ServedModel,
-        max_batch_size: int,
-        prefill_step_size: int,
-        kv_options: KVCacheOptions,
+        settings: EngineSettings,
         announce: Callable[[StepPlan], None] | None = None,
+        can_measure: bool = True,
     ) -> None:
         self.model = model
-        self.scheduler = Scheduler(max_batch_size, prefill_step_size)
-        self.runner = make_runner(model, kv_options, lockstep=announce is not None)
+        self.settings = settings
         self.announce = announce
+        self.runner = make_runner(model, settings, lockstep=announce is not None)
+        self.capacity_tokens = self._capacity(can_measure)
+        self.prefix_caching = settings.prefix_cache and shares_blocks(
+            model.make_cache(settings.kv_options)
+        )
+        if settings.prefix_cache and not self.prefix_caching:
+            log.warning(
+                "%s: its KV caches cannot share blocks (sliding window or quantized); "
+                "prefix caching is off for it",
+                model.name,
+            )
+        self.scheduler = self._new_scheduler()
+
+    def _capacity(self, can_measure: bool) -> int:
+        s = self.settings
+        if s.kv_budget_kind != "tokens" and not can_measure:
+            return s.max_batch_size * s.max_sequence_length
+        per_token = bytes_per_token(self.model.stage, self.model.make_cache(s.kv_options))
+        tokens = budget_tokens(s.kv_budget_kind, s.kv_budget_value, s.reserved_memory_mb, per_token)
+        log.info(
+            "%s: KV budget %d tokens (%.1f MiB, %d bytes a token)",
+            self.model.name,
+            tokens,
+            tokens * per_token / 2**20,
+            per_token,
+        )
+        return tokens
+
+    def _new_scheduler(self) -> Scheduler:
+        s = self.settings
+        blocks = BlockManager(self.capacity_tokens // s.block_size, s.block_size)
+        salt = self.model.name if self.prefix_caching else None
+        return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt)
 
     def step(self) -> list[tuple[Sequence, RequestOutput]]:
         plan = self.scheduler.schedule()
@@ -54,10 +96,20 @@ class ModelWorker:
     def fail(self) -> list[Sequence]:
         """Forget every sequence and cache (after an error); the sequences that were here."""
         self.runner.reset()
-        return self.scheduler.drain()
+        seqs = self.scheduler.drain()
+        self.scheduler = self._new_scheduler()
+        return seqs
 
 
-def make_runner(model: ServedModel, kv_options: KVCacheOptions, lockstep: bool) -> ModelRunner:
+def make_runner(model: ServedModel, settings: EngineSettings, lockstep: bool) -> ModelRunner:
     """A runner for ``model`` whose caches come from its family's cache factory."""
-    check_batchable(model.make_cache(kv_options))
-    return ModelRunner(model.stage, lambda: model.make_cache(kv_options), lockstep)
+    options = settings.kv_options
+    check_batchable(model.make_cache(options))
+    return ModelRunner(
+        model.stage, lambda: model.make_cache(options), lockstep, settings.block_size
+    )
+
+
+def shares_blocks(cache: list[Any]) -> bool:
+    """Whether KV blocks of these caches can be copied out and back in (plain caches only)."""
+    return all(type(layer_cache) is KVCache for layer_cache in cache)

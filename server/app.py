@@ -33,6 +33,10 @@ def engine_settings(config: Config) -> EngineSettings:
         max_sequence_length=config.kv_cache.max_sequence_length,
         kv_options=KVCacheOptions(),
         step_timeout_s=config.distributed.step_timeout_s,
+        kv_budget_kind=config.kv_cache.budget.kind,
+        kv_budget_value=config.kv_cache.budget.value,
+        reserved_memory_mb=config.kv_cache.reserved_memory_mb,
+        block_size=config.kv_cache.block_size,
     )
 
 

@@ -106,12 +106,13 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 def follow_rank_zero(config: Config, cluster: Any) -> int:
     """Every rank but 0: run rank 0's steps on this rank's share of each model."""
     from mlxserve.core.follower import follow
-    from mlxserve.core.kv_cache import KVCacheOptions
     from mlxserve.registry.models import ModelRegistry
+
+    from .app import engine_settings
 
     registry = ModelRegistry(config, _plugins(config), cluster)
     try:
-        follow(cluster, lambda name: registry.load(name, download=True), KVCacheOptions())
+        follow(cluster, lambda name: registry.load(name, download=True), engine_settings(config))
     except RuntimeError as exc:
         print(f"error: rank {cluster.rank} lost contact with rank 0: {exc}", file=sys.stderr)
         return 1

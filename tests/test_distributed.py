@@ -92,6 +92,11 @@ def test_two_pipeline_ranks_equal_one(family: str, tmp_path: Path, tiny_checkpoi
         stages = health["placement"]["m"]["stages"]
         assert [s["layers"] for s in stages] == [[2, 3], [0, 1]]
         assert [completion(url, p) for p in PROMPTS] == expected
+        body = {"prompt": PROMPTS[2], "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        again = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached == (0 if family == "mistral" else 64)  # each rank kept its own blocks
+        assert again["choices"][0]["text"] == expected[2]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen"])

@@ -100,10 +100,11 @@ def test_stream_and_non_stream_give_the_same_greedy_text(client: openai.OpenAI) 
 
 
 def test_max_tokens_and_usage(client: openai.OpenAI, server: RunningServer) -> None:
-    response = chat(client, max_tokens=7, extra_body={"ignore_eos": True})
+    messages = [{"role": "user", "content": "A question nobody else in these tests asks?"}]
+    response = chat(client, messages=messages, max_tokens=7, extra_body={"ignore_eos": True})
     assert response.choices[0].finish_reason == "length"
     model = server.engine.workers["llama"].model
-    prompt = model.tokenizer.apply_chat_template(HELLO, add_generation_prompt=True)
+    prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert response.usage.prompt_tokens == len(prompt)
     assert response.usage.completion_tokens == 7
     assert response.usage.total_tokens == len(prompt) + 7

@@ -109,44 +109,40 @@ def read_proc(pid: int, name: str) -> bytes:
         return b""
 
 
+def processes_with(config: Path) -> list[int]:
+    """Pids whose command line names ``config``: the launcher, mlx.launch and the ranks."""
+    needle = str(config).encode()
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return [pid for pid in pids if pid != os.getpid() and needle in read_proc(pid, "cmdline")]
+
+
 def rank_pids(config: Path, ranks: int, root: int) -> dict[int, int]:
     """rank -> pid of each rank process started with ``config`` (``root`` when only one)."""
     if ranks == 1:
         return {0: root}
     found: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+    for pid in processes_with(config):
+        if b"mlxserve.server.cli" not in read_proc(pid, "cmdline"):
             continue
-        cmdline = read_proc(int(proc.name), "cmdline")
-        if b"mlxserve.server.cli" not in cmdline or str(config).encode() not in cmdline:
-            continue
-        for entry in read_proc(int(proc.name), "environ").split(b"\0"):
+        for entry in read_proc(pid, "environ").split(b"\0"):
             if entry.startswith(b"MLX_RANK="):
-                found[int(entry[9:])] = int(proc.name)
+                found[int(entry[9:])] = pid
     if sorted(found) != list(range(ranks)):
         raise RuntimeError(f"expected ranks 0-{ranks - 1}, found {found}")
     return found
 
 
-def parent_pid(pid: int) -> int | None:
-    stat = read_proc(pid, "stat").decode(errors="replace")
-    fields = stat.rpartition(")")[2].split()
-    return int(fields[1]) if len(fields) > 1 else None
-
-
-def tracked_pids(pids: dict[int, int], root: int) -> list[int]:
-    """The rank processes and their parents (mlx.launch), which may be in their own session."""
-    parents = {parent_pid(pid) for pid in pids.values()} - {None, root}
-    return [*pids.values(), *(p for p in parents if p is not None)]
-
-
-def kill_leftovers(pids: list[int]) -> None:
-    """Processes that outlived the server's process group (should not happen)."""
+def kill_leftovers(config: Path) -> None:
+    """Processes that outlived the server's process group (mlx.launch runs in its own)."""
+    for _ in range(10):
+        pids = processes_with(config)
+        if not pids:
+            return
+        time.sleep(1.0)
     for pid in pids:
-        if b"mlx" in read_proc(pid, "cmdline"):
-            print(f"  warning: pid {pid} still running after stop; killing it", flush=True)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        print(f"  warning: pid {pid} still running after stop; killing it", flush=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -155,24 +151,21 @@ def running(
 ) -> Iterator[tuple[str, dict[int, int]]]:
     """Start the server (1 rank) or the launcher (2 ranks); yield its URL and rank pids."""
     port = bs.free_port()
-    argv = command(write_config(args, checkpoint, ranks, port), ranks)
+    config = write_config(args, checkpoint, ranks, port)
+    argv = command(config, ranks)
     log = args.workdir / f"distributed-{ranks}.log"
     print(f"starting: {' '.join(argv)}  (log: {log})", flush=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    tracked: list[int] = []
     try:
         url = f"http://{bs.HOST}:{port}"
         wait_healthy(proc, url, log, args.ready_timeout)
-        pids = rank_pids(Path(argv[-1]), ranks, proc.pid)
-        tracked = tracked_pids(pids, proc.pid)
-        yield url, pids
+        yield url, rank_pids(config, ranks, proc.pid)
     finally:
         bs.stop_process(proc)
-        time.sleep(1.0)  # let the ranks finish exiting before looking for leftovers
-        kill_leftovers(tracked)
+        kill_leftovers(config)
 
 
 # ---- measuring ---------------------------------------------------------------------------
@@ -363,6 +356,7 @@ def report(
     checkpoint: Path,
     blas: str,
     seconds: float,
+    load: str,
 ) -> str:
     params = bs.count_parameters(checkpoint)
     num_layers = bs.SIZES[args.size]["num_hidden_layers"]
@@ -375,6 +369,7 @@ def report(
             "- 2 ranks: `mlxserve launch`, mlx.launch ring backend over 127.0.0.1, "
             'strategy "pipeline", split "even"; both ranks share the same cores',
             f"- total wall time: {seconds:.0f} s",
+            load,
             "",
             table(results, failed, args.streams, num_layers),
             "",
@@ -411,12 +406,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def busy_note() -> str:
+    """Other work on the machine skews the figures (both setups share all its cores)."""
+    load = os.getloadavg()[0]
+    note = f"- load average (1 min) before starting: {load:.2f}"
+    if load > 0.5:
+        print(f"warning: the machine is busy (load {load:.2f}); figures will be noisy", flush=True)
+        note += " (busy: figures are noisy)"
+    return note
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     env, blas = bs.server_env(args.openblas)
+    load = busy_note()
     checkpoint = bs.ensure_checkpoint(args.workdir, args.size)
     print(f"checkpoint: {checkpoint}", flush=True)
     results: dict[int, Result] = {}
@@ -427,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, httpx.HTTPError) as exc:
             print(f"  error: {SETUPS[ranks]} failed: {exc}", file=sys.stderr, flush=True)
             failed.append(ranks)
-    text = report(results, failed, args, checkpoint, blas, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    text = report(results, failed, args, checkpoint, blas, seconds, load)
     print("\n" + text)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")

@@ -1,0 +1,114 @@
+"""The KV-cache manager: block hashes, the budget, the prefix cache, end to end."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from pathlib import Path
+
+import pytest
+
+from mlxserve.core.block_manager import BlockManager, block_hashes
+
+from .server import post, running_server, write_config
+
+
+def test_block_hashes_are_chained_and_salted() -> None:
+    tokens = list(range(40))
+    hashes = block_hashes(tokens, 16, "model-a")
+    assert len(hashes) == 2  # the last 8 tokens are not a full block
+    assert block_hashes(tokens[:32] + [99] * 8, 16, "model-a") == hashes
+    assert block_hashes([1] + tokens[1:], 16, "model-a")[1] != hashes[1]  # chained
+    assert block_hashes(tokens, 16, "model-b") != hashes
+
+
+def test_reserve_reuse_release_and_lru_eviction() -> None:
+    manager = BlockManager(num_blocks=6, block_size=4)
+    first = manager.reserve(16, [])
+    assert manager.used_blocks == 4 and not manager.can_reserve(12, [])
+    assert manager.release(first, ["a", "b", "c"]) == ["a", "b", "c"]
+    assert manager.used_blocks == 3 and manager.cached_prefix(["a", "b", "x"]) == ["a", "b"]
+    second = manager.reserve(12, ["a", "b"])  # reuses two, needs one more
+    assert manager.used_blocks == 4
+    third = manager.reserve(12, [])  # evicts c, the least recently used idle block
+    assert manager.take_evicted() == ["c"]
+    assert not manager.can_reserve(4, [])
+    manager.release(third, [])
+    manager.release(second, ["a", "b", "d"])
+    assert manager.cached_prefix(["a", "b", "d"]) == ["a", "b", "d"]
+    assert manager.used_blocks == 3
+
+
+def config_for(tmp_path: Path, checkpoint: Path, kv: str = "") -> object:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return write_config(
+        tmp_path,
+        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[models.m]\nsource = "{checkpoint}"\n[kv_cache]\nblock_size = 16\n{kv}',
+    )
+
+
+def complete(server: object, prompt: list[int], max_tokens: int = 12) -> dict:
+    body = {
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    response = post(server, "/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek"])
+def test_a_repeated_prefix_is_reused_and_gives_the_same_tokens(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path], family: str
+) -> None:
+    prompt = [(i * 7) % 300 + 3 for i in range(100)]
+    with running_server(config_for(tmp_path, tiny_checkpoints[family])) as server:
+        cold = complete(server, prompt)
+        assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        warm = complete(server, prompt)
+        assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+        assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+        other = complete(server, prompt[:40] + [5] * 60)
+        assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+    with running_server(config_for(tmp_path / "x", tiny_checkpoints[family])) as fresh:
+        assert complete(fresh, prompt[:40] + [5] * 60)["choices"] == other["choices"]
+
+
+def test_sliding_window_models_fall_back_visibly(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    prompt = list(range(3, 100))
+    with running_server(config_for(tmp_path, tiny_checkpoints["mistral"])) as server:
+        complete(server, prompt)
+        again = complete(server, prompt)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert "prefix caching is off" in caplog.text
+
+
+def test_a_small_budget_queues_instead_of_running_out(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    config = config_for(
+        tmp_path, tiny_checkpoints["llama"], "budget = 512\nmax_sequence_length = 256\n"
+    )
+    prompts = [[i + 3] * 100 for i in range(6)]
+    with running_server(config) as server:
+        worker = server.engine.workers["m"]
+        alone = [complete(server, p, 100)["choices"][0]["text"] for p in prompts[:2]]
+        peak = []
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(complete, server, p, 100) for p in prompts]
+            while not all(f.done() for f in futures):
+                peak.append(worker.scheduler.num_active)
+                blocks = worker.scheduler.blocks
+                assert blocks.used_blocks <= blocks.num_blocks
+            texts = [f.result()["choices"][0]["text"] for f in futures]
+        assert max(peak) <= 2  # 512 tokens hold two sequences of 200
+        assert texts[:2] == alone
+        too_big = post(
+            server, "/v1/completions", json={"model": "m", "prompt": [5] * 200, "max_tokens": 400}
+        )
+        assert too_big.status_code == 400
