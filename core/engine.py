@@ -110,6 +110,7 @@ class Engine:
         self.settings = settings
         self.cluster = cluster or Cluster()
         self._busy_since: float | None = None
+        self.observers: list[Callable[[Sequence, RequestOutput], None]] = []
         self.workers: OrderedDict[str, ModelWorker] = OrderedDict()
         self.streams: dict[str, RequestStream] = {}
         self.waiting_for_model: dict[str, list[asyncio.Future | Sequence]] = {}
@@ -412,6 +413,8 @@ class Engine:
             self._publish(seq, output)
 
     def _publish(self, seq: Sequence, output: RequestOutput) -> None:
+        for observe in self.observers:
+            observe(seq, output)
         seq.stream.put(output)
         if output.finish_reason is not None:
             self.streams.pop(seq.request_id, None)
