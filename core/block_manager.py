@@ -104,6 +104,16 @@ class BlockManager:
             added.append(block_hash)
         return added
 
+    def adopt(self, block_hash: str) -> bool:
+        """Count a block brought back from disk as cached (idle); False if there is no room."""
+        if self.used_blocks >= self.num_blocks:
+            if not self.idle:
+                return False
+            evicted, _ = self.idle.popitem(last=False)
+            self.evicted.append(evicted)
+        self.idle[block_hash] = None
+        return True
+
     def take_evicted(self) -> list[str]:
         evicted, self.evicted = self.evicted, []
         return evicted

@@ -55,6 +55,9 @@ class EngineSettings:
     reserved_memory_mb: int = 2048
     block_size: int = 16
     prefix_cache: bool = True
+    disk_dir: str | None = None
+    disk_max_bytes: int = 10 * 2**30
+    disk_write: str = "evicted"
 
 
 class RequestStream:
@@ -377,7 +380,9 @@ class Engine:
                 announce = self._announcer(name) if distributed else None
                 placement = getattr(model, "placement", None)
                 can_measure = not distributed or placement.strategy == "pipeline"
-                self.workers[name] = ModelWorker(model, self.settings, announce, can_measure)
+                self.workers[name] = ModelWorker(
+                    model, self.settings, announce, can_measure, can_use_disk=not distributed
+                )
         except Exception as exc:
             log.error("loading model %s failed: %s", name, exc)
             for item in pending:

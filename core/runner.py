@@ -7,6 +7,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .disk_tier import DiskTier
 from .pipeline import PipelineStage
 from .plan import PrefillChunk, StepPlan
 
@@ -37,6 +38,8 @@ class ModelRunner:
         self.make_cache = make_cache
         self.block_size = block_size
         self.blocks: dict[str, list[tuple[mx.array, mx.array]]] = {}
+        self.disk: DiskTier | None = None
+        self.write_all_to_disk = False
         # Across ranks, each forward pass's sends and receives must happen in plan order.
         self.lockstep = lockstep
         self.prefilling: dict[str, Cache] = {}
@@ -47,7 +50,9 @@ class ModelRunner:
         """Run one step; the logits (one row per ``plan.sample_ids``), or None."""
         self._save(plan.save)
         for block_hash in plan.evict:
-            self.blocks.pop(block_hash, None)
+            data = self.blocks.pop(block_hash, None)
+            if data is not None and self.disk is not None:
+                self.disk.write(block_hash, data)
         self.release(plan.release)
         assert list(plan.decode_ids) == self.rows, "step plan and decode batch disagree"
         outputs = []
@@ -105,9 +110,29 @@ class ModelRunner:
                     (mx.contiguous(c.keys[..., part, :]), mx.contiguous(c.values[..., part, :]))
                     for c in caches
                 ]
-                kept.append(self.blocks[block_hash])
+                kept.append((block_hash, self.blocks[block_hash]))
         if kept:
-            mx.eval(kept)
+            mx.eval([data for _, data in kept])
+        if self.disk is not None and self.write_all_to_disk:
+            for block_hash, data in kept:
+                self.disk.write(block_hash, data)
+
+    def load_from_disk(self, block_hash: str) -> bool:
+        """Bring a block back from the disk tier into the prefix cache; False if it can't."""
+        if self.disk is None or not self.disk.has(block_hash):
+            return False
+        data = self.disk.read(block_hash)
+        if data is not None:
+            self.blocks[block_hash] = data
+        return data is not None
+
+    @property
+    def disk_reads(self) -> int:
+        return self.disk.reads if self.disk is not None else 0
+
+    @property
+    def disk_writes(self) -> int:
+        return self.disk.writes if self.disk is not None else 0
 
     def _restore(self, reused: Sequence[str]) -> Cache:
         """Fresh caches that already hold the KV of the cached blocks ``reused``."""

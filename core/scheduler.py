@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from .block_manager import BlockManager, block_hashes
 from .plan import PrefillChunk, StepPlan
@@ -23,11 +24,13 @@ class Scheduler:
         prefill_step_size: int,
         blocks: BlockManager | None = None,
         prefix_salt: str | None = None,
+        from_disk: Callable[[str], bool] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
         self.blocks = blocks
         self.prefix_salt = prefix_salt  # None: no prefix caching
+        self.from_disk = from_disk
         self.to_save: list[tuple[str, tuple[tuple[int, str], ...]]] = []
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
@@ -81,6 +84,10 @@ class Scheduler:
             hashes = block_hashes(seq.prompt_ids, self.blocks.block_size, self.prefix_salt)
             at_most = (len(seq.prompt_ids) - 1) // self.blocks.block_size  # one must be run
             reused = self.blocks.cached_prefix(hashes)[:at_most]
+            for block_hash in hashes[len(reused) : at_most] if self.from_disk else ():
+                if not self.from_disk(block_hash):
+                    break
+                reused.append(block_hash)
         total = len(seq.prompt_ids) + seq.max_tokens
         if not self.blocks.can_reserve(total, reused):
             return False

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mlx_lm.models.cache import KVCache
 
 from .block_manager import BlockManager
+from .disk_tier import DiskTier
 from .kv_cache import KVCacheOptions, budget_tokens, bytes_per_token
 from .pipeline import PipelineStage
 from .plan import StepPlan
@@ -46,6 +48,7 @@ class ModelWorker:
         settings: EngineSettings,
         announce: Callable[[StepPlan], None] | None = None,
         can_measure: bool = True,
+        can_use_disk: bool = True,
     ) -> None:
         self.model = model
         self.settings = settings
@@ -61,6 +64,19 @@ class ModelWorker:
                 "prefix caching is off for it",
                 model.name,
             )
+        self.key = getattr(model, "fingerprint", model.name)
+        if settings.disk_dir and self.prefix_caching:
+            if can_use_disk:
+                self.runner.disk = DiskTier(
+                    Path(settings.disk_dir),
+                    self.key,
+                    model.stage.layers,
+                    settings.block_size,
+                    settings.disk_max_bytes,
+                )
+                self.runner.write_all_to_disk = settings.disk_write == "all"
+            else:
+                log.warning("%s: the KV disk tier is off with several ranks", model.name)
         self.scheduler = self._new_scheduler()
 
     def _capacity(self, can_measure: bool) -> int:
@@ -81,8 +97,17 @@ class ModelWorker:
     def _new_scheduler(self) -> Scheduler:
         s = self.settings
         blocks = BlockManager(self.capacity_tokens // s.block_size, s.block_size)
-        salt = self.model.name if self.prefix_caching else None
-        return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt)
+        salt = self.key if self.prefix_caching else None
+        from_disk = self._from_disk if self.runner.disk is not None else None
+        return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt, from_disk)
+
+    def _from_disk(self, block_hash: str) -> bool:
+        if not self.runner.load_from_disk(block_hash):
+            return False
+        if self.scheduler.blocks.adopt(block_hash):
+            return True
+        self.runner.blocks.pop(block_hash, None)
+        return False
 
     def step(self) -> list[tuple[Sequence, RequestOutput]]:
         plan = self.scheduler.schedule()

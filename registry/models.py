@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,17 @@ class LoadedModel:
     plugins: Plugins
     random_weights: bool
     placement: Placement | None = None
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Names this exact checkpoint (name, config, weight files): KV blocks of another
+        checkpoint never match."""
+        digest = hashlib.blake2b(digest_size=12)
+        digest.update(self.name.encode())
+        digest.update((self.path / "config.json").read_bytes())
+        for weights in sorted(self.path.glob("*.safetensors")):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        return f"{self.name}-{digest.hexdigest()}"
 
     @property
     def context_length(self) -> int:

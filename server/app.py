@@ -14,11 +14,12 @@ from mlxserve.core.config import Config
 from mlxserve.core.distributed import Cluster
 from mlxserve.core.engine import Engine, EngineSettings
 from mlxserve.core.kv_cache import KVCacheOptions
+from mlxserve.core.metrics import EngineMetrics
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins, load_plugins
 
 from .errors import install_error_handlers
-from .routes import admin, chat, completions, health, models
+from .routes import admin, chat, completions, health, metrics, models
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ def engine_settings(config: Config) -> EngineSettings:
         kv_budget_value=config.kv_cache.budget.value,
         reserved_memory_mb=config.kv_cache.reserved_memory_mb,
         block_size=config.kv_cache.block_size,
+        disk_dir=str(config.kv_cache.disk_dir) if config.kv_cache.disk_dir else None,
+        disk_max_bytes=int(config.kv_cache.disk_max_gb * 2**30),
+        disk_write=config.kv_cache.disk_write,
     )
 
 
@@ -72,6 +76,7 @@ def create_app(
     app.state.config = config
     app.state.engine = engine
     app.state.registry = registry
+    app.state.metrics = EngineMetrics(engine)
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -80,6 +85,6 @@ def create_app(
             allow_headers=["*"],
         )
     install_error_handlers(app)
-    for router in (chat.router, completions.router, models.router, admin.router, health.router):
-        app.include_router(router)
+    for module in (chat, completions, models, admin, health, metrics):
+        app.include_router(module.router)
     return app

@@ -9,7 +9,7 @@ import pytest
 
 from mlxserve.core.block_manager import BlockManager, block_hashes
 
-from .server import post, running_server, write_config
+from .server import post, running_server, wait_until, write_config
 
 
 def test_block_hashes_are_chained_and_salted() -> None:
@@ -112,3 +112,59 @@ def test_a_small_budget_queues_instead_of_running_out(
             server, "/v1/completions", json={"model": "m", "prompt": [5] * 200, "max_tokens": 400}
         )
         assert too_big.status_code == 400
+
+
+PROMPT = [(i * 11) % 300 + 3 for i in range(100)]
+
+
+def disk_config(tmp_path: Path, checkpoint: Path, extra: str = "") -> object:
+    disk = tmp_path / "kv"
+    return config_for(tmp_path / "server", checkpoint, f'disk_dir = "{disk}"\n{extra}')
+
+
+def test_the_disk_tier_survives_a_restart(tmp_path: Path, tiny_checkpoints) -> None:
+    config = disk_config(tmp_path, tiny_checkpoints["llama"], 'disk_write = "all"\n')
+    with running_server(config) as server:
+        cold = complete(server, PROMPT)
+        runner = server.engine.workers["m"].runner
+        assert wait_until(lambda: runner.disk_writes == 6)  # 111 tokens have KV: 6 blocks
+    files = list((tmp_path / "kv").rglob("*.safetensors"))
+    assert len(files) == 6
+    with running_server(config) as server:
+        warm = complete(server, PROMPT)
+        assert server.engine.workers["m"].runner.disk_reads == 6
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+    assert warm["choices"] == cold["choices"]
+
+
+def test_a_corrupt_block_file_is_ignored(tmp_path: Path, tiny_checkpoints) -> None:
+    config = disk_config(tmp_path, tiny_checkpoints["llama"], 'disk_write = "all"\n')
+    with running_server(config) as server:
+        cold = complete(server, PROMPT)
+        key = server.engine.workers["m"].key
+        assert wait_until(lambda: server.engine.workers["m"].runner.disk_writes == 6)
+    third = block_hashes(PROMPT, 16, key)[2]
+    [corrupt] = list((tmp_path / "kv").rglob(f"{third}.safetensors"))
+    data = bytearray(corrupt.read_bytes())
+    data[-20:] = bytes(20)  # change the weights, keep the header
+    corrupt.write_bytes(bytes(data))
+    with running_server(config) as server:
+        warm = complete(server, PROMPT)
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 32  # blocks 0 and 1
+    assert warm["choices"] == cold["choices"]
+    assert corrupt.read_bytes() != bytes(data)  # dropped, then written again from good KV
+
+
+def test_evicted_blocks_go_to_disk_and_come_back(tmp_path: Path, tiny_checkpoints) -> None:
+    config = disk_config(
+        tmp_path, tiny_checkpoints["llama"], "budget = 256\nmax_sequence_length = 256\n"
+    )
+    with running_server(config) as server:
+        cold = complete(server, PROMPT)
+        runner = server.engine.workers["m"].runner
+        assert runner.disk_writes == 0
+        complete(server, [7] * 200, 50)  # needs all 16 blocks: the first prompt's 6 go
+        assert wait_until(lambda: runner.disk_writes == 6)
+        warm = complete(server, PROMPT)
+        assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+        assert warm["choices"] == cold["choices"]

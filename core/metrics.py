@@ -1,0 +1,178 @@
+"""Prometheus metrics of an engine: counters and histograms fed by its outputs, gauges read
+from it at scrape time, in a registry of its own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .sequence import RequestOutput, Sequence
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .worker import ModelWorker
+
+PREFIX = "mlxserve_"
+UNKNOWN_MODEL = "unknown"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+def _running(worker: ModelWorker) -> float:
+    return len(worker.scheduler.running) + len(worker.scheduler.prefilling)
+
+
+def _kv_usage(worker: ModelWorker) -> float | None:
+    blocks = worker.scheduler.blocks
+    if blocks is None or not blocks.num_blocks:
+        return None
+    return min(1.0, blocks.used_blocks / blocks.num_blocks)
+
+
+GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
+    ("requests_running", "Requests in the batch (prefilling or decoding).", _running),
+    ("requests_waiting", "Requests waiting for a batch slot.", lambda w: len(w.scheduler.waiting)),
+    (
+        "kv_cache_usage_ratio",
+        "KV blocks taken (by requests or the prefix cache) over the KV budget's blocks.",
+        _kv_usage,
+    ),
+    ("kv_cache_capacity_tokens", "The model's KV budget in tokens.", lambda w: w.capacity_tokens),
+)
+RUNNER_COUNTERS = (
+    ("disk_tier_reads", "KV blocks read back from the disk tier.", "disk_reads"),
+    ("disk_tier_writes", "KV blocks written to the disk tier.", "disk_writes"),
+)
+
+
+class _ModelMetrics:
+    """The metric children of one model (labels resolved once, so observing stays cheap)."""
+
+    def __init__(self, metrics: EngineMetrics, model: str) -> None:
+        self.model = model
+        self.prompt = metrics.prompt_tokens.labels(model)
+        self.generation = metrics.generation_tokens.labels(model)
+        self.queried = metrics.prefix_queried.labels(model)
+        self.hits = metrics.prefix_hits.labels(model)
+        self.ttft = metrics.ttft.labels(model)
+        self.itl = metrics.itl.labels(model)
+
+
+@dataclass(slots=True)
+class _Live:
+    """A request seen by the observer: its model's metrics, when it last gave tokens."""
+
+    model: _ModelMetrics
+    last: float | None = None
+
+
+class EngineMetrics:
+    """The Prometheus metrics of ``engine``, in ``self.registry`` (never the global one).
+
+    ``observe`` (an engine observer) runs on the engine thread and only touches
+    prometheus_client metrics, which lock themselves, and its own per-request state;
+    ``collect`` runs at scrape time and reads snapshots of the engine's state.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        self.requests = self._counter("requests", "Finished requests.", "finish_reason")
+        self.prompt_tokens = self._counter(
+            "prompt_tokens", "Prompt tokens of requests that got a first token."
+        )
+        self.generation_tokens = self._counter("generation_tokens", "Generated tokens.")
+        self.prefix_queried = self._counter(
+            "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = self._counter(
+            "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache."
+        )
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds", "From arrival to the first token.", TTFT_BUCKETS
+        )
+        self.itl = self._histogram(
+            "inter_token_latency_seconds", "Between consecutive tokens of a request.", ITL_BUCKETS
+        )
+        self._models: dict[str, _ModelMetrics] = {}
+        self._live: dict[str, _Live] = {}
+        self.registry.register(self)
+        engine.observers.append(self.observe)
+
+    def _counter(self, name: str, doc: str, *labels: str) -> Counter:
+        return Counter(PREFIX + name, doc, ["model", *labels], registry=self.registry)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(PREFIX + name, doc, ["model"], buckets=buckets, registry=self.registry)
+
+    # ---- the engine thread ---------------------------------------------------------------
+
+    def observe(self, seq: Sequence, output: RequestOutput) -> None:
+        live = self._live.get(output.request_id)
+        if live is None:
+            live = self._live[output.request_id] = _Live(self._for_model(seq))
+        if output.token_ids:
+            self._tokens(seq, live, len(output.token_ids))
+        if output.finish_reason is not None:
+            del self._live[output.request_id]
+            self.requests.labels(live.model.model, output.finish_reason).inc()
+
+    def _tokens(self, seq: Sequence, live: _Live, count: int) -> None:
+        now, model = time.perf_counter(), live.model
+        model.generation.inc(count)
+        if live.last is None:  # the prompt is in: count it once
+            model.prompt.inc(len(seq.prompt_ids))
+            model.queried.inc(len(seq.prompt_ids))
+            model.hits.inc(seq.cached_tokens)
+            if seq.first_token_time is not None:
+                model.ttft.observe(seq.first_token_time - seq.arrival_time)
+        else:
+            gap = (now - live.last) / count
+            for _ in range(count):
+                model.itl.observe(gap)
+        live.last = now
+
+    def _for_model(self, seq: Sequence) -> _ModelMetrics:
+        name = self._model_name(seq)
+        model = self._models.get(name)
+        if model is None:
+            model = self._models[name] = _ModelMetrics(self, name)
+        return model
+
+    def _model_name(self, seq: Sequence) -> str:
+        name = getattr(seq, "model", None)
+        if isinstance(name, str):
+            return name
+        detokenizer = getattr(seq.text, "detokenizer", None)
+        tokenizer = getattr(detokenizer, "tokenizer", None)
+        for name, worker in tuple(self.engine.workers.items()):
+            if worker.model.tokenizer is tokenizer:
+                return name
+        return UNKNOWN_MODEL
+
+    # ---- scrape time ---------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        workers = tuple(self.engine.workers.items())
+        yield GaugeMetricFamily(
+            PREFIX + "requests_queued",
+            "Requests submitted and not yet in a batch (all models).",
+            value=self.engine.queue_depth(),
+        )
+        for name, doc, read in GAUGES:
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model"])
+            for model, worker in workers:
+                value = read(worker)
+                if value is not None:
+                    gauge.add_metric([model], value)
+            yield gauge
+        for name, doc, attribute in RUNNER_COUNTERS:
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model"])
+            for model, worker in workers:
+                counter.add_metric([model], getattr(worker.runner, attribute, 0))
+            yield counter
