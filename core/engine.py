@@ -205,6 +205,7 @@ class Engine:
         eos = frozenset(getattr(model.tokenizer, "eos_token_ids", ()) or ())
         seq = Sequence(
             request_id=request_id,
+            model=model.name,
             prompt_ids=list(prompt_ids),
             params=params,
             max_tokens=min(params.max_tokens or limit, limit - len(prompt_ids)),

@@ -54,6 +54,7 @@ class RequestOutput:
 @dataclass(eq=False)
 class Sequence:
     request_id: str
+    model: str
     prompt_ids: list[int]
     params: SamplingParams
     max_tokens: int

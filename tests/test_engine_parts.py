@@ -65,6 +65,7 @@ def test_text_without_stop_is_all_shown_at_the_end(tokenizer) -> None:  # noqa: 
 def make_seq(request_id: str, prompt: list[int], tokenizer=None, **params: object) -> Sequence:  # noqa: ANN001
     return Sequence(
         request_id=request_id,
+        model="m",
         prompt_ids=prompt,
         params=SamplingParams(**params),
         max_tokens=params.get("max_tokens") or 10,
