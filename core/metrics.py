@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from .worker import ModelWorker
 
 PREFIX = "mlxserve_"
-UNKNOWN_MODEL = "unknown"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 1, 2.5)
 
@@ -138,22 +137,10 @@ class EngineMetrics:
         live.last = now
 
     def _for_model(self, seq: Sequence) -> _ModelMetrics:
-        name = self._model_name(seq)
-        model = self._models.get(name)
+        model = self._models.get(seq.model)
         if model is None:
-            model = self._models[name] = _ModelMetrics(self, name)
+            model = self._models[seq.model] = _ModelMetrics(self, seq.model)
         return model
-
-    def _model_name(self, seq: Sequence) -> str:
-        name = getattr(seq, "model", None)
-        if isinstance(name, str):
-            return name
-        detokenizer = getattr(seq.text, "detokenizer", None)
-        tokenizer = getattr(detokenizer, "tokenizer", None)
-        for name, worker in tuple(self.engine.workers.items()):
-            if worker.model.tokenizer is tokenizer:
-                return name
-        return UNKNOWN_MODEL
 
     # ---- scrape time ---------------------------------------------------------------------
 
