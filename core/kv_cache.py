@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .distributed import available_memory
 from .pipeline import PipelineStage
+from .quantized_cache import QuantizedCache
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def make_layer_cache(kind: CacheKind, options: KVCacheOptions, window: int | Non
             raise ValueError("a sliding-window cache needs a window size")
         return RotatingKVCache(max_size=window)
     if kind == "full" and options.bits is not None:
-        return QuantizedKVCache(group_size=options.group_size, bits=options.bits)
+        return QuantizedCache(group_size=options.group_size, bits=options.bits)
     return KVCache()
 
 
@@ -71,7 +72,8 @@ def bytes_per_token(stage: PipelineStage, cache: list[Any]) -> int:
     for index, layer_cache in zip(stage.layers, cache, strict=True):
         h = layout.run_layer(index, h, layer_cache)
     mx.eval(h, [c.state for c in cache])
-    return max(1, round(sum(c.nbytes / c.keys.shape[2] for c in cache)))
+    allocated = [c.keys[0] if isinstance(c.keys, tuple) else c.keys for c in cache]
+    return max(1, round(sum(c.nbytes / k.shape[2] for c, k in zip(cache, allocated, strict=True))))
 
 
 def budget_tokens(kind: str, value: int, reserved_mb: int, per_token: int) -> int:

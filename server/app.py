@@ -32,7 +32,7 @@ def engine_settings(config: Config) -> EngineSettings:
         queue_size=perf.queue_size,
         max_loaded_models=config.registry.max_loaded_models,
         max_sequence_length=config.kv_cache.max_sequence_length,
-        kv_options=KVCacheOptions(),
+        kv_options=KVCacheOptions(bits=config.kv_cache.bits),
         step_timeout_s=config.distributed.step_timeout_s,
         kv_budget_kind=config.kv_cache.budget.kind,
         kv_budget_value=config.kv_cache.budget.value,

@@ -168,3 +168,21 @@ def test_evicted_blocks_go_to_disk_and_come_back(tmp_path: Path, tiny_checkpoint
         warm = complete(server, PROMPT)
         assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
         assert warm["choices"] == cold["choices"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kv_batches_like_one_at_a_time(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path], bits: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = config_for(tmp_path, tiny_checkpoints["llama"], f"bits = {bits}\n")
+    prompts = [[i + 3] * (20 + 9 * i) for i in range(5)]
+    with running_server(config) as server:
+        cache = server.engine.workers["m"].runner.make_cache()
+        assert all(c.bits == bits for c in cache)
+        alone = [complete(server, p, 30)["choices"][0]["text"] for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            together = list(pool.map(lambda p: complete(server, p, 30), prompts))
+        again = complete(server, prompts[-1], 30)
+    assert [r["choices"][0]["text"] for r in together] == alone
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert "prefix caching is off" in caplog.text
