@@ -18,8 +18,23 @@ from mlx_lm.models.cache import QuantizedKVCache, _BaseCache
 Quantized = tuple[mx.array, mx.array, mx.array]
 
 
+def fitting_group_size(dim: int, wanted: int) -> int:
+    """The quantization group size to use for vectors of ``dim``: ``wanted`` if it divides it."""
+    for size in (wanted, 64, 32):
+        if dim % size == 0:
+            return size
+    raise ValueError(f"KV quantization needs a head dimension divisible by 32 (got {dim})")
+
+
 class QuantizedCache(QuantizedKVCache):
     """mlx-lm's quantized cache of one sequence, mergeable into a batch."""
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Any:
+        if self.keys is None:
+            self.group_size = fitting_group_size(
+                min(keys.shape[-1], values.shape[-1]), self.group_size
+            )
+        return super().update_and_fetch(keys, values)
 
     @classmethod
     def merge(cls, caches: Sequence[QuantizedKVCache]) -> BatchQuantizedCache:
@@ -60,6 +75,10 @@ class BatchQuantizedCache(_BaseCache):
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Quantized, Quantized]:
         count, start = keys.shape[2], self._idx
+        if self.keys is None:
+            self.group_size = fitting_group_size(
+                min(keys.shape[-1], values.shape[-1]), self.group_size
+            )
         new_keys, new_values = self._quantize(keys), self._quantize(values)
         if self.keys is None or start + count > self.keys[0].shape[2]:
             steps = (self.step + count - 1) // self.step * self.step
