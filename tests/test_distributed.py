@@ -146,8 +146,8 @@ def test_a_killed_rank_is_reported_not_hung_on(tmp_path: Path, tiny_checkpoints)
             rest = [line for line in lines if line]
         assert any('"error"' in line for line in rest), rest[-3:]
         health = httpx.get(url + "/health", timeout=5)
-        assert health.status_code == 503 and "rank 1" in health.json()["error"]
-        assert time.monotonic() - started < 15
+        assert health.status_code == 503 and "rank 1" in health.json()["error"], health.text
+        assert time.monotonic() - started < 25
         assert process.wait(30) != 0
 
 

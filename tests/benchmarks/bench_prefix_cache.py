@@ -8,8 +8,9 @@ Usage:
 
 It reuses bench_serving.py's checkpoint (a random-weight float32 Llama, written once under
 --workdir) and server helpers, and starts one server at a time on 127.0.0.1. Each run gets its own
-random-word prompt of exactly --prompt-tokens tokens (a fresh nonce per invocation, so earlier
-invocations never pollute the caches); each server sees every prompt three times:
+random-word prompt of at most --prompt-tokens tokens, opening with a fresh random nonce (so no
+two prompts, in one invocation or across them, share a cache block); both servers get the same
+prompts, and see each one cold, again and after a restart:
 
 1. cold: the first time the server sees it;
 2. again: the same prompt (mlxserve's prefix cache; mlx_lm.server's prompt cache, on by
@@ -82,10 +83,12 @@ def token_count(tokenizer: Any, words: list[str]) -> int:
     return len(tokenizer.encode(" ".join(words), add_special_tokens=False).ids)
 
 
-def make_prompt(tokenizer: Any, target: int, nonce: str) -> str:
-    """Random words after a unique header, as many as fit in ``target`` tokens."""
+def make_prompt(tokenizer: Any, target: int) -> str:
+    """Random words after a fresh nonce (so no two prompts share a block), within ``target``
+    tokens."""
+    nonce = secrets.token_hex(6)
     rng = random.Random(nonce)
-    words = [f"Document {nonce}."]
+    words = [f"{nonce}: document."]
     while token_count(tokenizer, words) < target:
         words += random_words(rng, max(8, (target - token_count(tokenizer, words)) // 2))
     low, high = 1, len(words)  # the longest prefix of words within target tokens
@@ -432,8 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     params = bs.count_parameters(checkpoint)
     print(f"checkpoint: {checkpoint} ({params:,} parameters)", flush=True)
     tokenizer = load_tokenizer(checkpoint)
-    nonce = secrets.token_hex(4)
-    prompts = [make_prompt(tokenizer, args.prompt_tokens, f"{nonce}-{i}") for i in range(args.runs)]
+    prompts = [make_prompt(tokenizer, args.prompt_tokens) for _ in range(args.runs)]
     kinds = bs.SERVERS if args.only == "both" else (args.only,)
     results: dict[str, Results] = {}
     failed: list[str] = []
