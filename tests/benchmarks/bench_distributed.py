@@ -383,27 +383,8 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(bs.SIZES), default="large")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=Path("~/.cache/mlxserve/bench"))
-    parser.add_argument("--out", type=Path, help="also write the report as Markdown here")
-    parser.add_argument(
-        "--openblas",
-        nargs="?",
-        const="auto",
-        metavar="PATH",
-        help="LD_PRELOAD a system OpenBLAS into every process (default path: searched)",
-    )
-    parser.add_argument("--ready-timeout", type=float, default=180.0)
-    parser.add_argument("--request-timeout", type=float, default=900.0)
-    args = parser.parse_args(argv)
-    args.workdir = args.workdir.expanduser().resolve()
-    if args.max_tokens < 2 or args.streams < 1 or args.runs < 1:
-        parser.error("--max-tokens must be >= 2, --streams and --runs >= 1")
-    return args
+    parser = bs.common_parser(__doc__.splitlines()[0], ready_timeout=180.0)
+    return bs.checked_args(parser, argv)
 
 
 def busy_note() -> str:

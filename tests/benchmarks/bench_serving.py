@@ -513,10 +513,10 @@ def report(
 # ---- main ------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_parser(description: str, ready_timeout: float = 120.0) -> argparse.ArgumentParser:
+    """The options every benchmark script shares."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
-    parser.add_argument("--only", choices=("reference", "mlxserve", "both"), default="both")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
@@ -527,15 +527,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="?",
         const="auto",
         metavar="PATH",
-        help="LD_PRELOAD a system OpenBLAS into both servers (default path: searched)",
+        help="LD_PRELOAD a system OpenBLAS into every server (default path: searched)",
     )
-    parser.add_argument("--ready-timeout", type=float, default=120.0)
+    parser.add_argument("--ready-timeout", type=float, default=ready_timeout)
     parser.add_argument("--request-timeout", type=float, default=900.0)
+    return parser
+
+
+def checked_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.workdir = args.workdir.expanduser().resolve()
     if args.max_tokens < 2 or args.streams < 1 or args.runs < 1:
         parser.error("--max-tokens must be >= 2, --streams and --runs >= 1")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = common_parser(__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("reference", "mlxserve", "both"), default="both")
+    return checked_args(parser, argv)
 
 
 def server_env(openblas: str | None) -> tuple[dict[str, str], str]:
