@@ -12,7 +12,6 @@ import os
 import queue
 import random
 import threading
-import time
 import traceback
 import uuid
 from collections import OrderedDict
@@ -20,17 +19,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .coordinator import Coordinator, lost_a_rank
 from .detokenizer import TextStream
 from .distributed import Cluster
 from .errors import (
     ContextLengthError,
     EngineUnavailableError,
-    MlxserveError,
     ModelBusyError,
     QueueFullError,
 )
 from .kv_cache import KVCacheOptions
-from .plan import StepPlan
 from .sampling import SamplingParams
 from .sequence import RequestOutput, Sequence
 from .worker import ModelWorker, ServedModel
@@ -112,7 +110,7 @@ class Engine:
         self.load_model = load_model
         self.settings = settings
         self.cluster = cluster or Cluster()
-        self._busy_since: float | None = None
+        self.ranks = Coordinator(self.cluster, settings.step_timeout_s, self._fail_group)
         self.observers: list[Callable[[Sequence, RequestOutput], None]] = []
         self.workers: OrderedDict[str, ModelWorker] = OrderedDict()
         self.streams: dict[str, RequestStream] = {}
@@ -130,8 +128,7 @@ class Engine:
 
     def start(self) -> None:
         self._thread.start()
-        if self.cluster.distributed:
-            threading.Thread(target=self._watch, name="mlxserve-watchdog", daemon=True).start()
+        self.ranks.start()
 
     def stop(self, timeout: float = 30) -> None:
         self._stopping = True
@@ -245,8 +242,10 @@ class Engine:
         try:
             while not self._stopping:
                 idle = not self._has_work()
-                if not self._handle_commands(block=idle) and idle and self.cluster.distributed:
-                    self._together(self._let_followers_rest)
+                if not self._handle_commands(block=idle) and idle:
+                    # MLX's ring backend spins while it waits in a collective: idle followers
+                    # sleep instead, waking just before rank 0 may call on them again.
+                    self.ranks.tell("idle", sleep=IDLE_WAIT_S * 0.9)
                 for name, worker in list(self.workers.items()):
                     if worker.scheduler.has_work():
                         self._step(name, worker)
@@ -291,7 +290,7 @@ class Engine:
 
     def _on_stop(self, _: None) -> None:
         self._stopping = True
-        self._together(lambda: self.cluster.broadcast({"op": "stop"}))
+        self.ranks.tell("stop")
 
     def _on_submit(self, arg: tuple[str, Sequence]) -> None:
         name, seq = arg
@@ -347,7 +346,7 @@ class Engine:
 
     def _unload(self, name: str) -> None:
         worker = self.workers.pop(name)
-        self._together(lambda: self.cluster.broadcast({"op": "unload", "model": name}))
+        self.ranks.tell("unload", model=name)
         for seq in worker.scheduler.drain():  # only waiting ones: it was idle
             self.waiting_for_model.setdefault(name, []).append(seq)
         log.info("unloaded model %s", name)
@@ -376,9 +375,9 @@ class Engine:
         try:
             if name not in self.workers:
                 log.info("loading model %s", name)
-                model = self._together(lambda: self._load_everywhere(name))
-                distributed = self.cluster.distributed
-                announce = self._announcer(name) if distributed else None
+                model = self.ranks.load(name, self.load_model)
+                distributed = self.ranks.distributed
+                announce = self.ranks.announcer(name)
                 placement = getattr(model, "placement", None)
                 can_measure = not distributed or placement.strategy == "pipeline"
                 self.workers[name] = ModelWorker(
@@ -403,9 +402,9 @@ class Engine:
 
     def _step(self, name: str, worker: ModelWorker) -> None:
         try:
-            results = self._together(worker.step)
+            results = self.ranks.together(worker.step)
         except Exception as exc:
-            if _lost_a_rank(exc):
+            if lost_a_rank(exc):
                 raise
             log.error("step of model %s failed:\n%s", name, traceback.format_exc())
             error = f"{type(exc).__name__}: {exc}"
@@ -413,7 +412,7 @@ class Engine:
                 self._publish(
                     seq, RequestOutput(seq.request_id, finish_reason="error", error=error)
                 )
-            self._together(lambda: self.cluster.broadcast({"op": "reset", "model": name}))
+            self.ranks.tell("reset", model=name)
             return
         for seq, output in results:
             self._publish(seq, output)
@@ -425,68 +424,6 @@ class Engine:
         if output.finish_reason is not None:
             self.streams.pop(seq.request_id, None)
 
-    # ---- several ranks -------------------------------------------------------------------
-
-    def _load_everywhere(self, name: str) -> ServedModel:
-        """Load on every rank at once; fail (everywhere) if any rank fails."""
-        self.cluster.broadcast({"op": "load", "model": name})
-        model, error = None, None
-        try:
-            model = self.load_model(name)
-        except Exception as exc:
-            error = exc
-        statuses = self.cluster.gather(0 if error else 1)
-        failed = [rank for rank, ok in enumerate(statuses) if not ok]
-        if failed:
-            if len(failed) < len(statuses):
-                self.cluster.broadcast({"op": "unload", "model": name})
-            if error is not None:
-                raise error
-            raise MlxserveError(
-                f"rank {', '.join(map(str, failed))} could not load model {name!r} "
-                f"(see that rank's log)"
-            )
-        placement = getattr(model, "placement", None)
-        if placement is not None and self.cluster.distributed:
-            log.info("model %s: %s", name, placement.describe())
-        return model
-
-    def _let_followers_rest(self) -> None:
-        # MLX's ring backend spins while it waits: rather than wait in a collective for
-        # the next step, idle followers sleep, and wake just before rank 0 may call again.
-        self.cluster.broadcast({"op": "idle", "sleep": IDLE_WAIT_S * 0.9})
-
-    def _announcer(self, name: str) -> Callable[[StepPlan], None]:
-        def announce(plan: StepPlan) -> None:
-            self.cluster.broadcast({"op": "step", "model": name, "plan": plan.to_json()})
-
-        return announce
-
-    def _together(self, work: Callable[[], Any]) -> Any:
-        """Run work that the other ranks take part in, under the step-timeout watchdog."""
-        if not self.cluster.distributed:
-            return work()
-        self._busy_since = time.monotonic()
-        try:
-            return work()
-        except Exception as exc:
-            if _lost_a_rank(exc):
-                self._fail_group(f"lost contact with {_other_ranks(self.cluster)}: {exc}")
-            raise
-        finally:
-            self._busy_since = None
-
-    def _watch(self) -> None:
-        timeout = self.settings.step_timeout_s
-        while self.error is None:
-            time.sleep(min(0.5, timeout / 4))
-            started = self._busy_since
-            if started is not None and time.monotonic() - started > timeout:
-                self._fail_group(
-                    f"{_other_ranks(self.cluster)} did not answer within "
-                    f"[distributed] step_timeout_s ({timeout:g} s)"
-                )
-
     def _fail_group(self, reason: str) -> None:
         """A rank is gone: end every request, say so, and exit so a supervisor can restart."""
         if self.error is not None:
@@ -497,12 +434,3 @@ class Engine:
             stream.put(RequestOutput(stream.request_id, finish_reason="error", error=reason))
         self.streams.clear()
         threading.Timer(self.settings.exit_grace_s, os._exit, (1,)).start()
-
-
-def _lost_a_rank(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and "[ring]" in str(exc)
-
-
-def _other_ranks(cluster: Cluster) -> str:
-    others = list(range(1, cluster.size))
-    return f"rank {others[0]}" if len(others) == 1 else f"ranks {others[0]}-{others[-1]}"
