@@ -384,7 +384,10 @@ def report(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = bs.common_parser(__doc__.splitlines()[0], ready_timeout=180.0)
-    return bs.checked_args(parser, argv)
+    args = bs.checked_args(parser, argv)
+    if args.max_tokens < 2:
+        parser.error("--max-tokens must be >= 2 to measure decoding")
+    return args
 
 
 def busy_note() -> str:

@@ -393,28 +393,15 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(bs.SIZES), default="large")
+    parser = bs.common_parser(
+        __doc__.splitlines()[0], ready_timeout=300.0, max_tokens=8, streams=False
+    )
     parser.add_argument("--only", choices=("reference", "mlxserve", "both"), default="both")
     parser.add_argument("--prompt-tokens", type=int, default=2048)
-    parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=Path("~/.cache/mlxserve/bench"))
-    parser.add_argument("--out", type=Path, help="also write the report as Markdown here")
-    parser.add_argument(
-        "--openblas",
-        nargs="?",
-        const="auto",
-        metavar="PATH",
-        help="LD_PRELOAD a system OpenBLAS into both servers (default path: searched)",
-    )
-    parser.add_argument("--ready-timeout", type=float, default=300.0)
-    parser.add_argument("--request-timeout", type=float, default=900.0)
-    args = parser.parse_args(argv)
-    args.workdir = args.workdir.expanduser().resolve()
+    args = bs.checked_args(parser, argv)
     args.folder = args.workdir / "prefix-cache"
-    if args.runs < 1 or args.max_tokens < 1 or args.prompt_tokens < 32:
-        parser.error("--runs and --max-tokens must be >= 1, --prompt-tokens >= 32")
+    if args.prompt_tokens < 32:
+        parser.error("--prompt-tokens must be >= 32")
     if args.prompt_tokens + args.max_tokens > MAX_SEQUENCE_LENGTH:
         parser.error(f"--prompt-tokens + --max-tokens must be <= {MAX_SEQUENCE_LENGTH}")
     return args

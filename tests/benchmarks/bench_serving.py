@@ -513,12 +513,15 @@ def report(
 # ---- main ------------------------------------------------------------------------------
 
 
-def common_parser(description: str, ready_timeout: float = 120.0) -> argparse.ArgumentParser:
+def common_parser(
+    description: str, ready_timeout: float = 120.0, max_tokens: int = 64, streams: bool = True
+) -> argparse.ArgumentParser:
     """The options every benchmark script shares."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    if streams:
+        parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("~/.cache/mlxserve/bench"))
     parser.add_argument("--out", type=Path, help="also write the report as Markdown here")
@@ -537,15 +540,18 @@ def common_parser(description: str, ready_timeout: float = 120.0) -> argparse.Ar
 def checked_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.workdir = args.workdir.expanduser().resolve()
-    if args.max_tokens < 2 or args.streams < 1 or args.runs < 1:
-        parser.error("--max-tokens must be >= 2, --streams and --runs >= 1")
+    if args.max_tokens < 1 or getattr(args, "streams", 1) < 1 or args.runs < 1:
+        parser.error("--max-tokens, --streams and --runs must be >= 1")
     return args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("reference", "mlxserve", "both"), default="both")
-    return checked_args(parser, argv)
+    args = checked_args(parser, argv)
+    if args.max_tokens < 2:
+        parser.error("--max-tokens must be >= 2 to measure decoding")
+    return args
 
 
 def server_env(openblas: str | None) -> tuple[dict[str, str], str]:
