@@ -75,7 +75,8 @@ def write_config(args: argparse.Namespace, checkpoint: Path, ranks: int, port: i
             'split = "even"',
             f"starting_port = {bs.free_port()}",
         ]
-    path = args.workdir / f"mlxserve-distributed-{ranks}.toml"
+    # Named after this process: concurrent runs sharing --workdir must not meet.
+    path = args.workdir / f"mlxserve-distributed-{ranks}-{os.getpid()}.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -88,18 +89,6 @@ def command(config: Path, ranks: int) -> list[str]:
 def launch_env(env: dict[str, str]) -> dict[str, str]:
     """The benchmark's environment, without settings that would override the config file."""
     return {k: v for k, v in env.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
-
-
-def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{bs.log_tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"server not healthy after {timeout:.0f} s:\n{bs.log_tail(log)}")
 
 
 def read_proc(pid: int, name: str) -> bytes:
@@ -153,7 +142,7 @@ def running(
     port = bs.free_port()
     config = write_config(args, checkpoint, ranks, port)
     argv = command(config, ranks)
-    log = args.workdir / f"distributed-{ranks}.log"
+    log = args.workdir / f"distributed-{ranks}-{os.getpid()}.log"
     print(f"starting: {' '.join(argv)}  (log: {log})", flush=True)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -161,11 +150,12 @@ def running(
         )
     try:
         url = f"http://{bs.HOST}:{port}"
-        wait_healthy(proc, url, log, args.ready_timeout)
+        bs.wait_ready(proc, url, log, args.ready_timeout, path="/health")
         yield url, rank_pids(config, ranks, proc.pid)
     finally:
         bs.stop_process(proc)
         kill_leftovers(config)
+        config.unlink(missing_ok=True)
 
 
 # ---- measuring ---------------------------------------------------------------------------
@@ -418,11 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  error: {SETUPS[ranks]} failed: {exc}", file=sys.stderr, flush=True)
             failed.append(ranks)
     seconds = time.perf_counter() - started
-    text = report(results, failed, args, checkpoint, blas, seconds, load)
-    print("\n" + text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-        print(f"\nwritten to {args.out}")
+    bs.publish(report(results, failed, args, checkpoint, blas, seconds, load), args.out)
     return 1 if failed else 0
 
 

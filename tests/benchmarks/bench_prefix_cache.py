@@ -433,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  error: {bs.LABELS[kind]} failed: {exc}", file=sys.stderr, flush=True)
             failed.append(kind)
     shutil.rmtree(args.folder / "kv-disk", ignore_errors=True)
-    text = report(results, failed, args, params, blas)
-    print("\n" + text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-        print(f"\nwritten to {args.out}")
+    bs.publish(report(results, failed, args, params, blas), args.out)
     return 1 if failed else 0
 
 

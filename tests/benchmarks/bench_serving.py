@@ -200,13 +200,16 @@ def log_tail(log: Path, lines: int = 20) -> str:
         return ""
 
 
-def wait_ready(proc: subprocess.Popen[bytes], base_url: str, log: Path, timeout: float) -> None:
+def wait_ready(
+    proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float, path: str = "/models"
+) -> None:
+    """Poll ``url + path`` until it answers 200 (bounded by ``timeout``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log_tail(log)}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/models", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2.0).status_code == 200:
                 return
         time.sleep(0.5)
     raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{log_tail(log)}")
@@ -580,12 +583,16 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, httpx.HTTPError) as exc:
             print(f"  error: {LABELS[kind]} failed: {exc}", file=sys.stderr, flush=True)
             failed.append(kind)
-    text = report(results, failed, args, params, blas)
-    print("\n" + text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-        print(f"\nwritten to {args.out}")
+    publish(report(results, failed, args, params, blas), args.out)
     return 1 if failed else 0
+
+
+def publish(text: str, out: Path | None) -> None:
+    """Print the report, and write it as Markdown to ``out`` if given."""
+    print("\n" + text)
+    if out:
+        out.write_text(text + "\n", encoding="utf-8")
+        print(f"\nwritten to {out}")
 
 
 if __name__ == "__main__":
