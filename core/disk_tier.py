@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -24,9 +26,11 @@ BlockData = list[tuple[mx.array, mx.array]]
 def _checksum(arrays: list[mx.array]) -> str:
     # Guards against truncated or damaged files, not against tampering: CRC-32 is enough and
     # several times faster than a cryptographic hash over hundreds of MB of KV.
+    # The arrays are evaluated and contiguous (the runner copies blocks out so, and mx.load
+    # gives them so): reading their buffers starts no MLX work, on whichever thread.
     crc = 0
     for array in arrays:
-        crc = zlib.crc32(memoryview(mx.contiguous(array)).cast("B"), crc)
+        crc = zlib.crc32(memoryview(array).cast("B"), crc)
     return f"{crc:08x}"
 
 
@@ -45,21 +49,53 @@ class DiskTier:
             "block_size": str(block_size),
         }
         self.max_bytes = max_bytes
+        for leftover in self.folder.glob("*.tmp.safetensors"):  # a write cut short
+            leftover.unlink(missing_ok=True)
         files = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
         self.index: OrderedDict[str, int] = OrderedDict((p.stem, p.stat().st_size) for p in files)
         self.total_bytes = sum(self.index.values())
         self.reads = self.writes = 0
+        # Writing hundreds of MB must not hold up the engine: one writer thread does it.
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._queue: queue.SimpleQueue[tuple[str, BlockData]] = queue.SimpleQueue()
+        threading.Thread(target=self._write_forever, name="mlxserve-kv-disk", daemon=True).start()
 
     def _path(self, block_hash: str) -> Path:
         return self.folder / f"{block_hash}.safetensors"
 
     def has(self, block_hash: str) -> bool:
-        return block_hash in self.index
+        with self._lock:
+            return block_hash in self.index
 
     def write(self, block_hash: str, data: BlockData) -> None:
-        if block_hash in self.index:
-            self.index.move_to_end(block_hash)
-            return
+        """Queue a block (evaluated arrays) to be written; returns at once."""
+        with self._lock:
+            if block_hash in self.index:
+                self.index.move_to_end(block_hash)
+                return
+            if block_hash in self._pending:
+                return
+            self._pending.add(block_hash)
+        self._queue.put((block_hash, data))
+
+    def _write_forever(self) -> None:
+        while True:
+            block_hash, data = self._queue.get()
+            try:
+                size = self._write_file(block_hash, data)
+            except OSError as exc:
+                log.warning("could not write KV block %s: %s", block_hash, exc)
+                size = None
+            with self._lock:
+                self._pending.discard(block_hash)
+                if size is not None:
+                    self.index[block_hash] = size
+                    self.total_bytes += size
+                    self.writes += 1
+                    self._shrink()
+
+    def _write_file(self, block_hash: str, data: BlockData) -> int:
         arrays = {
             f"{kind}.{layer}": array
             for layer, pair in enumerate(data)
@@ -70,10 +106,7 @@ class DiskTier:
         staging = path.with_suffix(".tmp.safetensors")
         mx.save_safetensors(str(staging), arrays, metadata=meta)
         os.replace(staging, path)
-        self.index[block_hash] = path.stat().st_size
-        self.total_bytes += self.index[block_hash]
-        self.writes += 1
-        self._shrink()
+        return path.stat().st_size
 
     def read(self, block_hash: str) -> BlockData | None:
         """The block's arrays, or None (and the file gone) if it is not what it should be."""
@@ -87,11 +120,14 @@ class DiskTier:
                 raise ValueError("metadata or checksum does not match")
         except Exception as exc:  # a stale or corrupt file is never used
             log.warning("ignoring KV block file %s: %s", path.name, exc)
-            self._drop(block_hash)
+            with self._lock:
+                self._drop(block_hash)
             return None
-        self.index.move_to_end(block_hash)
+        with self._lock:
+            if block_hash in self.index:
+                self.index.move_to_end(block_hash)
+            self.reads += 1
         os.utime(path)
-        self.reads += 1
         return data
 
     def _drop(self, block_hash: str) -> None:
