@@ -25,6 +25,11 @@ stages one after the other for every token, so two ranks cannot be faster than o
 only be slower, by the per-step cost of the distributed path (a broadcast of the step plan,
 activations sent over loopback, the ranks waking each other up). The point of this benchmark is
 that overhead, and the memory per rank: each rank holds about half of the layers' weights.
+
+With --openblas, each process's OpenBLAS starts one thread per core, and its threads spin for a
+while after each call: two ranks on one machine then oversubscribe the cores, and most of the
+2-rank slowdown is that contention rather than the distributed path. Run with
+OPENBLAS_NUM_THREADS=1 in the environment (passed on to every rank) to see the path's own cost.
 """
 
 from __future__ import annotations
@@ -384,7 +389,7 @@ def busy_note() -> str:
     """Other work on the machine skews the figures (both setups share all its cores)."""
     load = os.getloadavg()[0]
     note = f"- load average (1 min) before starting: {load:.2f}"
-    if load > 0.5:
+    if load > 1.0:
         print(f"warning: the machine is busy (load {load:.2f}); figures will be noisy", flush=True)
         note += " (busy: figures are noisy)"
     return note
@@ -396,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     env, blas = bs.server_env(args.openblas)
+    if "OPENBLAS_NUM_THREADS" in env:
+        blas += f", OPENBLAS_NUM_THREADS={env['OPENBLAS_NUM_THREADS']} in every process"
     load = busy_note()
     checkpoint = bs.ensure_checkpoint(args.workdir, args.size)
     print(f"checkpoint: {checkpoint}", flush=True)
