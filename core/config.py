@@ -238,9 +238,7 @@ class ModelEntry(_Section):
     @property
     def source_kind(self) -> Literal["builtin", "local", "hub"]:
         """Where the weights come from: ``builtin:NAME``, a local path, or the Hugging Face Hub."""
-        if self.source.startswith("builtin:"):
-            return "builtin"
-        return "local" if self.source.startswith(_LOCAL_PREFIXES) else "hub"
+        return source_kind(self.source)
 
     @field_validator("source")
     @classmethod
@@ -254,6 +252,13 @@ class ModelEntry(_Section):
                 f"'/', './', '../' or '~', or 'builtin:NAME' (got {_show(source)})"
             )
         return source
+
+
+def source_kind(source: str) -> Literal["builtin", "local", "hub"]:
+    """``builtin:NAME``, a local path, or a Hugging Face repo id."""
+    if source.startswith("builtin:"):
+        return "builtin"
+    return "local" if source.startswith(_LOCAL_PREFIXES) else "hub"
 
 
 class PerformanceConfig(_Section):

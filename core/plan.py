@@ -50,10 +50,6 @@ class StepPlan:
         """Whose next token this step samples, in the order of the logits rows."""
         return self.decode_ids + self.joining_ids
 
-    @property
-    def computes(self) -> bool:
-        return bool(self.decode_ids or self.prefill)
-
     def to_json(self) -> dict[str, Any]:
         return {
             "release": list(self.release),

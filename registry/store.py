@@ -10,8 +10,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from mlxserve.core.config import source_kind
 from mlxserve.core.errors import HubUnavailableError, MlxserveError, ModelNotFoundError
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 
@@ -19,7 +20,6 @@ from .plugins import Plugins
 
 BUILTIN_PREFIX = "builtin:"
 TINY_PREFIX = "tiny-"
-LOCAL_PREFIXES = ("/", "./", "../", "~")
 METADATA_FILES = ["*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 HUB_FILES = [*METADATA_FILES, "*.safetensors"]
 
@@ -33,13 +33,6 @@ class ModelStatus:
     cached: bool
     path: Path | None = None
     size_bytes: int = 0
-
-
-def source_kind(source: str) -> Literal["builtin", "local", "hub"]:
-    """``builtin:NAME``, a local path, or a Hugging Face repo id."""
-    if source.startswith(BUILTIN_PREFIX):
-        return "builtin"
-    return "local" if source.startswith(LOCAL_PREFIXES) else "hub"
 
 
 def disk_size(path: Path) -> int:
