@@ -1,18 +1,25 @@
 """The disk tier of the prefix cache: KV blocks as files, found by hash, also after a restart.
 
 Each block is one safetensors file named by its content hash, under a folder per model
-fingerprint. A file is used only if its metadata (model, layers, block size, format) and a
-checksum of its arrays match; a stale, truncated or corrupt file is deleted and ignored.
+fingerprint. A file is used only if its metadata (model, layers, block size, format), a
+checksum of its arrays and the arrays' names, shapes and dtypes all match what the runner
+needs; anything else is deleted and ignored.
+
+The tier is an optimisation: a disk fault never fails a request or a model load. A folder
+that cannot be opened turns the tier off; a disk that will not take writes (full, read-only,
+no permission) turns its writes off; each is logged once and counted in ``failures``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import queue
 import threading
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,119 +27,276 @@ import mlx.core as mx
 log = logging.getLogger(__name__)
 
 FORMAT = "mlxserve-kv-block-2"
+STAGING = ".tmp.safetensors"
+MAX_QUEUED_BYTES = 256 * 2**20
+MAX_FAILURES_IN_A_ROW = 3
+# Failures that will repeat for every later write: stop writing at the first one.
+STOP_WRITING = frozenset({"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"})
+
 BlockData = list[tuple[mx.array, mx.array]]
+ArraySpec = tuple[tuple[int, ...], mx.Dtype]
+BlockSpec = list[tuple[ArraySpec, ArraySpec]]
 
 
-def _checksum(arrays: list[mx.array]) -> str:
+def checksum(arrays: list[mx.array]) -> str:
+    """CRC-32 of evaluated, contiguous arrays (the runner copies blocks out so, mx.load gives
+    them so): reading their buffers starts no MLX work, on whichever thread."""
     # Guards against truncated or damaged files, not against tampering: CRC-32 is enough and
     # several times faster than a cryptographic hash over hundreds of MB of KV.
-    # The arrays are evaluated and contiguous (the runner copies blocks out so, and mx.load
-    # gives them so): reading their buffers starts no MLX work, on whichever thread.
     crc = 0
     for array in arrays:
         crc = zlib.crc32(memoryview(array).cast("B"), crc)
     return f"{crc:08x}"
 
 
+def block_spec(data: BlockData) -> BlockSpec:
+    """The shape and dtype of each layer's keys and values."""
+    return [((tuple(k.shape), k.dtype), (tuple(v.shape), v.dtype)) for k, v in data]
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, "OSError")
+    return type(exc).__name__
+
+
 class DiskTier:
-    """KV blocks on disk for one model stage, bounded in size, least recently used out first."""
+    """KV blocks on disk for one model stage, bounded in size, least recently used out first.
+
+    Blocks are written by a thread of their own, so the engine never waits for the disk; a
+    writer more than ``max_queued_bytes`` behind drops blocks (counted in ``dropped_writes``)
+    rather than holding them all in memory.
+    """
 
     def __init__(
-        self, root: Path, model_key: str, layers: range, block_size: int, max_bytes: int
+        self,
+        root: Path,
+        model_key: str,
+        layers: range,
+        block_size: int,
+        max_bytes: int,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         self.folder = Path(root).expanduser() / model_key
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.meta = {
             "format": FORMAT,
             "model": model_key,
             "layers": f"{layers.start}-{layers.stop - 1}",
             "block_size": str(block_size),
         }
+        self.num_layers = len(layers)
+        self.block_size = block_size
         self.max_bytes = max_bytes
-        for leftover in self.folder.glob("*.tmp.safetensors"):  # a write cut short
-            leftover.unlink(missing_ok=True)
-        files = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        self.index: OrderedDict[str, int] = OrderedDict((p.stem, p.stat().st_size) for p in files)
-        self.total_bytes = sum(self.index.values())
-        self.reads = self.writes = 0
-        # Writing hundreds of MB must not hold up the engine: one writer thread does it.
+        self.max_queued_bytes = max_queued_bytes
+        self.reads = self.writes = self.dropped_writes = self.rejected = 0
+        self.failures: Counter[str] = Counter()
+        self.reading = self.writing = True
+        self.index: OrderedDict[str, int] = OrderedDict()
+        self.total_bytes = 0
         self._lock = threading.Lock()
         self._pending: set[str] = set()
-        self._queue: queue.SimpleQueue[tuple[str, BlockData]] = queue.SimpleQueue()
-        threading.Thread(target=self._write_forever, name="mlxserve-kv-disk", daemon=True).start()
+        self._queued_bytes = 0
+        self._failures_in_a_row = 0
+        self._unwritten = 0
+        self._unwritten_at_close: int | None = None
+        self._queue: queue.SimpleQueue[tuple[str, BlockData, int] | None] = queue.SimpleQueue()
+        with self._lock:
+            self._open()
+        self._writer = threading.Thread(
+            target=self._write_forever, name="mlxserve-kv-disk", daemon=True
+        )
+        self._writer.start()
+
+    def _open(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            found = [(p.stat(), p) for p in self.folder.glob("*.safetensors")]
+        except OSError as exc:
+            self._fail(_error_kind(exc), exc, reads_too=True)
+            return
+        stored = sorted((s.st_mtime, p.stem, s.st_size) for s, p in found)
+        self.index.update((stem, size) for _, stem, size in stored if not stem.endswith(".tmp"))
+        self.total_bytes = sum(self.index.values())
+        for leftover in (p for _, p in found if p.name.endswith(STAGING)):  # a write cut short
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError as exc:
+                self._fail(_error_kind(exc), exc)
+                return
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the tier both reads and writes (a disk fault turns either off)."""
+        return self.reading and self.writing
 
     def _path(self, block_hash: str) -> Path:
         return self.folder / f"{block_hash}.safetensors"
 
+    def _fail(self, kind: str, exc: BaseException, reads_too: bool = False) -> None:
+        """Count a disk failure; turn writes (and reads) off if it will repeat. Lock held."""
+        self.failures[kind] += 1
+        self._failures_in_a_row += 1
+        stop = kind in STOP_WRITING or self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW
+        if reads_too and self.reading:
+            self.reading = self.writing = False
+            log.warning("KV disk tier %s is off: %s", self.folder, exc)
+        elif stop and self.writing:
+            self.writing = False
+            log.warning("KV disk tier %s: writes are off (%s: %s)", self.folder, kind, exc)
+        elif self.failures[kind] == 1:
+            log.warning("KV disk tier %s: %s: %s", self.folder, kind, exc)
+
     def has(self, block_hash: str) -> bool:
         with self._lock:
-            return block_hash in self.index
+            return self.reading and block_hash in self.index
 
-    def write(self, block_hash: str, data: BlockData) -> None:
-        """Queue a block (evaluated arrays) to be written; returns at once."""
+    def write(self, block_hash: str, data: BlockData, *, even_if_behind: bool = False) -> bool:
+        """Queue a block (evaluated arrays) to be written; returns at once. Whether it was
+        queued: not if it is on disk or queued already, if writes are off or closed, or if the
+        writer is ``max_queued_bytes`` behind (unless ``even_if_behind``: for blocks the caller
+        holds in memory anyway)."""
+        size = sum(k.nbytes + v.nbytes for k, v in data)
         with self._lock:
             if block_hash in self.index:
                 self.index.move_to_end(block_hash)
-                return
-            if block_hash in self._pending:
-                return
+                return False
+            if block_hash in self._pending or not self.writing:
+                return False
+            if self._unwritten_at_close is not None:
+                return False
+            behind = self._queued_bytes and self._queued_bytes + size > self.max_queued_bytes
+            if behind and not even_if_behind:
+                self.dropped_writes += 1
+                return False
             self._pending.add(block_hash)
-        self._queue.put((block_hash, data))
+            self._queued_bytes += size
+        self._queue.put((block_hash, data, size))
+        return True
+
+    def close(self, timeout_s: float) -> bool:
+        """Write what is queued, waiting up to ``timeout_s``, then stop the writer thread.
+
+        Returns:
+            True if every block queued before the call was written.
+        """
+        with self._lock:
+            if self._unwritten_at_close is None:
+                self._unwritten_at_close = self._unwritten
+                self._queue.put(None)
+        self._writer.join(timeout_s)
+        with self._lock:
+            return not self._writer.is_alive() and self._unwritten == self._unwritten_at_close
 
     def _write_forever(self) -> None:
-        while True:
-            block_hash, data = self._queue.get()
-            try:
-                size = self._write_file(block_hash, data)
-            except OSError as exc:
-                log.warning("could not write KV block %s: %s", block_hash, exc)
-                size = None
+        while (item := self._queue.get()) is not None:
+            block_hash, data, size = item
+            written = self._write_file(block_hash, data, size) if self.writing else None
             with self._lock:
                 self._pending.discard(block_hash)
-                if size is not None:
-                    self.index[block_hash] = size
-                    self.total_bytes += size
+                self._queued_bytes -= size
+                if written is None:
+                    self._unwritten += 1
+                else:
+                    self.index[block_hash] = written
+                    self.total_bytes += written
                     self.writes += 1
+                    self._failures_in_a_row = 0
                     self._shrink()
 
-    def _write_file(self, block_hash: str, data: BlockData) -> int:
-        arrays = {
-            f"{kind}.{layer}": array
-            for layer, pair in enumerate(data)
-            for kind, array in zip("kv", pair, strict=True)
-        }
-        meta = {**self.meta, "checksum": _checksum(list(arrays.values()))}
+    def _write_file(self, block_hash: str, data: BlockData, size: int) -> int | None:
         path = self._path(block_hash)
-        staging = path.with_suffix(".tmp.safetensors")
-        mx.save_safetensors(str(staging), arrays, metadata=meta)
-        os.replace(staging, path)
-        return path.stat().st_size
+        staging = path.with_name(block_hash + STAGING)
+        try:
+            arrays = {
+                f"{kind}.{layer}": array
+                for layer, pair in enumerate(data)
+                for kind, array in zip("kv", pair, strict=True)
+            }
+            meta = {**self.meta, "checksum": checksum(list(arrays.values()))}
+            mx.save_safetensors(str(staging), arrays, metadata=meta)
+            os.replace(staging, path)
+            return path.stat().st_size
+        except Exception as exc:  # the writer must outlive every failure
+            kind = self._diagnose(exc, size)
+            with contextlib.suppress(OSError):  # left for the next start to remove
+                staging.unlink(missing_ok=True)
+            with self._lock:
+                self._fail(kind, exc)
+            return None
 
-    def read(self, block_hash: str) -> BlockData | None:
-        """The block's arrays, or None (and the file gone) if it is not what it should be."""
+    def _diagnose(self, exc: Exception, size: int) -> str:
+        """Why a write failed. MLX's errors name no errno, so ask the file system (before the
+        partial file is removed: it is what filled the disk)."""
+        if isinstance(exc, OSError):
+            return _error_kind(exc)
+        try:
+            stats = os.statvfs(self.folder)
+        except OSError as probe:  # e.g. the folder is gone
+            return _error_kind(probe)
+        if stats.f_flag & os.ST_RDONLY:
+            return "EROFS"
+        if not os.access(self.folder, os.W_OK | os.X_OK):
+            return "EACCES"
+        if stats.f_bavail * stats.f_frsize < size:
+            return "ENOSPC"
+        return type(exc).__name__
+
+    def read(self, block_hash: str, expected: BlockSpec | None = None) -> BlockData | None:
+        """The block's arrays, or None (and the file gone) if it is not what the reader needs.
+
+        Args:
+            block_hash: the block's content hash.
+            expected: each layer's keys and values shape and dtype, as the model's cache
+                holds them for one block; None checks only the layers and the token axis.
+        """
+        if not self.reading:
+            return None
         path = self._path(block_hash)
         try:
             arrays, meta = mx.load(str(path), return_metadata=True)
-            layers = len(arrays) // 2
-            data = [(arrays[f"k.{i}"], arrays[f"v.{i}"]) for i in range(layers)]
-            expected = {**self.meta, "checksum": _checksum([a for pair in data for a in pair])}
-            if meta != expected or len(arrays) != 2 * layers:
-                raise ValueError("metadata or checksum does not match")
+            data, problem = self._check(arrays, meta, expected)
         except Exception as exc:  # a stale or corrupt file is never used
-            log.warning("ignoring KV block file %s: %s", path.name, exc)
-            with self._lock:
-                self._drop(block_hash)
-            return None
+            data, problem = None, str(exc)
         with self._lock:
+            if data is None:
+                log.warning("ignoring KV block file %s: %s", path.name, problem)
+                self.rejected += 1
+                self._drop(block_hash)
+                return None
             if block_hash in self.index:
                 self.index.move_to_end(block_hash)
             self.reads += 1
-        os.utime(path)
+            if not self.writing:
+                return data
+        try:
+            os.utime(path)  # for the LRU order after a restart
+        except OSError as exc:
+            with self._lock:
+                self._fail(_error_kind(exc), exc)
         return data
+
+    def _check(
+        self, arrays: dict[str, mx.array], meta: dict[str, str], expected: BlockSpec | None
+    ) -> tuple[BlockData | None, str]:
+        names = [f"{kind}.{layer}" for layer in range(self.num_layers) for kind in "kv"]
+        if sorted(arrays) != sorted(names):
+            return None, f"{len(arrays)} arrays, not the keys and values of {self.num_layers}"
+        data = [(arrays[f"k.{i}"], arrays[f"v.{i}"]) for i in range(self.num_layers)]
+        if meta != {**self.meta, "checksum": checksum([arrays[name] for name in names])}:
+            return None, "metadata or checksum does not match"
+        for array in (a for pair in data for a in pair):
+            if array.ndim != 4 or array.shape[0] != 1 or array.shape[2] != self.block_size:
+                return None, f"an array of shape {array.shape}, not one block of one sequence"
+        if expected is not None and block_spec(data) != expected:
+            return None, "shapes or dtypes differ from the model's KV cache"
+        return data, ""
 
     def _drop(self, block_hash: str) -> None:
         self.total_bytes -= self.index.pop(block_hash, 0)
-        self._path(block_hash).unlink(missing_ok=True)
+        try:
+            self._path(block_hash).unlink(missing_ok=True)
+        except OSError as exc:  # out of the index, it is never read again anyway
+            self._fail(_error_kind(exc), exc)
 
     def _shrink(self) -> None:
         while self.total_bytes > self.max_bytes and len(self.index) > 1:

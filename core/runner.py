@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
 
-from .disk_tier import DiskTier
+from .disk_tier import BlockSpec, DiskTier
 from .pipeline import PipelineStage
 from .plan import PrefillChunk, StepPlan
 
 Cache = list[Any]
+log = logging.getLogger(__name__)
 
 
 def check_batchable(cache: Cache) -> None:
@@ -40,6 +42,8 @@ class ModelRunner:
         self.blocks: dict[str, list[tuple[mx.array, mx.array]]] = {}
         self.disk: DiskTier | None = None
         self.write_all_to_disk = False
+        self._block_spec: BlockSpec | None = None
+        self._probed = False
         # Across ranks, each forward pass's sends and receives must happen in plan order.
         self.lockstep = lockstep
         self.prefilling: dict[str, Cache] = {}
@@ -121,10 +125,47 @@ class ModelRunner:
         """Bring a block back from the disk tier into the prefix cache; False if it can't."""
         if self.disk is None or not self.disk.has(block_hash):
             return False
-        data = self.disk.read(block_hash)
+        data = self.disk.read(block_hash, self.block_spec())
         if data is not None:
             self.blocks[block_hash] = data
         return data is not None
+
+    def block_spec(self) -> BlockSpec | None:
+        """Each layer's keys and values shape and dtype for one block of one sequence; None
+        if the stage cannot tell (disk blocks are then checked by layers and length only)."""
+        if not self._probed:
+            self._probed = True
+            try:
+                self._block_spec = self._probe_block_spec()
+            except Exception as exc:
+                log.warning("the shapes of KV blocks are unknown: %s", exc)
+        return self._block_spec
+
+    def _probe_block_spec(self) -> BlockSpec:
+        # A one-token forward pass that is never evaluated: MLX is lazy, so building its
+        # graph gives the caches' shapes and dtypes without computing anything.
+        layout, cache = self.stage.layout, self.make_cache()
+        if self.stage.first:
+            inputs = mx.zeros((1, 1), mx.int32)
+        else:
+            inputs = mx.zeros((1, 1, layout.hidden_size), layout.hidden_dtype)
+        self.stage.forward(inputs, cache)
+
+        def one_block(array: mx.array) -> tuple[tuple[int, ...], mx.Dtype]:
+            batch, heads, _, *rest = array.shape
+            return (batch, heads, self.block_size, *rest), array.dtype
+
+        return [(one_block(c.keys), one_block(c.values)) for c in cache]
+
+    def spill_to_disk(self) -> int:
+        """Queue every block of the prefix cache for the disk tier (at a graceful stop); how
+        many were queued (those on disk or queued already are not counted)."""
+        if self.disk is None:
+            return 0
+        return sum(
+            self.disk.write(block_hash, data, even_if_behind=True)
+            for block_hash, data in self.blocks.items()
+        )
 
     @property
     def disk_reads(self) -> int:
@@ -133,6 +174,23 @@ class ModelRunner:
     @property
     def disk_writes(self) -> int:
         return self.disk.writes if self.disk is not None else 0
+
+    @property
+    def disk_failures(self) -> int:
+        return sum(self.disk.failures.values()) if self.disk is not None else 0
+
+    @property
+    def disk_dropped_writes(self) -> int:
+        return self.disk.dropped_writes if self.disk is not None else 0
+
+    @property
+    def disk_rejected_blocks(self) -> int:
+        return self.disk.rejected if self.disk is not None else 0
+
+    @property
+    def disk_enabled(self) -> bool | None:
+        """Whether the disk tier reads and writes; None without one."""
+        return self.disk.enabled if self.disk is not None else None
 
     def _restore(self, reused: Sequence[str]) -> Cache:
         """Fresh caches that already hold the KV of the cached blocks ``reused``."""

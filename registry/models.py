@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from mlxserve.core.pipeline import PipelineStage
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import is_tiny_checkpoint
 
+from .fingerprint import WEIGHT_HASHES_FILE, checkpoint_fingerprint
 from .placement import Placement, plan_placement
 from .plugins import Plugins
 from .store import ModelStore
@@ -38,22 +38,27 @@ class LoadedModel:
     plugins: Plugins
     random_weights: bool
     placement: Placement | None = None
+    weight_hashes: Path | None = None
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Names this exact checkpoint (name, config, weight files): KV blocks of another
-        checkpoint never match."""
-        digest = hashlib.blake2b(digest_size=12)
-        digest.update(self.name.encode())
-        digest.update((self.path / "config.json").read_bytes())
-        for weights in sorted(self.path.glob("*.safetensors")):
-            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-        return f"{self.name}-{digest.hexdigest()}"
+        """Names this exact checkpoint (name, config, weight contents): KV blocks of another
+        checkpoint, or of other weights in the same files, never match."""
+        return checkpoint_fingerprint(self.name, self.path, self.weight_hashes)
 
     @property
     def context_length(self) -> int:
         """The longest sequence the model was trained for (its max_position_embeddings)."""
         return int(self.config.get("max_position_embeddings") or 2**31)
+
+    @functools.cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Tokens that end generation: the tokenizer's eos ids, and those of the family's
+        ``stop_tokens`` that are in the tokenizer's vocabulary."""
+        ids = set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[token] for token in self.family.stop_tokens if token in vocab)
+        return frozenset(ids)
 
     def make_cache(self, options: KVCacheOptions) -> list[Any]:
         """Fresh KV caches for the layers of this stage, from the family's cache factory."""
@@ -141,6 +146,7 @@ class ModelRegistry:
             self.plugins,
             random_weights=is_tiny_checkpoint(path),
             placement=placement,
+            weight_hashes=Path(self.config.registry.cache_dir) / WEIGHT_HASHES_FILE,
         )
 
     def _downloads_own_layers_only(self, source_kind: str) -> bool:
