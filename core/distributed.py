@@ -1,13 +1,15 @@
 """The ranks of one server: who is who, and the messages rank 0 sends to all the others.
 
-MLX's own collectives carry everything (``mx.distributed``, ring backend over TCP); there is
-no other transport. Rank 0 serves HTTP and schedules; every other rank follows its messages.
+MLX's own collectives carry everything (``mx.distributed``, ring backend over TCP); the only
+other traffic is each rank's heartbeat to rank 0 (see heartbeat.py). Rank 0 serves HTTP and
+schedules; every other rank follows its messages.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,8 @@ class Cluster:
     group: Any = None
     rank: int = 0
     size: int = 1
+    rank_zero_address: tuple[str, int] | None = None
+    launch_token: int = 0
 
     @classmethod
     def join(cls, backend: str = "ring") -> Cluster:
@@ -30,7 +34,13 @@ class Cluster:
         if "MLX_RANK" not in os.environ:
             return cls()
         group = mx.distributed.init(strict=True, backend=backend)
-        return cls(group, group.rank(), group.size())
+        cluster = cls(group, group.rank(), group.size(), _ring_address_of_rank_zero())
+        if cluster.distributed:
+            # Tells this launch's heartbeats from those of a stale rank of an earlier one.
+            token = secrets.randbits(62) if cluster.rank == 0 else 0
+            tokens = mx.distributed.all_sum(mx.array([token], dtype=mx.int64), group=group)
+            cluster.launch_token = int(tokens.item())
+        return cluster
 
     @property
     def distributed(self) -> bool:
@@ -55,6 +65,16 @@ class Cluster:
             return [value]
         gathered = mx.distributed.all_gather(mx.array([value], dtype=mx.int64), group=self.group)
         return [int(v) for v in gathered.tolist()]
+
+
+def _ring_address_of_rank_zero() -> tuple[str, int] | None:
+    """Rank 0's ring address, from the hostfile ``mlx.launch`` gave every rank."""
+    try:
+        with open(os.environ["MLX_HOSTFILE"], encoding="utf-8") as hostfile:
+            ip, port = json.load(hostfile)[0][0].rsplit(":", 1)
+        return ip.strip("[]"), int(port)
+    except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError):
+        return None
 
 
 def available_memory() -> int:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
 from .distributed import Cluster
-from .engine import EngineSettings
+from .heartbeat import HeartbeatSender, beat_interval
 from .plan import StepPlan
 from .runner import ModelRunner
+from .settings import EngineSettings
 from .worker import ServedModel, make_runner
 
 log = logging.getLogger(__name__)
+
+# Tests only: make each step of this rank this many seconds slower (a slow rank, not a dead one).
+SLOW_STEP_ENV = "MLXSERVE_TEST_SLOW_STEP_S"
 
 
 def follow(
@@ -20,9 +25,34 @@ def follow(
 ) -> None:
     """Load, unload and run each step of each model as rank 0 says, until it says stop.
 
+    Beats to rank 0 all along, so that it can tell this rank working from this rank gone.
+
     Raises:
         RuntimeError: when rank 0 (or another rank) is gone: the group cannot go on.
+        Exception: anything a step or reset raised: this rank cannot stay in step.
     """
+    heartbeat = None
+    if cluster.rank_zero_address is not None:
+        heartbeat = HeartbeatSender(
+            cluster.rank_zero_address,
+            cluster.launch_token,
+            cluster.rank,
+            beat_interval(settings.step_timeout_s),
+        )
+        heartbeat.start()
+    try:
+        _follow(cluster, load_model, settings, float(os.environ.get(SLOW_STEP_ENV) or 0))
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _follow(
+    cluster: Cluster,
+    load_model: Callable[[str], ServedModel],
+    settings: EngineSettings,
+    slow_step_s: float,
+) -> None:
     runners: dict[str, ModelRunner] = {}
     while True:
         message = cluster.broadcast()
@@ -46,4 +76,6 @@ def follow(
         elif op == "reset":
             runners[name].reset()
         elif op == "step":
+            if slow_step_s:
+                time.sleep(slow_step_s)
             runners[name].run(StepPlan.from_json(message["plan"]))

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import mlx.core as mx
 import pytest
 
-from .server import free_port, running_server, write_config
+from mlxserve.core.coordinator import Coordinator
+from mlxserve.core.distributed import Cluster
+from mlxserve.core.follower import SLOW_STEP_ENV
+from mlxserve.core.heartbeat import HeartbeatSender, beat_interval
+
+from .server import free_port, running_server, wait_until_healthy, write_config
 
 MLXSERVE = str(Path(sys.executable).parent / "mlxserve")
 PROMPTS = [[5, 9, 77, 120, 33, 8, 250, 19], [42] * 40, list(range(3, 70))]
@@ -39,10 +48,13 @@ def config_text(tmp: Path, checkpoint: Path, distributed: str) -> str:
 
 
 @contextmanager
-def launched(tmp: Path, text: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def launched(
+    tmp: Path, text: str, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     (tmp / "mlxserve.toml").write_text(text + f"\n[server]\nport = {port}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
+    env.update(extra_env or {})
     process = subprocess.Popen(
         [MLXSERVE, "launch", "--config", str(tmp / "mlxserve.toml")],
         env=env,
@@ -53,16 +65,7 @@ def launched(tmp: Path, text: str) -> Iterator[tuple[str, subprocess.Popen]]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the ranks did not start"
-            time.sleep(0.3)
+        wait_until_healthy(url, process, 90)
         yield url, process
     finally:
         if process.poll() is None:
@@ -73,14 +76,16 @@ def launched(tmp: Path, text: str) -> Iterator[tuple[str, subprocess.Popen]]:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-def single_rank_texts(tmp: Path, checkpoint: Path) -> list[str]:
+def single_rank_texts(
+    tmp: Path, checkpoint: Path, prompts: list[list[int]] = PROMPTS, max_tokens: int = 24
+) -> list[str]:
     config = write_config(
         tmp,
         f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp}/c"\n'
         f'[models.m]\nsource = "{checkpoint}"\n',
     )
     with running_server(config) as server:
-        return [completion(server.url, p) for p in PROMPTS]
+        return [completion(server.url, p, max_tokens) for p in prompts]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -170,3 +175,131 @@ def test_a_hung_rank_is_detected_within_the_step_timeout(tmp_path: Path, tiny_ch
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_slow_rank_is_not_declared_dead(tmp_path: Path, tiny_checkpoints) -> None:
+    [expected] = single_rank_texts(tmp_path, tiny_checkpoints["llama"], PROMPTS[:1], 3)
+    text = config_text(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 2\n")
+    with launched(tmp_path, text, {SLOW_STEP_ENV: "3"}) as (url, process):
+        started = time.monotonic()
+        assert completion(url, PROMPTS[0], max_tokens=3) == expected
+        assert time.monotonic() - started > 2 * 3  # rank 1 was slower than the timeout, twice
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        assert process.poll() is None
+
+
+def test_a_failing_follower_exits_non_zero_with_the_traceback(tmp_path: Path) -> None:
+    (tmp_path / "mlxserve.toml").write_text(f'[registry]\ncache_dir = "{tmp_path / "c"}"\n')
+    script = f"""
+import sys
+from mlxserve.core.distributed import Cluster
+from mlxserve.core.config import load_config
+from mlxserve.core.logs import setup_logging
+from mlxserve.server.cli import follow_rank_zero
+
+class RankOne(Cluster):
+    def broadcast(self, message=None):
+        return {{"op": "reset", "model": "never-loaded"}}
+
+setup_logging()
+sys.exit(follow_rank_zero(load_config({str(tmp_path / "mlxserve.toml")!r}), RankOne(None, 1, 2)))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 1, done.stderr
+    assert "rank 1 failed" in done.stderr and "KeyError: 'never-loaded'" in done.stderr
+
+
+# ---- the watchdog and the heartbeats, without ranks ---------------------------------------
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def watched(
+    timeout_s: float, beat_token: int | None, max_step_s: float | None = None
+) -> Iterator[tuple[Coordinator, list[tuple[float, str]]]]:
+    """Rank 0's coordinator of a pretend group whose rank 1 beats with ``beat_token``."""
+    address = ("127.0.0.1", free_udp_port())
+    cluster = Cluster(None, 0, 2, address, launch_token=7)
+    lost: list[tuple[float, str]] = []
+    ranks = Coordinator(
+        cluster, timeout_s, lambda why: lost.append((time.monotonic(), why)), max_step_s
+    )
+    ranks.start()
+    sender = None
+    if beat_token is not None:
+        sender = HeartbeatSender(address, beat_token, 1, beat_interval(timeout_s))
+        sender.start()
+    try:
+        yield ranks, lost
+    finally:
+        ranks.lost = True  # ends the watchdog
+        if sender is not None:
+            sender.stop()
+
+
+def long_mlx_work(seconds: float) -> Callable[[], None]:
+    """One ``mx.eval`` that computes for about ``seconds`` (never returning to Python)."""
+    a = mx.random.normal((512, 512)) / 32
+    start = time.monotonic()
+    mx.eval(a @ a @ a @ a)
+    one = max((time.monotonic() - start) / 4, 1e-4)
+    count = min(math.ceil(seconds / one), 20_000)
+
+    def work() -> None:
+        x = a
+        for _ in range(count):
+            x = (x @ a) / mx.abs(x).max()
+        mx.eval(x)
+
+    return work
+
+
+def test_a_rank_that_beats_is_never_lost_however_long_it_computes() -> None:
+    with watched(0.4, beat_token=7) as (ranks, lost):
+        time.sleep(0.3)
+        started = time.monotonic()
+        ranks.together(long_mlx_work(2.0))
+        took = time.monotonic() - started
+        assert not lost, lost
+        assert took > 3 * 0.4, f"the work took only {took:.2f} s: it proves nothing"
+
+
+def test_a_silent_rank_is_lost_within_the_step_timeout() -> None:
+    with watched(0.4, beat_token=None) as (ranks, lost):
+        started = time.monotonic()
+        ranks.together(lambda: time.sleep(1.5))
+        [(when, why)] = lost
+        assert "rank 1 did not answer within" in why and "no heartbeat" in why
+        assert 0.4 <= when - started < 1.2
+
+
+def test_a_beat_of_another_launch_does_not_count() -> None:
+    with watched(0.4, beat_token=8) as (ranks, lost):
+        ranks.together(lambda: time.sleep(1.5))
+        assert len(lost) == 1 and "rank 1 did not answer within" in lost[0][1]
+
+
+def test_a_stuck_step_is_ended_even_while_every_rank_beats() -> None:
+    with watched(0.3, beat_token=7, max_step_s=1.0) as (ranks, lost):
+        started = time.monotonic()
+        ranks.together(lambda: time.sleep(2.0))
+        [(when, why)] = lost
+        assert "did not end within 1 s" in why
+        assert 1.0 <= when - started < 1.8
+
+
+def test_a_load_is_not_capped_while_the_ranks_beat() -> None:
+    done = threading.Event()
+    with watched(0.3, beat_token=7, max_step_s=0.6) as (ranks, lost):
+        ranks.cluster.broadcast = lambda message=None: message  # type: ignore[method-assign]
+        ranks.cluster.gather = lambda value: [value, 1]  # type: ignore[method-assign]
+        ranks.load("m", lambda name: time.sleep(1.5) or done.set())
+        assert done.is_set() and not lost, lost
