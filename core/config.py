@@ -42,6 +42,11 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(mb|mib|gb|gib)", re.IGNORECASE)
 _HUB_ID = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_MODEL_NAME_RULE = (
+    "at most 128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit, "
+    "without '..'"
+)
 
 Loc = tuple[str | int, ...]
 
@@ -122,6 +127,27 @@ Port = Annotated[Int, _bounds(1, 65535)]
 BlockSize = Annotated[Int, AfterValidator(_power_of_two)]
 SequenceLength = Annotated[Int, _bounds(16)]
 ExpandedPath = Annotated[Path, AfterValidator(lambda path: path.expanduser())]
+
+
+def _check_api_key(key: str) -> str:
+    # Never echo the key: this message ends up in logs and `config check` output.
+    if not key or not all("!" <= char <= "~" for char in key):
+        raise ValueError("an API key must be non-empty printable ASCII without spaces")
+    return key
+
+
+ApiKey = Annotated[str, AfterValidator(_check_api_key)]
+
+
+def valid_model_name(name: str) -> bool:
+    """Whether ``name`` may name a model: a safe file-name-like word, never a path."""
+    return bool(_MODEL_NAME.fullmatch(name)) and ".." not in name
+
+
+def valid_alias(alias: str) -> bool:
+    """Whether ``alias`` may be an alias: a model name, or several joined by single '/'
+    (so Hub ids such as ``org/repo`` can be aliases)."""
+    return len(alias) <= 256 and all(valid_model_name(part) for part in alias.split("/"))
 
 
 class _Section(BaseModel):
@@ -209,9 +235,11 @@ class KVCacheOverrides(_Section):
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8100
-    api_keys: list[str] = []
+    api_keys: list[ApiKey] = []
     cors_origins: list[str] = []
     request_timeout_s: PositiveFloat = 600.0
+    max_request_bytes: PositiveInt = 8 * 2**20
+    shutdown_grace_s: PositiveFloat = 30.0
 
 
 class RegistryConfig(_Section):
@@ -367,6 +395,13 @@ class Config(_Section):
             known = ", ".join(repr(name) for name in self.models) or "none"
             message = f"{_show(self.registry.default_model)} is not a model name or alias"
             problems.append((("registry", "default_model"), f"{message} (models: {known})"))
+        for name, entry in self.models.items():
+            if not valid_model_name(name):
+                problems.append((("models", name), f"a model name must be {_MODEL_NAME_RULE}"))
+            for alias in entry.aliases:
+                if not valid_alias(alias):
+                    rule = f"{_MODEL_NAME_RULE}; '/' may join such parts"
+                    problems.append((("models", name, "aliases"), f"alias {alias!r}: {rule}"))
         alias_owners: dict[str, str] = {}
         for name, entry in self.models.items():
             for alias in entry.aliases:

@@ -33,6 +33,11 @@ def _kv_usage(worker: ModelWorker) -> float | None:
     return min(1.0, blocks.used_blocks / blocks.num_blocks)
 
 
+def _disk_enabled(worker: ModelWorker) -> float | None:
+    enabled = getattr(worker.runner, "disk_enabled", None)
+    return None if enabled is None else float(enabled)
+
+
 GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
     ("requests_running", "Requests in the batch (prefilling or decoding).", _running),
     ("requests_waiting", "Requests waiting for a batch slot.", lambda w: len(w.scheduler.waiting)),
@@ -42,10 +47,27 @@ GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
         _kv_usage,
     ),
     ("kv_cache_capacity_tokens", "The model's KV budget in tokens.", lambda w: w.capacity_tokens),
+    (
+        "disk_tier_enabled",
+        "1 while the KV disk tier reads and writes; 0 once a disk fault turned it (or its "
+        "writes) off. Absent for models without one.",
+        _disk_enabled,
+    ),
 )
 RUNNER_COUNTERS = (
     ("disk_tier_reads", "KV blocks read back from the disk tier.", "disk_reads"),
     ("disk_tier_writes", "KV blocks written to the disk tier.", "disk_writes"),
+    ("disk_tier_failures", "Disk errors met by the disk tier.", "disk_failures"),
+    (
+        "disk_tier_dropped_writes",
+        "KV blocks not written because the disk tier's writer was too far behind.",
+        "disk_dropped_writes",
+    ),
+    (
+        "disk_tier_rejected_blocks",
+        "Disk tier files dropped because they did not hold a valid block for the model.",
+        "disk_rejected_blocks",
+    ),
 )
 
 
@@ -98,6 +120,18 @@ class EngineMetrics:
         self.itl = self._histogram(
             "inter_token_latency_seconds", "Between consecutive tokens of a request.", ITL_BUCKETS
         )
+        self.http_errors = Counter(
+            PREFIX + "http_errors",
+            "Requests answered with an error, by HTTP status and error code.",
+            ["status", "code"],
+            registry=self.registry,
+        )
+        self.request_errors = self._counter(
+            "request_errors",
+            "Admitted requests that ended without finishing: generation_failed, timeout "
+            "or client_disconnected.",
+            "kind",
+        )
         self._models: dict[str, _ModelMetrics] = {}
         self._live: dict[str, _Live] = {}
         self.registry.register(self)
@@ -108,6 +142,16 @@ class EngineMetrics:
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(PREFIX + name, doc, ["model"], buckets=buckets, registry=self.registry)
+
+    # ---- the event loop ------------------------------------------------------------------
+
+    def http_error(self, status: int, code: str) -> None:
+        """Count a request answered with an error (``code``: the body's code, else its type)."""
+        self.http_errors.labels(str(status), code).inc()
+
+    def request_error(self, model: str, kind: str) -> None:
+        """Count an admitted request that ended early (``kind``: why)."""
+        self.request_errors.labels(model, kind).inc()
 
     # ---- the engine thread ---------------------------------------------------------------
 

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+INT32_MAX = 2**31 - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300
+# The parameters a model family (plugins' ``sampling_defaults``) may give a default for.
+DEFAULTABLE_PARAMS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
 
 class InvalidParameterError(ValueError):
     """A sampling parameter is out of range; ``param`` names it (for the API's error body)."""
@@ -41,17 +57,50 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self) -> None:
+        stop_ok = len(self.stop) <= MAX_STOP_STRINGS and all(
+            0 < len(text) <= MAX_STOP_CHARS for text in self.stop
+        )
         checks = [
-            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
+            (
+                "max_tokens",
+                self.max_tokens is None or 1 <= self.max_tokens <= INT32_MAX,
+                f"must be between 1 and {INT32_MAX}",
+            ),
             ("temperature", 0 <= self.temperature <= 100, "must be between 0 and 100"),
             ("top_p", 0 < self.top_p <= 1, "must be greater than 0 and at most 1"),
-            ("top_k", self.top_k >= 0, "must be 0 (off) or more"),
+            ("top_k", 0 <= self.top_k <= INT32_MAX, f"must be 0 (off) up to {INT32_MAX}"),
             ("min_p", 0 <= self.min_p <= 1, "must be between 0 and 1"),
+            (
+                "seed",
+                self.seed is None or 0 <= self.seed < 2**63,
+                "must be a non-negative 64-bit integer",
+            ),
             ("repetition_penalty", 0 < self.repetition_penalty <= 10, "must be in (0, 10]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be between -2 and 2"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be between -2 and 2"),
             ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be between 0 and 20"),
-            ("stop", len(self.stop) <= 16 and all(self.stop), "at most 16 non-empty strings"),
+            (
+                "stop",
+                stop_ok,
+                f"at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+                "characters",
+            ),
+            (
+                "stop_token_ids",
+                len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+                and all(0 <= token <= INT32_MAX for token in self.stop_token_ids),
+                f"at most {MAX_STOP_TOKEN_IDS} token ids",
+            ),
+            (
+                "logit_bias",
+                len(self.logit_bias) <= MAX_LOGIT_BIAS,
+                f"at most {MAX_LOGIT_BIAS} entries",
+            ),
+            (
+                "logit_bias",
+                all(0 <= token <= INT32_MAX for token, _ in self.logit_bias),
+                "keys must be token ids",
+            ),
             (
                 "logit_bias",
                 all(-100 <= b <= 100 for _, b in self.logit_bias),

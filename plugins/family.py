@@ -21,14 +21,24 @@ class ModelFamily:
     Override a method only where the family differs.
 
     Attributes:
-        name: the family's name, as ``[models.NAME] family`` and ``mlxserve plugins list`` show it.
-        model_types: the ``model_type`` values of config.json this family claims.
+        name: the family's name, as ``[models.NAME] family`` and ``mlxserve plugins list`` show
+            it; a non-empty string.
+        model_types: the ``model_type`` values of config.json this family claims; a non-empty
+            tuple of non-empty strings.
         mlx_lm_modules: model_type -> module under ``mlx_lm.models`` where they differ.
         chat_template: Jinja chat template used when a checkpoint's tokenizer has none.
         bos_token: the token a prompt begins with, or None.
-        stop_tokens: tokens that end a turn; the first is the tokenizer's eos token.
+        stop_tokens: tokens that end a turn (a tuple of strings). Generation ends at any of
+            them that is in the checkpoint's vocabulary, besides the tokenizer's own eos
+            tokens; tiny checkpoints make the first one their eos token.
         control_tokens: other special tokens the chat template writes.
-        sampling_defaults: sampling parameters the family recommends (e.g. temperature).
+        sampling_defaults: sampling parameters the family recommends, e.g.
+            ``{"temperature": 0.6}``; keys among ``mlxserve.core.sampling.DEFAULTABLE_PARAMS``
+            (temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
+            frequency_penalty), values in their valid ranges. A request's value wins, then the
+            model's ``[models.NAME]`` entry, then these, then mlxserve's defaults.
+
+    A family whose attributes break these rules is logged and skipped when plugins load.
     """
 
     name: ClassVar[str]

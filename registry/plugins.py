@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -11,6 +12,7 @@ from types import ModuleType
 import pluggy
 
 from mlxserve.core.errors import UnknownModelTypeError
+from mlxserve.core.sampling import DEFAULTABLE_PARAMS, InvalidParameterError, SamplingParams
 from mlxserve.plugins import defaults, hookspecs
 from mlxserve.plugins.family import ModelFamily
 
@@ -52,7 +54,30 @@ class Plugins:
             info = by_name.get(impl.plugin_name) or PluginInfo(
                 impl.plugin_name, module, "(registered)", "", builtin=False
             )
-            self.families.extend(FamilyEntry(f, info) for f in impl.function())
+            errors = []
+            try:
+                families = list(impl.function())
+            except Exception as exc:  # a broken plugin must not take the server down
+                families, errors = [], [f"mlxserve_families() raised {type(exc).__name__}: {exc}"]
+            for family in families:
+                problems = family_problems(family)
+                if problems:
+                    errors.append(
+                        f"family {getattr(family, 'name', family)!r}: {'; '.join(problems)}"
+                    )
+                else:
+                    self.families.append(FamilyEntry(family, info))
+            if errors:
+                error = "; ".join(errors)
+                log.error("plugin %r (%s) is skipped: %s", info.name, info.package, error)
+                self._record_error(info, error)
+
+    def _record_error(self, info: PluginInfo, error: str) -> None:
+        failed = dataclasses.replace(info, error=error)
+        if info in self.infos:
+            self.infos[self.infos.index(info)] = failed
+        else:
+            self.infos.append(failed)
 
     def family(self, name: str) -> ModelFamily:
         """The family called ``name``."""
@@ -83,6 +108,45 @@ class Plugins:
                 f'choose one with `family = "..."` in the model\'s [models.NAME] entry'
             )
         return (third_party or claims)[0].family
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _sampling_problems(defaults: object) -> list[str]:
+    if not isinstance(defaults, Mapping):
+        return ["sampling_defaults must be a dict"]
+    unknown = sorted(str(key) for key in defaults if key not in DEFAULTABLE_PARAMS)
+    if unknown:
+        known = ", ".join(DEFAULTABLE_PARAMS)
+        return [f"sampling_defaults has unknown keys {', '.join(unknown)} (known: {known})"]
+    if not all(_is_number(value) for value in defaults.values()):
+        return ["sampling_defaults values must be numbers"]
+    if not isinstance(defaults.get("top_k", 0), int):
+        return ["sampling_defaults top_k must be an integer"]
+    try:
+        SamplingParams(**defaults)
+    except InvalidParameterError as exc:
+        return [f"sampling_defaults {exc}"]
+    return []
+
+
+def family_problems(family: object) -> list[str]:
+    """What is wrong with a family a plugin declares (empty when it can be used)."""
+    problems = []
+    name = getattr(family, "name", None)
+    if not isinstance(name, str) or not name:
+        problems.append("name must be a non-empty string")
+    types = getattr(family, "model_types", None)
+    if not (
+        isinstance(types, (tuple, list)) and types and all(isinstance(t, str) and t for t in types)
+    ):
+        problems.append("model_types must be a non-empty tuple of non-empty strings")
+    stops = getattr(family, "stop_tokens", None)
+    if not (isinstance(stops, (tuple, list)) and all(isinstance(t, str) and t for t in stops)):
+        problems.append("stop_tokens must be a tuple of non-empty strings")
+    return problems + _sampling_problems(getattr(family, "sampling_defaults", {}))
 
 
 def _load_entry_points(pm: pluggy.PluginManager, enabled: Sequence[str] | None) -> list[PluginInfo]:

@@ -63,34 +63,53 @@ _MAPPED: dict[type[Exception], tuple[int, str, str | None]] = {
 }
 
 
+def _rejected(
+    request: Request,
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.http_error(status, code or type)
+    return error_response(status, message, type, param, code, headers)
+
+
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
-        return error_response(400, f"the request body is not valid JSON: {first['msg']}")
+        return _rejected(request, 400, f"the request body is not valid JSON: {first['msg']}")
     param = ".".join(loc) or None
     message = first.get("msg", "invalid request")
-    return error_response(400, f"{param}: {message}" if param else message, param=param)
+    return _rejected(request, 400, f"{param}: {message}" if param else message, param=param)
 
 
 def _invalid_parameter(request: Request, exc: InvalidParameterError) -> JSONResponse:
-    return error_response(400, str(exc), param=exc.param)
+    return _rejected(request, 400, str(exc), param=exc.param)
 
 
 def _mapped(request: Request, exc: Exception) -> JSONResponse:
     status, kind, code = next(v for k, v in _MAPPED.items() if isinstance(exc, k))
     headers = {"Retry-After": "1"} if status == 429 else None
-    return error_response(status, str(exc), kind, code=code, headers=headers)
+    return _rejected(request, status, str(exc), kind, code=code, headers=headers)
 
 
 def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
+    code = getattr(exc, "code", None)
+    return _rejected(
+        request, exc.status_code, str(exc.detail), kind, code=code, headers=exc.headers
+    )
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    return _rejected(request, 500, message, "server_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

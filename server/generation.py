@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fastapi import Request
 
-from mlxserve.core.config import Config
+from mlxserve.core.config import Config, ModelEntry
 from mlxserve.core.engine import Engine, RequestStream
-from mlxserve.core.errors import ModelNotFoundError
+from mlxserve.core.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError
+from mlxserve.core.metrics import EngineMetrics
 from mlxserve.core.sampling import InvalidParameterError, SamplingParams
 from mlxserve.core.sequence import RequestOutput, TokenLogprob, Usage
 from mlxserve.core.worker import ServedModel
@@ -19,7 +24,11 @@ from mlxserve.core.worker import ServedModel
 from .errors import GenerationError, RequestTimeoutError
 from .protocol import PromptTokensDetails, Timings, UsageInfo
 
-DISCONNECT_POLL_S = 0.5
+# No text averages more characters per token than this: a longer prompt cannot fit.
+MAX_CHARS_PER_TOKEN = 32
+
+ParamsFactory = Callable[[ModelEntry | None, Mapping[str, float] | None], SamplingParams]
+PromptFactory = Callable[[ServedModel], list[int]]
 
 
 @dataclass
@@ -31,7 +40,11 @@ class Admitted:
     stream: RequestStream
     params: SamplingParams
     deadline: float
-    watch: Request | None = None  # poll this request for a client that went away
+    metrics: EngineMetrics | None = None
+
+    def ended_early(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.request_error(self.name, kind)
 
 
 @dataclass
@@ -45,51 +58,125 @@ class Collected:
     usage: Usage | None = None
 
 
+# HF tokenizers must not be used from two threads at once: one lock per tokenizer.
+_tokenizer_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_shared_lock = threading.Lock()
+
+
+def _tokenizer_lock(tokenizer: Any) -> threading.Lock:
+    try:
+        return _tokenizer_locks.setdefault(tokenizer, threading.Lock())
+    except TypeError:  # not weak-referenceable: share one lock
+        return _shared_lock
+
+
+def _context_error(limit: int, what: str) -> ContextLengthError:
+    return ContextLengthError(f"this model's context is {limit} tokens, but the prompt has {what}")
+
+
+def _prompt_ids(
+    model: ServedModel, make_prompt: PromptFactory, lock: threading.Lock, limit: int, vocab: int
+) -> list[int]:
+    """Tokenize and check a prompt; runs in a worker thread, never on the event loop."""
+    with lock:
+        prompt = make_prompt(model)
+    if len(prompt) > limit:
+        raise _context_error(limit, f"{len(prompt)} tokens")
+    if prompt and not (min(prompt) >= 0 and max(prompt) < vocab):
+        raise InvalidParameterError("prompt", f"token ids must be below {vocab}")
+    return prompt
+
+
+def _checked_params(params: SamplingParams, vocab: int) -> SamplingParams:
+    if any(not 0 <= token < vocab for token, _ in params.logit_bias):
+        raise InvalidParameterError("logit_bias", f"token ids must be below {vocab}")
+    if any(not 0 <= token < vocab for token in params.stop_token_ids):
+        raise InvalidParameterError("stop_token_ids", f"token ids must be below {vocab}")
+    if params.top_k >= vocab:  # keeps every token: the same as off
+        params = replace(params, top_k=0)
+    return params
+
+
 async def admit(
     engine: Engine,
     config: Config,
     model_name: str | None,
-    make_params: Callable[[object], SamplingParams],
-    make_prompt: Callable[[ServedModel], list[int]],
+    make_params: ParamsFactory,
+    make_prompt: PromptFactory,
+    *,
+    prompt_chars: int = 0,
+    metrics: EngineMetrics | None = None,
 ) -> Admitted:
-    """Resolve the model, load it if needed, tokenize and submit the request."""
+    """Resolve the model, load it if needed, tokenize (off the event loop) and submit.
+
+    ``prompt_chars`` is the length of the text ``make_prompt`` tokenizes: a text far longer
+    than the context is refused before any tokenizing.
+    """
     found = config.resolve_model(model_name or config.registry.default_model)
     if found is None:
         known = ", ".join(sorted(config.models))
         raise ModelNotFoundError(f"model {model_name!r} does not exist (available: {known})")
     name, entry = found
-    params = make_params(entry)
+    params = make_params(entry, None)  # refuse bad parameters before loading anything
     model = await engine.model(name)
+    family_defaults = getattr(getattr(model, "family", None), "sampling_defaults", None)
+    if family_defaults:
+        params = make_params(entry, family_defaults)
     vocab = model.stage.layout.model.args.vocab_size
-    if any(not 0 <= token < vocab for token, _ in params.logit_bias):
-        raise InvalidParameterError("logit_bias", f"token ids must be below {vocab}")
-    prompt = make_prompt(model)
-    if any(not 0 <= token < vocab for token in prompt):
-        raise InvalidParameterError("prompt", f"token ids must be below {vocab}")
+    params = _checked_params(params, vocab)
+    limit = min(config.kv_cache_for(name).max_sequence_length, model.context_length)
+    if prompt_chars > limit * MAX_CHARS_PER_TOKEN:
+        raise _context_error(limit, f"{prompt_chars} characters, far more than fit")
+    lock = _tokenizer_lock(model.tokenizer)
+    prompt = await asyncio.to_thread(_prompt_ids, model, make_prompt, lock, limit, vocab)
     stream = engine.submit(model, prompt, params)
     deadline = time.monotonic() + config.server.request_timeout_s
-    return Admitted(name, model, stream, params, deadline)
+    return Admitted(name, model, stream, params, deadline, metrics)
+
+
+def watch_disconnect(engine: Engine, admitted: Admitted, request: Request) -> asyncio.Task:
+    """A task that aborts the request as soon as its client goes away (cancel it when the
+    response is done). It waits on the ASGI channel itself, so the abort is immediate."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if not admitted.stream.finished:
+            admitted.ended_early("client_disconnected")
+            engine.abort(admitted.stream.request_id)
+
+    return asyncio.create_task(watch())
+
+
+async def stop_watching(watcher: asyncio.Task) -> None:
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
 
 
 async def outputs(engine: Engine, admitted: Admitted) -> AsyncIterator[RequestOutput]:
-    """The request's outputs; aborts it if the client goes away or time runs out."""
+    """The request's outputs; aborts it if they are not all read or time runs out."""
     finished = False
     try:
         while True:
             left = admitted.deadline - time.monotonic()
             if left <= 0:
+                admitted.ended_early("timeout")
                 raise RequestTimeoutError(
                     "the request did not finish within [server] request_timeout_s"
                 )
             try:
-                output = await asyncio.wait_for(admitted.stream.get(), min(left, DISCONNECT_POLL_S))
+                output = await asyncio.wait_for(admitted.stream.get(), left)
             except asyncio.TimeoutError:
-                if admitted.watch is not None and await admitted.watch.is_disconnected():
-                    return
                 continue
             if output.finish_reason == "error":
                 finished = True
-                raise GenerationError(output.error or "generation failed")
+                message = output.error or "generation failed"
+                if engine.shutting_down or engine.error is not None:  # not this request's fault
+                    admitted.ended_early("engine_unavailable")
+                    raise EngineUnavailableError(message)
+                admitted.ended_early("generation_failed")
+                raise GenerationError(message)
             finished = output.finish_reason is not None
             yield output
             if finished:
@@ -101,13 +188,18 @@ async def outputs(engine: Engine, admitted: Admitted) -> AsyncIterator[RequestOu
 
 async def collect(engine: Engine, admitted: Admitted, request: Request) -> Collected:
     result = Collected()
-    admitted.watch = request
-    async for output in outputs(engine, admitted):
-        result.text += output.text
-        result.token_ids.extend(output.token_ids)
-        result.logprobs.extend(output.logprobs)
-        result.finish_reason = output.finish_reason
-        result.usage = output.usage
+    watcher = watch_disconnect(engine, admitted, request)
+    try:
+        async for output in outputs(engine, admitted):
+            result.text += output.text
+            result.token_ids.extend(output.token_ids)
+            result.logprobs.extend(output.logprobs)
+            result.finish_reason = output.finish_reason
+            result.usage = output.usage
+    finally:
+        await stop_watching(watcher)
+    if result.usage is None:  # aborted before it began (its client is gone anyway)
+        result.usage = Usage(prompt_tokens=0, completion_tokens=len(result.token_ids))
     return result
 
 

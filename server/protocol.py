@@ -5,21 +5,31 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
     SerializerFunctionWrapHandler,
+    Strict,
     field_validator,
     model_serializer,
 )
 from pydantic_core import PydanticCustomError
 
 from mlxserve.core.config import ModelEntry
-from mlxserve.core.sampling import InvalidParameterError, SamplingParams
+from mlxserve.core.sampling import (
+    DEFAULTABLE_PARAMS,
+    INT32_MAX,
+    MAX_LOGIT_BIAS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    InvalidParameterError,
+    SamplingParams,
+)
 
 FinishReason = Literal["stop", "length"]
 
@@ -72,6 +82,11 @@ class ErrorResponse(_Response):
     error: ErrorInfo
 
 
+def printable(text: str) -> str:
+    """``text`` with any lone surrogate written as an escape, so it can be encoded as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     message: str,
     type: str = "invalid_request_error",
@@ -79,11 +94,33 @@ def error_body(
     code: str | int | None = None,
 ) -> dict[str, Any]:
     """Return an OpenAI-style error body: ``{"error": {message, type, param, code}}``."""
-    info = ErrorInfo(message=message, type=type, param=param, code=code)
+    param = printable(param) if param is not None else None
+    info = ErrorInfo(message=printable(message), type=type, param=param, code=code)
     return ErrorResponse(error=info).model_dump()
 
 
 # --- requests ----------------------------------------------------------------------------------
+
+
+def _valid_unicode(text: str) -> str:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "contains a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text",
+            ) from None
+    return text
+
+
+# JSON allows unpaired surrogate escapes; no tokenizer or UTF-8 encoder takes them.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+# Strict: JSON true is not 1, and "5" is not 5 (a float field still takes an integer).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+TokenId = Annotated[int, Strict(), Field(ge=0)]
+Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -96,15 +133,15 @@ class TextContentPart(OpenAIBaseModel):
     """A text part of a message's content."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIBaseModel):
     """One message of a chat conversation."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -116,7 +153,7 @@ class ChatMessage(OpenAIBaseModel):
                     "unsupported_content",
                     "'{kind}' content parts are not supported; mlxserve serves text-only models, "
                     "so send content as a string or as 'text' parts",
-                    {"kind": kind},
+                    {"kind": printable(kind)},  # pydantic cannot render lone surrogates
                 )
         return content
 
@@ -132,29 +169,33 @@ class _SamplingRequest(OpenAIBaseModel):
 
     _default_max_tokens: ClassVar[int | None] = None
 
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = Field(None, description="Sample from the k most likely tokens; 0 is off.")
-    min_p: float | None = Field(
+    model: Text | None = None
+    max_tokens: Int | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    top_k: Int | None = Field(
+        None, description="Sample from the k most likely tokens; 0 is off.", le=INT32_MAX
+    )
+    min_p: Float | None = Field(
         None, description="Drop tokens less likely than min_p times the most likely one."
     )
-    n: int | None = 1
+    n: Int | None = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = Field(
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Seed | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    repetition_penalty: Float | None = Field(
         None, description="Hugging Face style penalty on already seen tokens; 1 is off."
     )
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[str, Float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    user: Text | None = None
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-text token.")
-    stop_token_ids: list[NonNegativeInt] | None = Field(
-        None, description="Token ids that end generation, besides the model's own."
+    stop_token_ids: list[TokenId] | None = Field(
+        None,
+        description="Token ids that end generation, besides the model's own.",
+        max_length=MAX_STOP_TOKEN_IDS,
     )
 
     @property
@@ -171,6 +212,7 @@ class _SamplingRequest(OpenAIBaseModel):
     def _sampling_params(
         self,
         defaults: ModelEntry | None,
+        family_defaults: Mapping[str, float] | None,
         *,
         max_tokens: int | None,
         logprobs: bool,
@@ -185,20 +227,23 @@ class _SamplingRequest(OpenAIBaseModel):
             "top_k": self.top_k,
             "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
         }
         for name, value in wanted.items():
             if value is None and defaults is not None:
-                wanted[name] = getattr(defaults, name)
+                wanted[name] = getattr(defaults, name, None)
+            if wanted[name] is None and name in DEFAULTABLE_PARAMS and family_defaults:
+                wanted[name] = family_defaults.get(name)
         if wanted["max_tokens"] is None:
             wanted["max_tokens"] = self._default_max_tokens
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         wanted |= {
-            "seed": self.seed,
+            # Negative seeds are valid int64 seeds for OpenAI; the engine wants 0..2**63-1.
+            "seed": self.seed & (2**63 - 1) if self.seed is not None else None,
             "stop": stop,
             "stop_token_ids": tuple(self.stop_token_ids or ()),
             "ignore_eos": self.ignore_eos,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
             "logit_bias": _logit_bias(self.logit_bias),
             "logprobs": logprobs,
             "top_logprobs": top_logprobs,
@@ -234,9 +279,9 @@ class ChatCompletionRequest(_SamplingRequest):
     """A ``POST /v1/chat/completions`` body."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
@@ -254,12 +299,20 @@ class ChatCompletionRequest(_SamplingRequest):
         if kind != "text":
             raise _unsupported("response_format", f"only type 'text' is available, not {kind!r}")
 
-    def to_sampling_params(self, defaults: ModelEntry | None = None) -> SamplingParams:
-        """Map the request to SamplingParams; unset values fall back to ``defaults``."""
+    def to_sampling_params(
+        self,
+        defaults: ModelEntry | None = None,
+        family_defaults: Mapping[str, float] | None = None,
+    ) -> SamplingParams:
+        """Map the request to SamplingParams; unset values fall back to ``defaults`` (the
+        model's entry), then to ``family_defaults`` (its family's), then to built-in ones."""
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidParameterError("top_logprobs", "needs logprobs to be true")
         wanted = self.max_completion_tokens
         renames = {"max_tokens": "max_completion_tokens"} if wanted is not None else {}
         return self._sampling_params(
             defaults,
+            family_defaults,
             max_tokens=wanted if wanted is not None else self.max_tokens,
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs,
@@ -283,11 +336,11 @@ class CompletionRequest(_SamplingRequest):
 
     _default_max_tokens: ClassVar[int | None] = 16
 
-    prompt: str | list[NonNegativeInt]
-    logprobs: int | None = None
+    prompt: Text | list[TokenId]
+    logprobs: Int | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -319,10 +372,16 @@ class CompletionRequest(_SamplingRequest):
         if self.suffix:
             raise _unsupported("suffix", "insertion after a suffix is not available")
 
-    def to_sampling_params(self, defaults: ModelEntry | None = None) -> SamplingParams:
-        """Map the request to SamplingParams; unset values fall back to ``defaults``, then 16."""
+    def to_sampling_params(
+        self,
+        defaults: ModelEntry | None = None,
+        family_defaults: Mapping[str, float] | None = None,
+    ) -> SamplingParams:
+        """Map the request to SamplingParams; unset values fall back to ``defaults`` (the
+        model's entry), then to ``family_defaults``, then to built-in ones (max_tokens 16)."""
         return self._sampling_params(
             defaults,
+            family_defaults,
             max_tokens=self.max_tokens,
             logprobs=self.logprobs is not None,
             top_logprobs=self.logprobs,

@@ -9,10 +9,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from mlxserve.core.engine import Engine
+from mlxserve.core.errors import EngineUnavailableError
 from mlxserve.core.sequence import RequestOutput
 
 from .errors import GenerationError, RequestTimeoutError
-from .generation import Admitted, outputs, timings, usage_info
+from .generation import Admitted, outputs, stop_watching, timings, usage_info, watch_disconnect
 from .protocol import error_body, sse
 
 
@@ -28,8 +29,7 @@ async def event_stream(
 ) -> StreamingResponse:
     """Wait for the first output (so early errors get a proper status), then stream the rest.
 
-    Once streaming, Starlette notices a client that goes away and cancels the stream, which
-    aborts the request; before that, ``outputs`` watches for it.
+    A client that goes away aborts the request at once, whether the stream has begun or not.
     """
 
     def to_events(output: RequestOutput) -> list[BaseModel]:
@@ -41,10 +41,13 @@ async def event_stream(
             )
         return events
 
-    admitted.watch = request
+    watcher = watch_disconnect(engine, admitted, request)
     source = outputs(engine, admitted)
-    first = await anext(source, None)
-    admitted.watch = None
+    try:
+        first = await anext(source, None)
+    except BaseException:
+        await stop_watching(watcher)
+        raise
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -58,7 +61,10 @@ async def event_stream(
             yield sse(error_body(str(exc), "server_error", code="generation_failed"))
         except RequestTimeoutError as exc:
             yield sse(error_body(str(exc), "server_error", code="timeout"))
+        except EngineUnavailableError as exc:
+            yield sse(error_body(str(exc), "server_error", code="engine_unavailable"))
         finally:
+            await stop_watching(watcher)
             await source.aclose()
         yield sse("[DONE]")
 

@@ -194,6 +194,26 @@ def test_plugins_env_var() -> None:
             "models.demo.kv_cache.max_sequence_length: 4096 tokens is less than",
         ),
         ("[logging]\nlevel = 'loud'", "logging.level: must be one of 'debug', 'info'"),
+        (
+            "[models.'../../x']\nsource = 'a/b'\n[registry]\ndefault_model = '../../x'",
+            'models."../../x": a model name must be at most 128 letters, digits',
+        ),
+        (
+            "[models.'a/b']\nsource = 'a/b'\n[registry]\ndefault_model = 'a/b'",
+            'models."a/b": a model name must be',
+        ),
+        ("[models.'x..y']\nsource = 'a/b'\n[registry]\ndefault_model = 'x..y'", "models"),
+        (
+            "[models.demo]\nsource = 'a/b'\naliases = ['../up']",
+            "models.demo.aliases: alias '../up': at most 128 letters",
+        ),
+        (
+            "[server]\napi_keys = ['ok', 'sk-\u00e9t\u00e9']",
+            "server.api_keys[1]: an API key must be non-empty printable ASCII without spaces",
+        ),
+        ("[server]\napi_keys = ['two words']", "server.api_keys[0]: an API key must be"),
+        ("[server]\nmax_request_bytes = 0", "server.max_request_bytes: must be at least 1"),
+        ("[server]\nshutdown_grace_s = 0", "server.shutdown_grace_s: must be greater than 0"),
     ],
 )
 def test_validation_messages(tmp_path: Path, text: str, expected: str) -> None:
@@ -379,3 +399,22 @@ def test_models_are_frozen() -> None:
     config = Config()
     with pytest.raises(ValueError):
         config.server.port = 1  # type: ignore[misc]
+
+
+def test_model_names_that_stay_valid(tmp_path: Path) -> None:
+    names = ["demo", "llama", "qwen3-0.6b", "odd.name", "Mistral_7B:q4"]
+    text = "".join(f'[models."{name}"]\nsource = "a/b"\n' for name in names)
+    text += '[models.alias-owner]\nsource = "a/b"\naliases = ["mlx-community/Qwen3-0.6B-4bit"]\n'
+    config = load_config(write(tmp_path, text + '[registry]\ndefault_model = "demo"'), env={})
+    assert list(config.models) == [*names, "alias-owner"]
+
+
+def test_a_rejected_api_key_is_never_shown(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[server]\napi_keys = ['sk-s\u00e9cret']")
+    assert "cret" not in message and "server.api_keys[0]" in message
+
+
+def test_server_limits_defaults() -> None:
+    server = Config().server
+    assert server.max_request_bytes == 8 * 2**20
+    assert server.shutdown_grace_s == 30.0

@@ -113,6 +113,81 @@ def test_two_third_party_claims_are_a_conflict() -> None:
     assert plugins.family("llama-other").name == "llama-other"
 
 
+class Nameless(Llama):
+    name = ""
+
+
+class NoModelTypes(Llama):
+    name = "no-types"
+    model_types = ()
+
+
+class StopTokenNotAString(Llama):
+    name = "bad-stops"
+    stop_tokens = ("<|eot_id|>", 7)  # type: ignore[assignment]
+
+
+class UnknownDefault(Llama):
+    name = "bad-defaults"
+    sampling_defaults = {"temprature": 0.5}
+
+
+class DefaultOutOfRange(Llama):
+    name = "hot"
+    sampling_defaults = {"temperature": 1000.0}
+
+
+class Broken:
+    @hookimpl
+    def mlxserve_families(self) -> list[ModelFamily]:
+        raise RuntimeError("cannot list families")
+
+
+@pytest.mark.parametrize(
+    ("family", "problem"),
+    [
+        (Nameless(), "name must be a non-empty string"),
+        (NoModelTypes(), "model_types must be a non-empty tuple"),
+        (StopTokenNotAString(), "stop_tokens must be a tuple of non-empty strings"),
+        (UnknownDefault(), "sampling_defaults has unknown keys temprature"),
+        (DefaultOutOfRange(), "sampling_defaults temperature: must be between 0 and 100"),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, ModelFamily) else "",
+)
+def test_an_invalid_family_is_reported_and_skipped(
+    family: ModelFamily, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugins = load_plugins(extra=[("bad", ClaimLlama(family)), ("good", ClaimLlama(OtherLlama()))])
+    assert family not in [e.family for e in plugins.families]
+    assert plugins.family("llama-other").name == "llama-other"
+    [info] = [i for i in plugins.infos if i.name == "bad"]
+    assert problem in info.error and problem in caplog.text
+    assert {e.family.name for e in plugins.families} >= set(BUILTIN_FAMILIES)
+
+
+def test_a_plugin_whose_families_hook_raises_is_skipped() -> None:
+    plugins = load_plugins(extra=[("broken-hook", Broken())])
+    [info] = [i for i in plugins.infos if i.name == "broken-hook"]
+    assert "RuntimeError: cannot list families" in info.error
+    assert {e.family.name for e in plugins.families} >= set(BUILTIN_FAMILIES)
+
+
+def test_eos_token_ids_add_the_family_stop_tokens_in_the_vocabulary(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    class MoreStops(Llama):
+        name = "llama-more-stops"
+        stop_tokens = (*Llama.stop_tokens, "<|start_header_id|>", "<|not-in-vocab|>")
+
+    plain = registry_for(tmp_path, tiny_checkpoints["llama"]).load("tiny")
+    assert plain.eos_token_ids == frozenset(plain.tokenizer.eos_token_ids)
+    registry = registry_for(tmp_path, tiny_checkpoints["llama"], ("more", ClaimLlama(MoreStops())))
+    loaded = registry.load("tiny")
+    vocab = loaded.tokenizer.get_vocab()
+    assert loaded.family.name == "llama-more-stops"
+    assert loaded.eos_token_ids == plain.eos_token_ids | {vocab["<|start_header_id|>"]}
+
+
 def test_unknown_model_type_names_it() -> None:
     with pytest.raises(UnknownModelTypeError, match="'mamba'"):
         load_plugins().family_for("mamba")

@@ -66,6 +66,57 @@ def test_request_value_beats_model_entry_which_beats_sampling_defaults() -> None
     assert chat().to_sampling_params() == SamplingParams()
 
 
+def test_model_entry_beats_family_defaults_which_beat_built_in_ones() -> None:
+    family = {"temperature": 0.0, "top_k": 5, "presence_penalty": 0.5}
+    entry = ModelEntry(source="builtin:tiny", temperature=0.3)
+    params = chat().to_sampling_params(entry, family)
+    assert (params.temperature, params.top_k, params.presence_penalty) == (0.3, 5, 0.5)
+    params = chat(top_k=9, presence_penalty=0).to_sampling_params(entry, family)
+    assert (params.top_k, params.presence_penalty) == (9, 0)
+    assert chat().to_sampling_params(None, family).temperature == 0.0
+    assert completion().to_sampling_params(None, family).top_k == 5
+
+
+def test_negative_seeds_map_into_the_engine_range() -> None:
+    assert chat(seed=-1).to_sampling_params().seed == 2**63 - 1
+    assert chat(seed=2**63 - 1).to_sampling_params().seed == 2**63 - 1
+    assert chat(seed=0).to_sampling_params().seed == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": False}, "temperature"),
+        ({"top_k": "3"}, "top_k"),
+        ({"seed": 2**63}, "seed"),
+        ({"stop_token_ids": [0] * 65}, "stop_token_ids"),
+        ({"logit_bias": {str(i): 0 for i in range(301)}}, "logit_bias"),
+        ({"stop": ["a"] * 17}, "stop"),
+        ({"user": "\ud800"}, "user"),
+    ],
+)
+def test_wire_types_are_strict(fields: dict[str, Any], loc: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        chat(**fields)
+    assert caught.value.errors()[0]["loc"][0] == loc
+
+
+def test_ints_are_taken_for_float_fields() -> None:
+    assert chat(temperature=1, top_p=1).to_sampling_params().temperature == 1.0
+
+
+def test_top_logprobs_needs_logprobs() -> None:
+    assert param_of(chat(top_logprobs=3)) == "top_logprobs"
+    assert chat(logprobs=True, top_logprobs=3).to_sampling_params().top_logprobs == 3
+
+
+def test_error_bodies_escape_lone_surrogates() -> None:
+    body = error_body("bad \ud800 input", param="x\udfff")
+    assert json.dumps(body, ensure_ascii=False).encode()
+    assert body["error"]["message"] == "bad \\ud800 input"
+
+
 def test_unknown_fields_are_ignored() -> None:
     assert chat(parallel_tool_calls=False, store=True).to_sampling_params() == SamplingParams()
 

@@ -10,7 +10,7 @@ from mlxserve.core.sampling import InvalidParameterError
 from mlxserve.core.sequence import RequestOutput, TokenLogprob
 from mlxserve.core.worker import ServedModel
 
-from ..deps import ConfigDep, EngineDep, require_api_key
+from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from ..generation import admit, collect, finish_reason, timings, token_text, usage_info
 from ..protocol import (
     ChatCompletionChoice,
@@ -51,23 +51,34 @@ def _chat_logprobs(model: ServedModel, logprobs: list[TokenLogprob]) -> ChoiceLo
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep, config: ConfigDep
+    body: ChatCompletionRequest,
+    request: Request,
+    engine: EngineDep,
+    config: ConfigDep,
+    metrics: MetricsDep,
 ) -> Any:
     """Answer a conversation, at once or streamed as server-sent events."""
 
+    messages = body.prompt_messages()
+
     def prompt(model: ServedModel) -> list[int]:
         try:
-            return list(
-                model.tokenizer.apply_chat_template(
-                    body.prompt_messages(), add_generation_prompt=True
-                )
-            )
+            return list(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         except Exception as exc:  # Jinja templates raise their own errors for bad input
             raise InvalidParameterError(
                 "messages", f"the chat template rejected the messages: {exc}"
             ) from exc
 
-    admitted = await admit(engine, config, body.model, body.to_sampling_params, prompt)
+    chars = sum(len(message["content"]) for message in messages)
+    admitted = await admit(
+        engine,
+        config,
+        body.model,
+        body.to_sampling_params,
+        prompt,
+        prompt_chars=chars,
+        metrics=metrics,
+    )
     response_id = new_id("chatcmpl")
     if body.stream:
         started = False

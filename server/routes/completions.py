@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from mlxserve.core.sequence import RequestOutput, TokenLogprob
 from mlxserve.core.worker import ServedModel
 
-from ..deps import ConfigDep, EngineDep, require_api_key
+from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from ..generation import admit, collect, finish_reason, timings, token_text, usage_info
 from ..protocol import (
     CompletionChoice,
@@ -44,16 +44,29 @@ def _legacy_logprobs(
 
 @router.post("/completions", response_model=CompletionResponse)
 async def completions(
-    body: CompletionRequest, request: Request, engine: EngineDep, config: ConfigDep
+    body: CompletionRequest,
+    request: Request,
+    engine: EngineDep,
+    config: ConfigDep,
+    metrics: MetricsDep,
 ) -> Any:
     """Continue a prompt (text or token ids), at once or streamed as server-sent events."""
 
     def prompt(model: ServedModel) -> list[int]:
         if isinstance(body.prompt, str):
             return list(model.tokenizer.encode(body.prompt))
-        return list(body.prompt)
+        return body.prompt
 
-    admitted = await admit(engine, config, body.model, body.to_sampling_params, prompt)
+    chars = len(body.prompt) if isinstance(body.prompt, str) else 0
+    admitted = await admit(
+        engine,
+        config,
+        body.model,
+        body.to_sampling_params,
+        prompt,
+        prompt_chars=chars,
+        metrics=metrics,
+    )
     response_id = new_id("cmpl")
     if body.stream:
         offset = 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 from importlib.metadata import version
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from ..deps import ConfigDep, EngineDep
+from ..deps import ConfigDep, EngineDep, require_api_key
 
 router = APIRouter(tags=["health"])
 
@@ -33,7 +33,7 @@ async def health(engine: EngineDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if engine.alive else 503)
 
 
-@router.get("/")
+@router.get("/", dependencies=[Depends(require_api_key)])
 async def root(config: ConfigDep, engine: EngineDep) -> dict[str, Any]:
     """What this server is, which models it has, and where to go next."""
     return {
