@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 
@@ -104,13 +104,20 @@ class BlockManager:
             added.append(block_hash)
         return added
 
-    def adopt(self, block_hash: str) -> bool:
-        """Count a block brought back from disk as cached (idle); False if there is no room."""
+    def adopt(self, block_hash: str, keep: Collection[str] = ()) -> bool:
+        """Count a block brought back from disk as cached (idle); False if there is no room.
+
+        Room is made by evicting the least recently used idle block that is not in ``keep``
+        (the blocks the same request is about to reuse).
+        """
         if self.used_blocks >= self.num_blocks:
-            if not self.idle:
+            victim = next((h for h in self.idle if h not in keep), None)
+            if victim is None:
                 return False
-            evicted, _ = self.idle.popitem(last=False)
-            self.evicted.append(evicted)
+            del self.idle[victim]
+            self.evicted.append(victim)
+        if block_hash in self.evicted:  # evicted earlier in this step: it stays after all
+            self.evicted.remove(block_hash)
         self.idle[block_hash] = None
         return True
 

@@ -7,6 +7,7 @@ queue, and gets results back through futures and per-request streams.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -16,7 +17,6 @@ import traceback
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .coordinator import Coordinator, lost_a_rank
@@ -28,34 +28,15 @@ from .errors import (
     ModelBusyError,
     QueueFullError,
 )
-from .kv_cache import KVCacheOptions
 from .sampling import SamplingParams
 from .sequence import RequestOutput, Sequence
+from .settings import EngineSettings
 from .worker import ModelWorker, ServedModel
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.2
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    max_batch_size: int = 8
-    prefill_step_size: int = 512
-    queue_size: int = 64
-    max_loaded_models: int = 1
-    max_sequence_length: int = 4096
-    kv_options: KVCacheOptions = KVCacheOptions()
-    step_timeout_s: float = 30.0
-    exit_grace_s: float = 3.0
-    kv_budget_kind: str = "auto"
-    kv_budget_value: int = 0
-    reserved_memory_mb: int = 2048
-    block_size: int = 16
-    prefix_cache: bool = True
-    disk_dir: str | None = None
-    disk_max_bytes: int = 10 * 2**30
-    disk_write: str = "evicted"
+SHUTDOWN_MESSAGE = "the server is shutting down"
 
 
 class RequestStream:
@@ -99,6 +80,12 @@ class Engine:
     A request for a model that is not loaded loads it, unloading the least recently used
     idle model if there is no room; a model with running sequences is never unloaded, so
     switching never loses a running request's tokens.
+
+    Stopping is graceful: :meth:`drain` refuses new requests and gives the running ones a
+    grace period; :meth:`stop` ends whatever is left with an error and keeps the prefix
+    cache on the disk tier. A failure of the engine itself (or a lost rank) ends every
+    request with an error and exits the process with status 1 after ``exit_grace_s``, so
+    a supervisor can restart it.
     """
 
     def __init__(
@@ -110,19 +97,22 @@ class Engine:
         self.load_model = load_model
         self.settings = settings
         self.cluster = cluster or Cluster()
-        self.ranks = Coordinator(self.cluster, settings.step_timeout_s, self._fail_group)
+        self.ranks = Coordinator(self.cluster, settings.step_timeout_s, self.fail)
         self.observers: list[Callable[[Sequence, RequestOutput], None]] = []
         self.workers: OrderedDict[str, ModelWorker] = OrderedDict()
         self.streams: dict[str, RequestStream] = {}
-        self.waiting_for_model: dict[str, list[asyncio.Future | Sequence]] = {}
-        self.commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.seqs_waiting_for_model: dict[str, list[Sequence]] = {}
+        self.loads_waiting: dict[str, list[asyncio.Future]] = {}
+        self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.error: str | None = None
         self._in_flight = 0
         self._waiting = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mlxserve-engine", daemon=True)
+        self._draining = False
         self._stopping = False
         self._stopped = threading.Event()
+        self._exit_timer: threading.Timer | None = None
 
     # ---- the event loop's side -----------------------------------------------------------
 
@@ -130,15 +120,36 @@ class Engine:
         self._thread.start()
         self.ranks.start()
 
+    def drain(self, grace_s: float) -> None:
+        """Refuse new requests from now on; those running get ``grace_s`` seconds to finish,
+        then end with an error."""
+        if self._draining:
+            return
+        self._draining = True
+        log.info("shutting down: new requests are refused; %g s for running ones", grace_s)
+        timer = threading.Timer(grace_s, self._send, (self._end_all, SHUTDOWN_MESSAGE))
+        timer.daemon = True
+        timer.start()
+
     def stop(self, timeout: float = 30) -> None:
-        self._stopping = True
-        self.commands.put(("stop", None))
+        """End what is left (with an error), keep the prefix cache on disk, stop the ranks."""
+        self._draining = True
+        self._send(self._on_stop)
         if self._thread.is_alive():
             self._stopped.wait(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopped.is_set() and self.error is None
+        return (
+            self._thread.is_alive()
+            and not self._stopped.is_set()
+            and self.error is None
+            and not self._draining
+        )
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._draining
 
     def loaded_models(self) -> list[str]:
         return list(self.workers)
@@ -153,11 +164,11 @@ class Engine:
         worker = self.workers.get(name)
         if worker is not None:
             return worker.model
-        return await self._call("load", name)
+        return await self._call(self._on_load, name)
 
     async def unload(self, name: str) -> bool:
         """Unload an idle model; False if it was not loaded. Raises ModelBusyError if busy."""
-        return await self._call("unload", name)
+        return await self._call(self._on_unload, name)
 
     def submit(
         self,
@@ -169,15 +180,13 @@ class Engine:
         """Queue a request; its stream yields outputs until one has a finish_reason.
 
         Raises:
-            ContextLengthError: the prompt (and max_tokens) cannot fit the context.
+            ContextLengthError: the prompt (and max_tokens) cannot fit the context or the
+                model's KV budget.
             QueueFullError: ``queue_size`` requests are already waiting.
             EngineUnavailableError: the engine has failed or is stopping.
         """
         self._check_alive()
-        limit = min(self.settings.max_sequence_length, model.context_length)
-        worker = self.workers.get(model.name)
-        if worker is not None and worker.capacity_tokens < limit:
-            limit = worker.capacity_tokens
+        limit = self._longest_sequence(model)
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if not prompt_ids or wanted > limit:
             raise ContextLengthError(
@@ -199,41 +208,51 @@ class Engine:
             self._in_flight += 1
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, asyncio.get_running_loop())
-        eos = frozenset(getattr(model.tokenizer, "eos_token_ids", ()) or ())
         seq = Sequence(
             request_id=request_id,
             model=model.name,
             prompt_ids=list(prompt_ids),
             params=params,
             max_tokens=min(params.max_tokens or limit, limit - len(prompt_ids)),
-            eos_ids=eos,
+            eos_ids=model.eos_token_ids,
             seed=params.seed if params.seed is not None else random.getrandbits(62),
             text=TextStream(model.tokenizer, params.stop),
             stream=stream,
         )
         self.streams[request_id] = stream
-        self.commands.put(("submit", (model.name, seq)))
+        self._send(self._on_submit, model.name, seq)
         return stream
 
     def abort(self, request_id: str) -> None:
         """End a request at the next step (e.g. its client went away); its KV is freed."""
         if request_id in self.streams:
-            self.commands.put(("abort", request_id))
+            self._send(self._on_abort, request_id)
 
     def queue_depth(self) -> int:
         """Requests submitted and not yet in a batch."""
         return self._in_flight + self._waiting
 
+    def _longest_sequence(self, model: ServedModel) -> int:
+        """Prompt plus generated tokens one sequence of ``model`` may have."""
+        limit = min(self.settings.kv_for(model.name).max_sequence_length, model.context_length)
+        worker = self.workers.get(model.name)
+        return limit if worker is None else min(limit, worker.capacity_tokens)
+
     def _check_alive(self) -> None:
         if self.error is not None:
             raise EngineUnavailableError(f"the engine has failed: {self.error}")
-        if self._stopping or not self.alive:
+        if self._draining:
+            raise EngineUnavailableError(SHUTDOWN_MESSAGE)
+        if not self.alive:
             raise EngineUnavailableError("the engine is not running")
 
-    async def _call(self, command: str, name: str) -> Any:
+    def _send(self, command: Callable[..., None], *args: Any) -> None:
+        self.commands.put(functools.partial(command, *args))
+
+    async def _call(self, command: Callable[[str, asyncio.Future], None], name: str) -> Any:
         self._check_alive()
         future = asyncio.get_running_loop().create_future()
-        self.commands.put((command, (name, future)))
+        self._send(command, name, future)
         return await future
 
     # ---- the engine thread ---------------------------------------------------------------
@@ -252,8 +271,8 @@ class Engine:
                 self._serve_waiting_models()
                 self._count_waiting()
         except Exception as exc:  # a bug in the loop itself: fail loudly, never hang
-            self.error = self.error or f"{type(exc).__name__}: {exc}"
             log.critical("engine thread failed:\n%s", traceback.format_exc())
+            self.fail(f"the engine thread failed: {type(exc).__name__}: {exc}")
         finally:
             reason = self.error or "the engine stopped"
             for stream in list(self.streams.values()):
@@ -266,11 +285,7 @@ class Engine:
 
     def _count_waiting(self) -> None:
         waiting = sum(len(w.scheduler.waiting) for w in self.workers.values())
-        waiting += sum(
-            isinstance(item, Sequence)
-            for items in self.waiting_for_model.values()
-            for item in items
-        )
+        waiting += sum(len(seqs) for seqs in self.seqs_waiting_for_model.values())
         with self._lock:
             self._waiting = waiting
 
@@ -282,26 +297,42 @@ class Engine:
         handled = False
         while True:
             try:
-                command, arg = self.commands.get(block=block, timeout=IDLE_WAIT_S)
+                command = self.commands.get(block=block, timeout=IDLE_WAIT_S)
             except queue.Empty:
                 return handled
             block, handled = False, True
-            getattr(self, f"_on_{command}")(arg)
+            command()
 
-    def _on_stop(self, _: None) -> None:
-        self._stopping = True
+    def _on_stop(self) -> None:
+        self._end_all("the server stopped")
+        for name, worker in self.workers.items():
+            try:
+                worker.close(self.settings.disk_flush_s)
+            except Exception:
+                log.exception("%s: could not keep its prefix cache", name)
         self.ranks.tell("stop")
+        self._stopping = True
 
-    def _on_submit(self, arg: tuple[str, Sequence]) -> None:
-        name, seq = arg
+    def _on_submit(self, name: str, seq: Sequence) -> None:
         with self._lock:
             self._in_flight -= 1
             self._waiting += 1
         worker = self.workers.get(name)
         if worker is None:
-            self.waiting_for_model.setdefault(name, []).append(seq)
+            self.seqs_waiting_for_model.setdefault(name, []).append(seq)
         else:
             self.workers.move_to_end(name)
+            self._enqueue(worker, seq)
+
+    def _enqueue(self, worker: ModelWorker, seq: Sequence) -> None:
+        needed = len(seq.prompt_ids) + seq.max_tokens
+        if needed > worker.capacity_tokens:  # never fits: waiting would block the queue
+            error = (
+                f"the request needs {needed} tokens of KV cache, but model "
+                f"{seq.model!r} has room for {worker.capacity_tokens}"
+            )
+            self._publish(seq, RequestOutput(seq.request_id, finish_reason="error", error=error))
+        else:
             worker.scheduler.add(seq)
 
     def _on_abort(self, request_id: str) -> None:
@@ -313,23 +344,42 @@ class Engine:
                     seq, RequestOutput(request_id, finish_reason="abort", usage=seq.usage())
                 )
                 return
-        for pending in self.waiting_for_model.values():
-            for item in pending:
-                if isinstance(item, Sequence) and item.request_id == request_id:
-                    pending.remove(item)
-                    self._publish(item, RequestOutput(request_id, finish_reason="abort"))
+        for seqs in self.seqs_waiting_for_model.values():
+            for seq in seqs:
+                if seq.request_id == request_id:
+                    seqs.remove(seq)
+                    self._publish(seq, RequestOutput(request_id, finish_reason="abort"))
                     return
 
-    def _on_load(self, arg: tuple[str, asyncio.Future]) -> None:
-        name, future = arg
+    def _end_all(self, reason: str) -> None:
+        """End every request with an error (shutdown); running ones keep their KV blocks."""
+        for worker in self.workers.values():
+            scheduler = worker.scheduler
+            for seq in [*scheduler.running, *scheduler.prefilling, *scheduler.waiting]:
+                scheduler.finish(seq, "error")
+                output = RequestOutput(
+                    seq.request_id, finish_reason="error", error=reason, usage=seq.usage()
+                )
+                self._publish(seq, output)
+        for seqs in self.seqs_waiting_for_model.values():
+            for seq in seqs:
+                self._publish(
+                    seq, RequestOutput(seq.request_id, finish_reason="error", error=reason)
+                )
+        self.seqs_waiting_for_model.clear()
+        for futures in self.loads_waiting.values():
+            for future in futures:
+                _resolve(future, error=EngineUnavailableError(reason))
+        self.loads_waiting.clear()
+
+    def _on_load(self, name: str, future: asyncio.Future) -> None:
         if name in self.workers:
             self.workers.move_to_end(name)
             _resolve(future, self.workers[name].model)
         else:
-            self.waiting_for_model.setdefault(name, []).append(future)
+            self.loads_waiting.setdefault(name, []).append(future)
 
-    def _on_unload(self, arg: tuple[str, asyncio.Future]) -> None:
-        name, future = arg
+    def _on_unload(self, name: str, future: asyncio.Future) -> None:
         worker = self.workers.get(name)
         if worker is None:
             _resolve(future, False)
@@ -348,11 +398,17 @@ class Engine:
         worker = self.workers.pop(name)
         self.ranks.tell("unload", model=name)
         for seq in worker.scheduler.drain():  # only waiting ones: it was idle
-            self.waiting_for_model.setdefault(name, []).append(seq)
+            self.seqs_waiting_for_model.setdefault(name, []).append(seq)
+        try:
+            worker.close(self.settings.disk_flush_s)
+        except Exception:
+            log.exception("%s: could not keep its prefix cache", name)
         log.info("unloaded model %s", name)
 
     def _serve_waiting_models(self) -> None:
-        for name in list(self.waiting_for_model):
+        for name in [*self.seqs_waiting_for_model, *self.loads_waiting]:
+            if name not in self.seqs_waiting_for_model and name not in self.loads_waiting:
+                continue  # listed twice, served already
             if name not in self.workers and not self._make_room():
                 for worker in self.workers.values():  # let busy models drain, then switch
                     worker.scheduler.admitting = False
@@ -371,7 +427,8 @@ class Engine:
         return False
 
     def _load(self, name: str) -> None:
-        pending = self.waiting_for_model.pop(name)
+        seqs = self.seqs_waiting_for_model.pop(name, [])
+        futures = self.loads_waiting.pop(name, [])
         try:
             if name not in self.workers:
                 log.info("loading model %s", name)
@@ -385,20 +442,18 @@ class Engine:
                 )
         except Exception as exc:
             log.error("loading model %s failed: %s", name, exc)
-            for item in pending:
-                if isinstance(item, Sequence):
-                    self._publish(
-                        item, RequestOutput(item.request_id, finish_reason="error", error=str(exc))
-                    )
-                else:
-                    _resolve(item, error=exc)
+            for seq in seqs:
+                self._publish(
+                    seq, RequestOutput(seq.request_id, finish_reason="error", error=str(exc))
+                )
+            for future in futures:
+                _resolve(future, error=exc)
             return
         worker = self.workers[name]
-        for item in pending:
-            if isinstance(item, Sequence):
-                worker.scheduler.add(item)
-            else:
-                _resolve(item, worker.model)
+        for seq in seqs:
+            self._enqueue(worker, seq)
+        for future in futures:
+            _resolve(future, worker.model)
 
     def _step(self, name: str, worker: ModelWorker) -> None:
         try:
@@ -424,8 +479,9 @@ class Engine:
         if output.finish_reason is not None:
             self.streams.pop(seq.request_id, None)
 
-    def _fail_group(self, reason: str) -> None:
-        """A rank is gone: end every request, say so, and exit so a supervisor can restart."""
+    def fail(self, reason: str) -> None:
+        """The engine cannot go on (a rank is gone, or its thread failed): end every request,
+        say so on /health, and exit with status 1 after ``exit_grace_s``."""
         if self.error is not None:
             return
         self.error = reason
@@ -433,4 +489,11 @@ class Engine:
         for stream in list(self.streams.values()):
             stream.put(RequestOutput(stream.request_id, finish_reason="error", error=reason))
         self.streams.clear()
-        threading.Timer(self.settings.exit_grace_s, os._exit, (1,)).start()
+        self.exit_soon()
+
+    def exit_soon(self) -> None:
+        """Exit the process with status 1 after ``exit_grace_s`` (once)."""
+        if self._exit_timer is None:
+            self._exit_timer = threading.Timer(self.settings.exit_grace_s, os._exit, (1,))
+            self._exit_timer.daemon = True
+            self._exit_timer.start()

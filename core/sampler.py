@@ -33,7 +33,8 @@ def _filter(logits: mx.array, params: Seq[SamplingParams]) -> mx.array:
     ranked = mx.take_along_axis(logits, order, axis=-1)
     probs = mx.softmax(ranked, axis=-1)
     positions = mx.arange(logits.shape[-1])[None]
-    top_k = mx.array([p.top_k or logits.shape[-1] for p in params])[:, None]
+    vocab = logits.shape[-1]
+    top_k = mx.array([min(p.top_k or vocab, vocab) for p in params])[:, None]
     top_p = mx.array([p.top_p for p in params])[:, None]
     min_p = mx.array([p.min_p for p in params])[:, None]
     mass_before = mx.cumsum(probs, axis=-1) - probs
@@ -84,3 +85,28 @@ def _logprob(row: mx.array, token: int, top_n: int) -> TokenLogprob:
         ids = mx.argsort(-row)[:top_n].tolist()
         top = tuple(zip(ids, row[mx.array(ids)].tolist(), strict=True))
     return TokenLogprob(token, row[token].item(), top)
+
+
+def sample_each(
+    logits: mx.array, seqs: Seq[Sequence]
+) -> tuple[list[int | Exception], list[TokenLogprob | None]]:
+    """Like :func:`sample`, but a row that cannot be sampled gives its error, not everyone's.
+
+    The batch is sampled at once; only if that fails is each row sampled on its own, so one
+    sequence's bad parameters end that sequence alone.
+    """
+    try:
+        tokens, logprobs = sample(logits, seqs)
+        return list(tokens), logprobs
+    except Exception:
+        pass
+    tokens_each: list[int | Exception] = []
+    logprobs_each: list[TokenLogprob | None] = []
+    for row, seq in enumerate(seqs):
+        try:
+            (token,), (logprob,) = sample(logits[row : row + 1], [seq])
+        except Exception as exc:
+            token, logprob = exc, None
+        tokens_each.append(token)
+        logprobs_each.append(logprob)
+    return tokens_each, logprobs_each

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .block_manager import BlockManager, block_hashes
 from .plan import PrefillChunk, StepPlan
 from .sequence import RequestOutput, Sequence, Status, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -24,7 +27,7 @@ class Scheduler:
         prefill_step_size: int,
         blocks: BlockManager | None = None,
         prefix_salt: str | None = None,
-        from_disk: Callable[[str], bool] | None = None,
+        from_disk: Callable[[str, Collection[str]], bool] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
@@ -85,7 +88,7 @@ class Scheduler:
             at_most = (len(seq.prompt_ids) - 1) // self.blocks.block_size  # one must be run
             reused = self.blocks.cached_prefix(hashes)[:at_most]
             for block_hash in hashes[len(reused) : at_most] if self.from_disk else ():
-                if not self.from_disk(block_hash):
+                if not self.from_disk(block_hash, frozenset(reused)):
                     break
                 reused.append(block_hash)
         total = len(seq.prompt_ids) + seq.max_tokens
@@ -121,9 +124,16 @@ class Scheduler:
         return ((tuple(fresh),) if fresh else ()) + tuple(singles)
 
     def postprocess(
-        self, plan: StepPlan, tokens: list[int], logprobs: list[TokenLogprob | None]
+        self,
+        plan: StepPlan,
+        tokens: list[int | Exception],
+        logprobs: list[TokenLogprob | None],
     ) -> list[tuple[Sequence, RequestOutput]]:
-        """Account for a step's results; the output of every sequence that sampled a token."""
+        """Account for a step's results; the output of every sequence that sampled a token.
+
+        A sequence whose token could not be sampled (an exception in ``tokens``), or whose
+        token could not be turned into text, ends with an error; the others go on.
+        """
         by_id = {s.request_id: s for s in self.prefilling}
         for group in plan.prefill:
             for chunk in group:
@@ -135,9 +145,27 @@ class Scheduler:
                     self.running.append(seq)
         by_id = {s.request_id: s for s in self.running}
         return [
-            (by_id[rid], self._advance(by_id[rid], token, logprob))
+            (by_id[rid], self._advance_or_fail(by_id[rid], token, logprob))
             for rid, token, logprob in zip(plan.sample_ids, tokens, logprobs, strict=True)
         ]
+
+    def _advance_or_fail(
+        self, seq: Sequence, token: int | Exception, logprob: TokenLogprob | None
+    ) -> RequestOutput:
+        try:
+            if isinstance(token, Exception):
+                raise token
+            return self._advance(seq, token, logprob)
+        except Exception as exc:
+            log.exception("request %s failed; the others go on", seq.request_id)
+            if seq.status != Status.FINISHED:
+                self.finish(seq, "error")
+            return RequestOutput(
+                seq.request_id,
+                finish_reason="error",
+                error=f"{type(exc).__name__}: {exc}",
+                usage=seq.usage(),
+            )
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.append(token)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -15,12 +15,12 @@ from .kv_cache import KVCacheOptions, budget_tokens, bytes_per_token
 from .pipeline import PipelineStage
 from .plan import StepPlan
 from .runner import ModelRunner, check_batchable
-from .sampler import sample
+from .sampler import sample_each
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 
 if TYPE_CHECKING:
-    from .engine import EngineSettings
+    from .settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class ServedModel(Protocol):
 
     @property
     def context_length(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
 
     def make_cache(self, options: KVCacheOptions) -> list[Any]: ...
 
@@ -52,39 +55,39 @@ class ModelWorker:
     ) -> None:
         self.model = model
         self.settings = settings
+        self.kv = kv = settings.kv_for(model.name)
         self.announce = announce
         self.runner = make_runner(model, settings, lockstep=announce is not None)
-        self.capacity_tokens = self._capacity(can_measure)
-        self.prefix_caching = settings.prefix_cache and shares_blocks(
-            model.make_cache(settings.kv_options)
-        )
-        if settings.prefix_cache and not self.prefix_caching:
+        # Whole blocks only: a sequence is admitted only if all of its blocks can be.
+        self.capacity_tokens = self._capacity(can_measure) // kv.block_size * kv.block_size
+        self.prefix_caching = kv.prefix_cache and shares_blocks(model.make_cache(kv.options))
+        if kv.prefix_cache and not self.prefix_caching:
             log.warning(
                 "%s: its KV caches cannot share blocks (sliding window or quantized); "
                 "prefix caching is off for it",
                 model.name,
             )
         self.key = getattr(model, "fingerprint", model.name)
-        if settings.disk_dir and self.prefix_caching:
+        if kv.disk_dir and self.prefix_caching:
             if can_use_disk:
                 self.runner.disk = DiskTier(
-                    Path(settings.disk_dir),
+                    Path(kv.disk_dir),
                     self.key,
                     model.stage.layers,
-                    settings.block_size,
-                    settings.disk_max_bytes,
+                    kv.block_size,
+                    kv.disk_max_bytes,
                 )
-                self.runner.write_all_to_disk = settings.disk_write == "all"
+                self.runner.write_all_to_disk = kv.disk_write == "all"
             else:
                 log.warning("%s: the KV disk tier is off with several ranks", model.name)
         self.scheduler = self._new_scheduler()
 
     def _capacity(self, can_measure: bool) -> int:
-        s = self.settings
-        if s.kv_budget_kind != "tokens" and not can_measure:
-            return s.max_batch_size * s.max_sequence_length
-        per_token = bytes_per_token(self.model.stage, self.model.make_cache(s.kv_options))
-        tokens = budget_tokens(s.kv_budget_kind, s.kv_budget_value, s.reserved_memory_mb, per_token)
+        kv = self.kv
+        if kv.budget_kind != "tokens" and not can_measure:
+            return self.settings.max_batch_size * kv.max_sequence_length
+        per_token = bytes_per_token(self.model.stage, self.model.make_cache(kv.options))
+        tokens = budget_tokens(kv.budget_kind, kv.budget_value, kv.reserved_memory_mb, per_token)
         log.info(
             "%s: KV budget %d tokens (%.1f MiB, %d bytes a token)",
             self.model.name,
@@ -95,16 +98,16 @@ class ModelWorker:
         return tokens
 
     def _new_scheduler(self) -> Scheduler:
-        s = self.settings
-        blocks = BlockManager(self.capacity_tokens // s.block_size, s.block_size)
+        s, block_size = self.settings, self.kv.block_size
+        blocks = BlockManager(self.capacity_tokens // block_size, block_size)
         salt = self.key if self.prefix_caching else None
         from_disk = self._from_disk if self.runner.disk is not None else None
         return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt, from_disk)
 
-    def _from_disk(self, block_hash: str) -> bool:
+    def _from_disk(self, block_hash: str, keep: Collection[str]) -> bool:
         if not self.runner.load_from_disk(block_hash):
             return False
-        if self.scheduler.blocks.adopt(block_hash):
+        if self.scheduler.blocks.adopt(block_hash, keep):
             return True
         self.runner.blocks.pop(block_hash, None)
         return False
@@ -115,8 +118,23 @@ class ModelWorker:
             self.announce(plan)
         logits = self.runner.run(plan)
         seqs = [self.scheduler.find(rid) for rid in plan.sample_ids]
-        tokens, logprobs = sample(logits, seqs) if seqs else ([], [])
+        tokens, logprobs = sample_each(logits, seqs) if seqs else ([], [])
         return self.scheduler.postprocess(plan, tokens, logprobs)
+
+    def close(self, timeout_s: float) -> None:
+        """Keep the prefix cache for a restart: every cached block goes to the disk tier."""
+        if self.scheduler.to_save or self.scheduler.to_release:
+            self.step()  # copies the blocks of sequences that just ended out of the batch
+        disk = self.runner.disk
+        if disk is None:
+            return
+        queued = self.runner.spill_to_disk()
+        if disk.close(timeout_s):
+            log.info("%s: %d KV blocks kept on the disk tier", self.model.name, queued)
+        else:
+            log.warning(
+                "%s: the disk tier did not finish writing within %g s", self.model.name, timeout_s
+            )
 
     def fail(self) -> list[Sequence]:
         """Forget every sequence and cache (after an error); the sequences that were here."""
@@ -128,11 +146,9 @@ class ModelWorker:
 
 def make_runner(model: ServedModel, settings: EngineSettings, lockstep: bool) -> ModelRunner:
     """A runner for ``model`` whose caches come from its family's cache factory."""
-    options = settings.kv_options
-    check_batchable(model.make_cache(options))
-    return ModelRunner(
-        model.stage, lambda: model.make_cache(options), lockstep, settings.block_size
-    )
+    kv = settings.kv_for(model.name)
+    check_batchable(model.make_cache(kv.options))
+    return ModelRunner(model.stage, lambda: model.make_cache(kv.options), lockstep, kv.block_size)
 
 
 def shares_blocks(cache: list[Any]) -> bool:

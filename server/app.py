@@ -12,36 +12,21 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from mlxserve.core.config import Config
 from mlxserve.core.distributed import Cluster
-from mlxserve.core.engine import Engine, EngineSettings
-from mlxserve.core.kv_cache import KVCacheOptions
+from mlxserve.core.engine import Engine
 from mlxserve.core.metrics import EngineMetrics
+from mlxserve.core.settings import EngineSettings
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins, load_plugins
 
 from .errors import install_error_handlers
-from .routes import admin, chat, completions, health, metrics, models
+from .limits import BodyLimitMiddleware
+from .routes import admin, chat, completions, docs, health, metrics, models
 
 log = logging.getLogger(__name__)
 
 
 def engine_settings(config: Config) -> EngineSettings:
-    perf = config.performance
-    return EngineSettings(
-        max_batch_size=perf.max_batch_size,
-        prefill_step_size=perf.prefill_step_size,
-        queue_size=perf.queue_size,
-        max_loaded_models=config.registry.max_loaded_models,
-        max_sequence_length=config.kv_cache.max_sequence_length,
-        kv_options=KVCacheOptions(bits=config.kv_cache.bits),
-        step_timeout_s=config.distributed.step_timeout_s,
-        kv_budget_kind=config.kv_cache.budget.kind,
-        kv_budget_value=config.kv_cache.budget.value,
-        reserved_memory_mb=config.kv_cache.reserved_memory_mb,
-        block_size=config.kv_cache.block_size,
-        disk_dir=str(config.kv_cache.disk_dir) if config.kv_cache.disk_dir else None,
-        disk_max_bytes=int(config.kv_cache.disk_max_gb * 2**30),
-        disk_write=config.kv_cache.disk_write,
-    )
+    return EngineSettings.from_config(config)
 
 
 def create_app(
@@ -72,11 +57,24 @@ def create_app(
         yield
         engine.stop()
 
-    app = FastAPI(title="mlxserve", version=version("mlxserve"), lifespan=lifespan)
+    app = FastAPI(
+        title="mlxserve",
+        version=version("mlxserve"),
+        lifespan=lifespan,
+        # served by routes.docs, behind the API key
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.config = config
     app.state.engine = engine
     app.state.registry = registry
     app.state.metrics = EngineMetrics(engine)
+    app.add_middleware(  # inside CORS, so a 413 still carries CORS headers
+        BodyLimitMiddleware,
+        max_bytes=config.server.max_request_bytes,
+        rejected=app.state.metrics.http_error,
+    )
     if config.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -85,6 +83,6 @@ def create_app(
             allow_headers=["*"],
         )
     install_error_handlers(app)
-    for module in (chat, completions, models, admin, health, metrics):
+    for module in (chat, completions, models, admin, health, metrics, docs):
         app.include_router(module.router)
     return app

@@ -71,11 +71,10 @@ def cmd_plugins_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    import uvicorn
-
     from mlxserve.core.distributed import Cluster
 
     from .app import create_app
+    from .serving import Server
 
     cluster = Cluster.join(config.distributed.backend)
     if cluster.distributed:
@@ -83,28 +82,21 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     if cluster.rank > 0:
         return follow_rank_zero(config, cluster)
     app = create_app(config, cluster=cluster)
-    engine = app.state.engine
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            # When a rank is lost, mlx.launch stops the others at once; keep answering 503
-            # (and saying why) until the engine exits by itself a few seconds later.
-            if engine.error is None:
-                super().handle_exit(sig, frame)
-
-    settings = uvicorn.Config(
-        app,
-        host=config.server.host,
-        port=config.server.port,
-        log_level=config.logging.level,
-        timeout_graceful_shutdown=5,
-    )
-    Server(settings).run()
+    Server(
+        app, host=config.server.host, port=config.server.port, log_level=config.logging.level
+    ).run()
     return 0
 
 
 def follow_rank_zero(config: Config, cluster: Any) -> int:
-    """Every rank but 0: run rank 0's steps on this rank's share of each model."""
+    """Every rank but 0: run rank 0's steps on this rank's share of each model.
+
+    Any failure ends the process at once with exit status 1 (after logging why).
+    """
+    import logging
+    import os
+
+    from mlxserve.core.coordinator import lost_a_rank
     from mlxserve.core.follower import follow
     from mlxserve.registry.models import ModelRegistry
 
@@ -113,9 +105,17 @@ def follow_rank_zero(config: Config, cluster: Any) -> int:
     registry = ModelRegistry(config, _plugins(config), cluster)
     try:
         follow(cluster, lambda name: registry.load(name, download=True), engine_settings(config))
-    except RuntimeError as exc:
-        print(f"error: rank {cluster.rank} lost contact with rank 0: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        if lost_a_rank(exc):
+            print(f"error: rank {cluster.rank} lost contact with rank 0: {exc}", file=sys.stderr)
+        else:
+            logging.getLogger(__name__).critical("rank %d failed", cluster.rank, exc_info=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A rank out of step cannot go on, and nothing of it may keep the process alive: end
+        # it now, so that mlx.launch stops the group and rank 0 sees its ring connection drop.
+        os._exit(1)
     return 0
 
 

@@ -1,0 +1,141 @@
+"""One request's fault ends that request alone; the queue never waits on what can't fit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlx_lm.utils import load_tokenizer
+
+from mlxserve.core.block_manager import BlockManager, block_hashes
+from mlxserve.core.engine import Engine, RequestStream
+from mlxserve.core.sampling import SamplingParams
+from mlxserve.core.scheduler import Scheduler
+from mlxserve.core.settings import EngineSettings
+from mlxserve.registry.models import ModelRegistry
+from mlxserve.registry.plugins import load_plugins
+
+from .server import post, running_server, write_config
+from .test_engine_parts import make_seq
+
+PROMPT_A = [(i * 37) % 250 + 3 for i in range(40)]  # two full KV blocks
+PROMPT_B = [42, 17, 3, 99, 61]
+
+
+def run_on_engine(config: Any, scenario: Callable[[Engine], Awaitable[Any]]) -> Any:
+    registry = ModelRegistry(config, load_plugins())
+    engine = Engine(registry.load, EngineSettings.from_config(config))
+    engine.start()
+    try:
+        return asyncio.run(scenario(engine))
+    finally:
+        engine.stop()
+
+
+async def finish(stream: RequestStream) -> tuple[str, str | None, str | None, int]:
+    text, reason, error, cached = "", None, None, 0
+    async for output in stream:
+        text += output.text
+        reason, error = output.finish_reason, output.error
+        cached = output.usage.cached_tokens if output.usage else cached
+    return text, reason, error, cached
+
+
+def broken(params: SamplingParams, field: str, value: object) -> SamplingParams:
+    """Parameters with a value validation would refuse: a stand-in for a bug that slips by."""
+    object.__setattr__(params, field, value)
+    return params
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_checkpoints: dict[str, Path]) -> Any:
+    return write_config(
+        tmp_path,
+        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[models.m]\nsource = "{tiny_checkpoints["llama"]}"\n'
+        "[kv_cache]\nmax_sequence_length = 256\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("logit_bias", ((3, "not a number"),)), ("stop", (123,))],
+    ids=["sampler", "stop-strings"],
+)
+def test_a_fault_of_one_sequence_ends_it_alone(config: Any, field: str, value: object) -> None:
+    async def scenario(engine: Engine) -> None:
+        model = await engine.model("m")
+        good = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        alone, *_ = await finish(engine.submit(model, PROMPT_A, good))
+        bad = broken(SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), field, value)
+        results = await asyncio.gather(
+            finish(engine.submit(model, PROMPT_A, good)),
+            finish(engine.submit(model, PROMPT_B, bad)),
+        )
+        (text, reason, _, _), (_, bad_reason, bad_error, _) = results
+        assert (text, reason) == (alone, "length")
+        assert bad_reason == "error" and bad_error
+        again, reason, _, cached = await finish(engine.submit(model, PROMPT_A, good))
+        assert (again, reason, cached) == (alone, "length", 32)  # the prefix cache survived
+
+    run_on_engine(config, scenario)
+
+
+def test_a_block_from_disk_never_evicts_a_block_the_same_request_reuses(tokenizer: Any) -> None:
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    prompt = list(range(1, 14))  # three full blocks, all reusable
+    h0, h1, h2 = block_hashes(prompt, 4, "salt")
+    blocks.idle = OrderedDict.fromkeys([h0, h1, "other-1", "other-2"])  # h0 least recent
+    blocks.reserve(8, [])  # a running sequence: the budget is now full
+    scheduler = Scheduler(4, 64, blocks, "salt", lambda h, keep: h == h2 and blocks.adopt(h, keep))
+    seq = make_seq("s", prompt, tokenizer, max_tokens=1)
+    scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert seq.reused == (h0, h1, h2)
+    assert not set(plan.evict) & set(seq.reused)
+    assert sorted(plan.evict) == ["other-1", "other-2"]
+
+
+def test_the_queue_is_first_come_first_served(tokenizer: Any) -> None:
+    scheduler = Scheduler(8, 64, BlockManager(num_blocks=4, block_size=4))
+    running = make_seq("running", [1] * 8, tokenizer, max_tokens=4)  # 3 blocks
+    head = make_seq("head", [2] * 4, tokenizer, max_tokens=4)  # 2 blocks: not yet
+    small = make_seq("small", [3] * 2, tokenizer, max_tokens=1)  # 1 block: would fit
+    for seq in (running, head, small):
+        scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert plan.sample_ids == ("running",)
+    assert [s.request_id for s in scheduler.waiting] == ["head", "small"]
+    scheduler.postprocess(plan, [7], [None])
+    scheduler.finish(running, "stop")
+    plan = scheduler.schedule()
+    assert plan.sample_ids == ("head", "small")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoints: dict[str, Path]) -> Any:
+    return load_tokenizer(tiny_checkpoints["llama"])
+
+
+def test_a_request_that_can_never_get_its_blocks_is_refused_at_once(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    config = write_config(
+        tmp_path,
+        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[models.m]\nsource = "{tiny_checkpoints["llama"]}"\n'
+        "[server]\nrequest_timeout_s = 20\n"
+        "[kv_cache]\nbudget = 100\nmax_sequence_length = 100\nblock_size = 16\n",
+    )
+    with running_server(config) as server:
+        body = {"model": "m", "prompt": [7] * 97, "max_tokens": 1}
+        refused = post(server, "/v1/completions", json=body)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+        assert "96" in refused.json()["error"]["message"]
+        fits = post(server, "/v1/completions", json={**body, "prompt": [7] * 90, "max_tokens": 6})
+        assert fits.status_code == 200, fits.text
