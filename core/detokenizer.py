@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+# A UTF-8 character is at most 4 bytes, so at most 4 byte tokens; past this many held tokens
+# the text is not waiting for a character to complete.
+MAX_CHARACTER_TOKENS = 3
+MAX_HELD_TOKENS = 8
 
 
 class IncrementalDetokenizer:
     """Decodes a growing list of ids, giving out only text that later tokens cannot change.
+
+    Special tokens are left out of the text, all of them (``hidden`` None) or the ids in
+    ``hidden`` (so that others, such as a family's tool-call markers, stay in).
 
     Each new token is decoded together with a few tokens before it, so that tokenizers
     whose pieces depend on their neighbours (SentencePiece spaces, byte-level BPE) give
@@ -16,23 +23,34 @@ class IncrementalDetokenizer:
     character is held back until the character is complete.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, hidden: frozenset[int] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.hidden = hidden
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.hidden is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode([i for i in ids if i not in self.hidden])
 
     def add(self, token: int) -> str:
         self.ids.append(token)
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         after = self._decode(self.ids[self.prefix_offset :])
-        if len(after) <= len(before) or after.endswith(REPLACEMENT):
+        if len(after) > len(before) and not after.endswith(REPLACEMENT):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return after[len(before) :]
+        if len(self.ids) - self.read_offset < MAX_HELD_TOKENS:
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return after[len(before) :]
+        # So many tokens and still no whole character: the bytes are invalid, not unfinished.
+        # Give them out as the decoder renders them, keeping back only the last few tokens
+        # (which may still begin a character), so the window decoded per token stays short.
+        cut = len(self.ids) - MAX_CHARACTER_TOKENS
+        text = self._decode(self.ids[self.prefix_offset : cut])
+        self.prefix_offset, self.read_offset = self.read_offset, cut
+        return text[len(before) :]
 
     def flush(self) -> str:
         """Whatever is still held back (at the end of the sequence)."""
@@ -49,11 +67,14 @@ class TextStream:
     way, so no part of a stop string is ever given out.
     """
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
+    def __init__(
+        self, tokenizer: Any, stop: tuple[str, ...] = (), hidden: frozenset[int] | None = None
+    ) -> None:
+        self.detokenizer = IncrementalDetokenizer(tokenizer, hidden)
         self.stop = stop
         self.pending = ""
         self.stopped = False
+        self.stopped_by: str | None = None
 
     def add(self, token: int) -> str:
         """Add a token; return the text that is now safe to show."""
@@ -71,10 +92,11 @@ class TextStream:
         if not self.stop:
             text, self.pending = self.pending, ""
             return text
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        hits = [(at, stop) for stop in self.stop if (at := self.pending.find(stop)) >= 0]
         if hits:
+            at, self.stopped_by = min(hits)
             self.stopped = True
-            text, self.pending = self.pending[: min(hits)], ""
+            text, self.pending = self.pending[:at], ""
             return text
         keep = 0 if final else self._longest_stop_prefix_suffix()
         cut = len(self.pending) - keep

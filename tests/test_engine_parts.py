@@ -158,3 +158,18 @@ def test_batch_size_limits_admission(tokenizer) -> None:  # noqa: ANN001
         scheduler.add(make_seq(f"s{i}", [1, 2], tokenizer))
     plan = scheduler.schedule()
     assert plan.sample_ids == ("s0", "s1") and len(scheduler.waiting) == 1
+
+
+def test_invalid_bytes_never_grow_the_decoded_window(tokenizer) -> None:  # noqa: ANN001
+    invalid = [i for i in range(256) if tokenizer.decode([i, i, i, i]) == "\ufffd" * 4]
+    continuation = invalid[:1]  # a byte that is never text, however many follow
+    assert continuation
+    detok = IncrementalDetokenizer(tokenizer)
+    widest = 0
+    pieces = []
+    for _ in range(2000):
+        pieces.append(detok.add(continuation[0]))
+        widest = max(widest, len(detok.ids) - detok.prefix_offset)
+    pieces.append(detok.flush())
+    assert widest <= 16  # not 2,000: each token decodes a short window
+    assert "".join(pieces) == tokenizer.decode(continuation * 2000)
