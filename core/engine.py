@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from .constraint import Constraint
 from .coordinator import Coordinator, lost_a_rank
 from .detokenizer import TextStream
 from .distributed import Cluster
@@ -176,8 +177,12 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         request_id: str | None = None,
+        *,
+        constraint: Constraint | None = None,
     ) -> RequestStream:
         """Queue a request; its stream yields outputs until one has a finish_reason.
+
+        ``constraint`` (compiled off the event loop) is the grammar its output must follow.
 
         Raises:
             ContextLengthError: the prompt (and max_tokens) cannot fit the context or the
@@ -216,8 +221,9 @@ class Engine:
             max_tokens=min(params.max_tokens or limit, limit - len(prompt_ids)),
             eos_ids=model.eos_token_ids,
             seed=params.seed if params.seed is not None else random.getrandbits(62),
-            text=TextStream(model.tokenizer, params.stop),
+            text=TextStream(model.tokenizer, params.stop, model.hidden_special_tokens),
             stream=stream,
+            constraint=constraint,
         )
         self.streams[request_id] = stream
         self._send(self._on_submit, model.name, seq)

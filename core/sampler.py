@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence as Seq
 
 import mlx.core as mx
+import numpy as np
 
+from .constraint import mask_logits
 from .sampling import SamplingParams
 from .sequence import Sequence, TokenLogprob
 
@@ -48,13 +51,18 @@ def _gumbel_noise(seqs: Seq[Sequence], vocab: int) -> mx.array:
     return mx.stack([mx.random.gumbel((vocab,), key=k) for k in keys])
 
 
-def sample(logits: mx.array, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(
+    logits: mx.array, seqs: Seq[Sequence], masks: np.ndarray | None = None
+) -> tuple[list[int], list[TokenLogprob | None]]:
     """One token per row of ``logits`` (rows in the order of ``seqs``).
 
     A seeded request draws the same tokens whatever else is in the batch: each draw's
-    randomness comes from the request's seed and the token's position alone.
+    randomness comes from the request's seed and the token's position alone. A sequence's
+    grammar (its constraint) masks its row before anything else, so penalties, temperature,
+    top-k/p and logprobs all see only the tokens the grammar allows; ``masks`` are the rows'
+    grammar bitmasks if they were computed ahead (see :func:`constraint.start_masks`).
     """
-    logits = logits.astype(mx.float32)
+    logits = mask_logits(logits.astype(mx.float32), [s.constraint for s in seqs], masks)
     if any(s.params.penalized or s.params.logit_bias for s in seqs):
         logits = mx.stack([_adjust_row(logits[i], s) for i, s in enumerate(seqs)])
     greedy = mx.argmax(logits, axis=-1)
@@ -83,12 +91,13 @@ def _logprob(row: mx.array, token: int, top_n: int) -> TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     if top_n:
         ids = mx.argsort(-row)[:top_n].tolist()
-        top = tuple(zip(ids, row[mx.array(ids)].tolist(), strict=True))
+        pairs = zip(ids, row[mx.array(ids)].tolist(), strict=True)
+        top = tuple((i, p) for i, p in pairs if p > -math.inf)  # a grammar's ruled-out tokens
     return TokenLogprob(token, row[token].item(), top)
 
 
 def sample_each(
-    logits: mx.array, seqs: Seq[Sequence]
+    logits: mx.array, seqs: Seq[Sequence], masks: np.ndarray | None = None
 ) -> tuple[list[int | Exception], list[TokenLogprob | None]]:
     """Like :func:`sample`, but a row that cannot be sampled gives its error, not everyone's.
 
@@ -96,7 +105,7 @@ def sample_each(
     sequence's bad parameters end that sequence alone.
     """
     try:
-        tokens, logprobs = sample(logits, seqs)
+        tokens, logprobs = sample(logits, seqs, masks)
         return list(tokens), logprobs
     except Exception:
         pass
@@ -104,7 +113,8 @@ def sample_each(
     logprobs_each: list[TokenLogprob | None] = []
     for row, seq in enumerate(seqs):
         try:
-            (token,), (logprob,) = sample(logits[row : row + 1], [seq])
+            row_masks = None if masks is None else masks[row : row + 1]
+            (token,), (logprob,) = sample(logits[row : row + 1], [seq], row_masks)
         except Exception as exc:
             token, logprob = exc, None
         tokens_each.append(token)

@@ -169,12 +169,17 @@ class Scheduler:
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.append(token)
+        if seq.constraint is not None:
+            seq.constraint.consume(token)
         params = seq.params
         if token in params.stop_token_ids or (token in seq.eos_ids and not params.ignore_eos):
             text, reason = seq.text.finish(), "stop"
         else:
             text = seq.text.add(token)
-            reason = "stop" if seq.text.stopped else None
+            complete = seq.constraint is not None and seq.constraint.done
+            if complete:  # only end-of-sequence may follow: no need to sample it
+                text += seq.text.finish()
+            reason = "stop" if seq.text.stopped or complete else None
             if reason is None and len(seq.output_ids) >= seq.max_tokens:
                 text, reason = text + seq.text.finish(), "length"
         if reason:
@@ -186,6 +191,7 @@ class Scheduler:
             logprobs=(logprob,) if logprob else (),
             finish_reason=reason,
             usage=seq.usage() if reason else None,
+            stop_sequence=seq.text.stopped_by,
         )
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -39,7 +39,8 @@ class RequestOutput:
     """What one engine step produced for one request: new text, and whether it is done.
 
     ``finish_reason`` is "stop", "length", "abort" or "error" on the last output
-    (``error`` then says what went wrong), None before.
+    (``error`` then says what went wrong), None before; ``stop_sequence`` is the stop string
+    that ended it, if one did.
     """
 
     request_id: str
@@ -49,6 +50,7 @@ class RequestOutput:
     finish_reason: str | None = None
     error: str | None = None
     usage: Usage | None = None
+    stop_sequence: str | None = None
 
 
 @dataclass(eq=False)
@@ -72,6 +74,7 @@ class Sequence:
     stream: Any = None
     reused: tuple[str, ...] = ()
     reservation: Any = None
+    constraint: Any = None  # a core.constraint.Constraint: the grammar its output must follow
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mlx_lm.models.cache import KVCache
 
 from .block_manager import BlockManager
+from .constraint import join_masks, start_masks
 from .disk_tier import DiskTier
 from .kv_cache import KVCacheOptions, budget_tokens, bytes_per_token
 from .pipeline import PipelineStage
@@ -38,6 +39,9 @@ class ServedModel(Protocol):
 
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def hidden_special_tokens(self) -> frozenset[int] | None: ...
 
     def make_cache(self, options: KVCacheOptions) -> list[Any]: ...
 
@@ -116,9 +120,13 @@ class ModelWorker:
         plan = self.scheduler.schedule()
         if self.announce is not None:
             self.announce(plan)
-        logits = self.runner.run(plan)
         seqs = [self.scheduler.find(rid) for rid in plan.sample_ids]
-        tokens, logprobs = sample_each(logits, seqs) if seqs else ([], [])
+        pending = start_masks([s.constraint for s in seqs])  # computed during the forward pass
+        try:
+            logits = self.runner.run(plan)
+        finally:
+            masks = join_masks(pending)
+        tokens, logprobs = sample_each(logits, seqs, masks) if seqs else ([], [])
         return self.scheduler.postprocess(plan, tokens, logprobs)
 
     def close(self, timeout_s: float) -> None:

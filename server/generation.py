@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from mlxserve.core.config import Config, ModelEntry
+from mlxserve.core.constraint import Constraint, GrammarError, grammar_tokenizer
 from mlxserve.core.engine import Engine, RequestStream
 from mlxserve.core.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError
 from mlxserve.core.metrics import EngineMetrics
@@ -29,6 +30,7 @@ MAX_CHARS_PER_TOKEN = 32
 
 ParamsFactory = Callable[[ModelEntry | None, Mapping[str, float] | None], SamplingParams]
 PromptFactory = Callable[[ServedModel], list[int]]
+GrammarFactory = Callable[[ServedModel], str | None]
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Admitted:
     params: SamplingParams
     deadline: float
     metrics: EngineMetrics | None = None
+    prompt_tokens: int = 0
 
     def ended_early(self, kind: str) -> None:
         if self.metrics is not None:
@@ -87,6 +90,35 @@ def _prompt_ids(
     return prompt
 
 
+def _constraint(
+    model: ServedModel, grammar: str, lock: threading.Lock, vocab: int, param: str
+) -> Constraint:
+    """Compile a grammar for this model; runs in a worker thread, never on the event loop."""
+    try:
+        with lock:
+            ll_tokenizer = grammar_tokenizer(model.tokenizer, vocab)
+        return Constraint(ll_tokenizer, grammar)
+    except GrammarError as exc:
+        raise InvalidParameterError(param, f"cannot be compiled: {exc}") from exc
+
+
+def _prepare(
+    model: ServedModel,
+    make_prompt: PromptFactory,
+    lock: threading.Lock,
+    limit: int,
+    vocab: int,
+    grammar: str | GrammarFactory | None,
+    grammar_param: str,
+) -> tuple[list[int], Constraint | None]:
+    prompt = _prompt_ids(model, make_prompt, lock, limit, vocab)
+    if callable(grammar):
+        grammar = grammar(model)
+    if grammar is None:
+        return prompt, None
+    return prompt, _constraint(model, grammar, lock, vocab, grammar_param)
+
+
 def _checked_params(params: SamplingParams, vocab: int) -> SamplingParams:
     if any(not 0 <= token < vocab for token, _ in params.logit_bias):
         raise InvalidParameterError("logit_bias", f"token ids must be below {vocab}")
@@ -106,11 +138,16 @@ async def admit(
     *,
     prompt_chars: int = 0,
     metrics: EngineMetrics | None = None,
+    grammar: str | GrammarFactory | None = None,
+    grammar_param: str = "response_format",
 ) -> Admitted:
     """Resolve the model, load it if needed, tokenize (off the event loop) and submit.
 
     ``prompt_chars`` is the length of the text ``make_prompt`` tokenizes: a text far longer
-    than the context is refused before any tokenizing.
+    than the context is refused before any tokenizing. ``grammar`` (llguidance Lark text, or
+    a function of the model giving it, called after ``make_prompt``) is compiled in the same
+    worker thread and constrains the output; one that cannot be compiled is an
+    InvalidParameterError naming ``grammar_param``.
     """
     found = config.resolve_model(model_name or config.registry.default_model)
     if found is None:
@@ -128,10 +165,12 @@ async def admit(
     if prompt_chars > limit * MAX_CHARS_PER_TOKEN:
         raise _context_error(limit, f"{prompt_chars} characters, far more than fit")
     lock = _tokenizer_lock(model.tokenizer)
-    prompt = await asyncio.to_thread(_prompt_ids, model, make_prompt, lock, limit, vocab)
-    stream = engine.submit(model, prompt, params)
+    prompt, constraint = await asyncio.to_thread(
+        _prepare, model, make_prompt, lock, limit, vocab, grammar, grammar_param
+    )
+    stream = engine.submit(model, prompt, params, constraint=constraint)
     deadline = time.monotonic() + config.server.request_timeout_s
-    return Admitted(name, model, stream, params, deadline, metrics)
+    return Admitted(name, model, stream, params, deadline, metrics, len(prompt))
 
 
 def watch_disconnect(engine: Engine, admitted: Admitted, request: Request) -> asyncio.Task:

@@ -20,6 +20,7 @@ from ..protocol import (
     new_id,
 )
 from ..streaming import event_stream
+from ..structured import grammar_for_response_format
 
 router = APIRouter(prefix="/v1", tags=["completions"], dependencies=[Depends(require_api_key)])
 
@@ -66,6 +67,7 @@ async def completions(
         prompt,
         prompt_chars=chars,
         metrics=metrics,
+        grammar=grammar_for_response_format(body.response_format),
     )
     response_id = new_id("cmpl")
     if body.stream:
