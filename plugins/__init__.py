@@ -2,5 +2,14 @@
 
 from .family import ModelFamily
 from .hookspecs import hookimpl, hookspec
+from .tool_calls import TextPiece, ToolCall, ToolCallFormat, ToolCallParser
 
-__all__ = ["ModelFamily", "hookimpl", "hookspec"]
+__all__ = [
+    "ModelFamily",
+    "TextPiece",
+    "ToolCall",
+    "ToolCallFormat",
+    "ToolCallParser",
+    "hookimpl",
+    "hookspec",
+]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import mlx.nn as nn
@@ -12,6 +15,20 @@ from mlxserve.core.layout import DecoderLayout
 
 from .family import ModelFamily
 from .hookspecs import hookimpl
+from .tool_calls import (
+    MarkerParser,
+    Region,
+    TextPiece,
+    ToolCall,
+    ToolCallFormat,
+    ToolCallParser,
+    calls_grammar,
+    dumps,
+    lark_json,
+    lark_literal,
+    lark_marker,
+    tool_lines,
+)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -22,6 +39,91 @@ CHAT_TEMPLATE = (
 )
 
 LATENT_TYPES = ("deepseek_v3", "kimi_k2")
+
+CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+OUTPUTS_BEGIN, OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+OUTPUT_BEGIN, OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+_BEGIN, _END, _SEP = (re.escape(m) for m in (CALL_BEGIN, CALL_END, SEP))
+V3_CALL = re.compile(rf"\s*{_BEGIN}\w+{_SEP}([^\n]+)\n```(?:json)?\n(.*?)\n```\s*{_END}", re.S)
+V31_CALL = re.compile(rf"\s*{_BEGIN}([^\n]+?){_SEP}(.*?){_END}", re.S)
+
+
+def deepseek_calls(body: str) -> list[ToolCall] | None:
+    """The calls of a ``<｜tool▁calls▁begin｜>`` block (V3 and V3.1 forms), or None."""
+    calls, at = [], 0
+    while match := V3_CALL.match(body, at) or V31_CALL.match(body, at):
+        try:
+            arguments = json.loads(match.group(2))
+        except ValueError:
+            return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append(ToolCall(match.group(1).strip(), dumps(arguments)))
+        at = match.end()
+    return calls if calls and not body[at:].strip() else None
+
+
+class DeepSeekParser(MarkerParser):
+    openers = (CALLS_BEGIN,)
+
+    def take(self, region: str, final: bool) -> Region | None:
+        end = region.find(CALLS_END)
+        if end < 0 and not final:
+            return None
+        used = end + len(CALLS_END) if end >= 0 else len(region)
+        calls = deepseek_calls(region[len(CALLS_BEGIN) : end if end >= 0 else len(region)])
+        return (calls or [TextPiece(region[:used])]), used
+
+
+class DeepSeekToolCalls(ToolCallFormat):
+    """DeepSeek V3's ``<｜tool▁calls▁begin｜>`` blocks, arguments in a json code fence."""
+
+    name = "deepseek"
+    markers = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
+
+    def parser(self) -> ToolCallParser:
+        return DeepSeekParser()
+
+    def grammar(
+        self, tools: list[dict[str, Any]], *, parallel: bool, special: Mapping[str, int] = {}
+    ) -> str:
+        def one_call(name: str, parameters: Mapping[str, Any] | None) -> str:
+            head = lark_literal(name + "\n```json\n")
+            return (
+                f'{lark_marker(CALL_BEGIN, special)} "function" {lark_marker(SEP, special)} '
+                f"{head} {lark_json(parameters)} "
+                f'"\\n```" {lark_marker(CALL_END, special)}'
+            )
+
+        return calls_grammar(
+            tools,
+            one_call,
+            parallel=parallel,
+            separator='"\\n"',
+            before=lark_marker(CALLS_BEGIN, special),
+            after=lark_marker(CALLS_END, special),
+        )
+
+    def render_calls(self, calls: list[ToolCall]) -> str:
+        blocks = "\n".join(
+            f"{CALL_BEGIN}function{SEP}{call.name}\n```json\n{call.arguments}\n```{CALL_END}"
+            for call in calls
+        )
+        return f"{CALLS_BEGIN}{blocks}{CALLS_END}"
+
+    def tools_prompt(self, tools: list[dict[str, Any]]) -> str:
+        return (
+            "## Tools\n\nYou have access to the following functions:\n"
+            f"{tool_lines(tools)}\n\n"
+            "To call functions, answer with:\n"
+            f"{CALLS_BEGIN}{CALL_BEGIN}function{SEP}<function name>\n```json\n"
+            f"<arguments object>\n```{CALL_END}{CALLS_END}\n"
+            f"with one {CALL_BEGIN}...{CALL_END} per call."
+        )
+
+    def render_result(self, name: str | None, content: str) -> str:
+        return f"{OUTPUTS_BEGIN}{OUTPUT_BEGIN}{content}{OUTPUT_END}{OUTPUTS_END}"
 
 
 def array_mask(h: Any, cache: Any, layer: nn.Module) -> Any:
@@ -36,6 +138,7 @@ class DeepSeek(ModelFamily):
     bos_token = "<｜begin▁of▁sentence｜>"
     stop_tokens = ("<｜end▁of▁sentence｜>",)
     control_tokens = ("<｜User｜>", "<｜Assistant｜>")
+    tool_call_format = DeepSeekToolCalls()
 
     def layout(self, model: nn.Module) -> DecoderLayout:
         if model.args.model_type in LATENT_TYPES:

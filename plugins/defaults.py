@@ -12,6 +12,7 @@ from mlxserve.core.layout import DecoderLayout
 
 from .family import ModelFamily
 from .hookspecs import hookimpl
+from .tool_calls import ToolCallFormat
 
 
 @hookimpl(trylast=True)
@@ -29,3 +30,8 @@ def mlxserve_kv_cache_factory(
 @hookimpl(trylast=True)
 def mlxserve_chat_template(family: ModelFamily, tokenizer: Any) -> str:
     return getattr(tokenizer, "chat_template", None) or family.chat_template
+
+
+@hookimpl(trylast=True)
+def mlxserve_tool_call_format(family: ModelFamily) -> ToolCallFormat | None:
+    return family.tool_call_format

@@ -12,6 +12,8 @@ import mlx.nn as nn
 from mlxserve.core.kv_cache import CacheKind, KVCacheOptions, make_layer_cache, warn_unquantizable
 from mlxserve.core.layout import DecoderLayout
 
+from .tool_calls import HermesToolCalls, ToolCallFormat
+
 
 class ModelFamily:
     """Base class of a family plugin's family; subclass it and fill in the class attributes.
@@ -37,6 +39,9 @@ class ModelFamily:
             (temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
             frequency_penalty), values in their valid ranges. A request's value wins, then the
             model's ``[models.NAME]`` entry, then these, then mlxserve's defaults.
+        tool_call_format: how the family's models see tools and write tool calls (a
+            :class:`~mlxserve.plugins.tool_calls.ToolCallFormat`); None if they cannot call
+            tools. The default is Hermes-style ``<tool_call>{...}</tool_call>`` blocks.
 
     A family whose attributes break these rules is logged and skipped when plugins load.
     """
@@ -49,6 +54,7 @@ class ModelFamily:
     stop_tokens: ClassVar[tuple[str, ...]]
     control_tokens: ClassVar[tuple[str, ...]] = ()
     sampling_defaults: ClassVar[dict[str, float]] = {}
+    tool_call_format: ClassVar[ToolCallFormat | None] = HermesToolCalls()
 
     # ---- building the model ----
 

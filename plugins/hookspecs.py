@@ -1,7 +1,8 @@
 """Every hook mlxserve calls, in one place; plugins implement them with ``@hookimpl``.
 
 A family plugin usually implements only :func:`mlxserve_families`. The other hooks let a
-plugin replace one piece of another family (a better sharding rule, a different KV cache)
+plugin replace one piece of another family (a better sharding rule, a different KV cache,
+a tool-call format)
 without copying it; mlxserve's own behaviour is itself a ``trylast`` implementation of each,
 so any plugin's answer comes first.
 """
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from mlxserve.core.layout import DecoderLayout
 
     from .family import ModelFamily
+    from .tool_calls import ToolCallFormat
 
 PROJECT = "mlxserve"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -85,4 +87,18 @@ def mlxserve_chat_template(family: ModelFamily, tokenizer: Any) -> str | None:
 
     First non-None result wins; the default is the tokenizer's own template, else the
     family's ``chat_template``.
+    """
+
+
+@hookspec(firstresult=True)
+def mlxserve_tool_call_format(family: ModelFamily) -> ToolCallFormat | None:
+    """Give the tool-call format of a family's models: how tools go into the prompt, how
+    the model writes a call, how calls are parsed and which grammar forces one.
+
+    :param family: the model's family.
+    :return: a :class:`~mlxserve.plugins.tool_calls.ToolCallFormat`, or None to leave it
+        to others.
+
+    First non-None result wins; the default is ``family.tool_call_format``, which is None
+    for a family whose models cannot call tools.
     """

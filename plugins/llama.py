@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import mlx.nn as nn
@@ -12,6 +13,21 @@ from mlxserve.core.layout import DecoderLayout, MaskFn
 
 from .family import ModelFamily
 from .hookspecs import hookimpl
+from .tool_calls import (
+    MarkerParser,
+    Region,
+    TextPiece,
+    ToolCall,
+    ToolCallFormat,
+    ToolCallParser,
+    arguments_value,
+    calls_grammar,
+    dumps,
+    json_calls,
+    lark_json,
+    lark_literal,
+    tool_lines,
+)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -31,6 +47,55 @@ def sliding_window_mask(window: int | None) -> MaskFn:
     return mask
 
 
+PYTHON_TAG = "<|python_tag|>"
+
+
+class LlamaParser(MarkerParser):
+    """A reply that starts with ``{`` (or has ``<|python_tag|>``) is judged at its end."""
+
+    openers = (PYTHON_TAG,)
+    openers_at_start = ("{",)
+
+    def take(self, region: str, final: bool) -> Region | None:
+        if not final:
+            return None
+        calls = json_calls(region.removeprefix(PYTHON_TAG))
+        return (calls or [TextPiece(region)]), len(region)
+
+
+class LlamaToolCalls(ToolCallFormat):
+    """Llama 3.x JSON calls: ``{"name": ..., "parameters": {...}}``, several apart by ``;``."""
+
+    name = "llama"
+    markers = (PYTHON_TAG,)
+
+    def parser(self) -> ToolCallParser:
+        return LlamaParser()
+
+    def grammar(
+        self, tools: list[dict[str, Any]], *, parallel: bool, special: Mapping[str, int] = {}
+    ) -> str:
+        def one_call(name: str, parameters: Mapping[str, Any] | None) -> str:
+            head = lark_literal(f'{{"name": {dumps(name)}, "parameters": ')
+            return f'{head} {lark_json(parameters)} "}}"'
+
+        return calls_grammar(tools, one_call, parallel=parallel, separator='"; "')
+
+    def render_calls(self, calls: list[ToolCall]) -> str:
+        return "; ".join(
+            dumps({"name": call.name, "parameters": arguments_value(call)}) for call in calls
+        )
+
+    def tools_prompt(self, tools: list[dict[str, Any]]) -> str:
+        return (
+            "Given the following functions, please respond with a JSON for a function call "
+            "with its proper arguments that best answers the given prompt.\n\n"
+            'Respond in the format {"name": function name, "parameters": dictionary of '
+            "argument name and its value}. Do not use variables.\n\n"
+            f"{tool_lines(tools)}"
+        )
+
+
 class Llama(ModelFamily):
     name = "llama"
     model_types = ("llama",)
@@ -38,6 +103,7 @@ class Llama(ModelFamily):
     bos_token = "<|begin_of_text|>"
     stop_tokens = ("<|eot_id|>", "<|end_of_text|>")
     control_tokens = ("<|start_header_id|>", "<|end_header_id|>")
+    tool_call_format = LlamaToolCalls()
 
     def layout(self, model: nn.Module) -> DecoderLayout:
         head = "lm_head" if hasattr(model, "lm_head") else None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import mlx.nn as nn
@@ -9,12 +13,120 @@ from mlx_lm.models import llama
 
 from .hookspecs import hookimpl
 from .llama import Llama
+from .tool_calls import (
+    MarkerParser,
+    Region,
+    TextPiece,
+    ToolCall,
+    ToolCallFormat,
+    ToolCallParser,
+    arguments_value,
+    call_from_object,
+    calls_grammar,
+    dumps,
+    lark_json,
+    lark_literal,
+    lark_marker,
+)
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
     "{% else %}[INST] {{ message['content'] }} [/INST]{% endif %}{% endfor %}"
 )
+
+
+TOOL_CALLS, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+NAMED_CALL = re.compile(rf"([\w.\-]+)(?:{re.escape(CALL_ID)}\w+)?{re.escape(ARGS)}\s*")
+NAME_CHARS = re.compile(r"[\w.\-]*")
+
+
+def could_become_named_call(text: str) -> bool:
+    """Whether more text could still make ``text`` a ``name[CALL_ID]id[ARGS]`` head."""
+    name = NAME_CHARS.match(text).group()  # type: ignore[union-attr]
+    rest = text[len(name) :]
+    if not rest or not name:
+        return not rest
+    if ARGS.startswith(rest) or CALL_ID.startswith(rest):
+        return True
+    if not rest.startswith(CALL_ID):
+        return False
+    after = rest[len(CALL_ID) :]
+    call_id = re.match(r"\w*", after).group()  # type: ignore[union-attr]
+    return ARGS.startswith(after[len(call_id) :])
+
+
+class MistralParser(MarkerParser):
+    """``[TOOL_CALLS][{...}, ...]`` and the newer ``[TOOL_CALLS]name[ARGS]{...}``."""
+
+    openers = (TOOL_CALLS,)
+
+    def take(self, region: str, final: bool) -> Region | None:
+        start = len(region) - len(region[len(TOOL_CALLS) :].lstrip())
+        if start == len(region):
+            return None
+        if region[start] == "[":
+            return self._json_value(region, start, list)
+        head = NAMED_CALL.match(region, start)
+        if head is not None:
+            return self._json_value(region, head.end(), dict, head.group(1))
+        if could_become_named_call(region[start:]):
+            return None
+        return [TextPiece(TOOL_CALLS)], len(TOOL_CALLS)
+
+    def _json_value(self, region: str, at: int, kind: type, name: str = "") -> Region | None:
+        try:
+            value, end = json.JSONDecoder().raw_decode(region, at)
+        except ValueError:
+            return None
+        if not isinstance(value, kind) or not value and kind is list:
+            return [TextPiece(region[:end])], end
+        objects = value if kind is list else [{"name": name, "arguments": value}]
+        calls = [call_from_object(item) for item in objects]
+        if not all(calls):
+            return [TextPiece(region[:end])], end
+        return list(calls), end  # type: ignore[arg-type]
+
+
+class MistralToolCalls(ToolCallFormat):
+    """Mistral's ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``."""
+
+    name = "mistral"
+    markers = (TOOL_CALLS, ARGS, CALL_ID)
+
+    def parser(self) -> ToolCallParser:
+        return MistralParser()
+
+    def grammar(
+        self, tools: list[dict[str, Any]], *, parallel: bool, special: Mapping[str, int] = {}
+    ) -> str:
+        def one_call(name: str, parameters: Mapping[str, Any] | None) -> str:
+            head = lark_literal(f'{{"name": {dumps(name)}, "arguments": ')
+            return f'{head} {lark_json(parameters)} "}}"'
+
+        before = f'{lark_marker(TOOL_CALLS, special)} "["'
+        return calls_grammar(
+            tools, one_call, parallel=parallel, separator='", "', before=before, after='"]"'
+        )
+
+    def render_calls(self, calls: list[ToolCall]) -> str:
+        objects = [{"name": call.name, "arguments": arguments_value(call)} for call in calls]
+        return TOOL_CALLS + dumps(objects)
+
+    def tools_prompt(self, tools: list[dict[str, Any]]) -> str:
+        return (
+            f"[AVAILABLE_TOOLS]{dumps(tools)}[/AVAILABLE_TOOLS]\n"
+            "To call tools, answer with [TOOL_CALLS] followed by a JSON list of "
+            '{"name": <function name>, "arguments": <arguments object>} and nothing else.'
+        )
+
+    def render_result(self, name: str | None, content: str) -> str:
+        return f"[TOOL_RESULTS]{dumps({'content': content})}[/TOOL_RESULTS]"
+
+    def prompt_call_id(self, call_id: str) -> str:
+        if len(call_id) == 9 and call_id.isalnum():
+            return call_id
+        return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
 class SlidingWindowModel(llama.Model):
@@ -40,6 +152,7 @@ class Mistral(Llama):
     bos_token = "<s>"
     stop_tokens = ("</s>",)
     control_tokens = ("[INST]", "[/INST]")
+    tool_call_format = MistralToolCalls()
 
     def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type]:
         windowed = config.get("sliding_window") and not config.get("layer_types")

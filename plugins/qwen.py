@@ -6,6 +6,7 @@ from typing import Any
 
 from .family import ModelFamily
 from .hookspecs import hookimpl
+from .tool_calls import HermesToolCalls
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -55,6 +56,7 @@ class Qwen(ModelFamily):
     chat_template = CHAT_TEMPLATE
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
     control_tokens = ("<|im_start|>",)
+    tool_call_format = HermesToolCalls()
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
         return {"model_type": model_type, **_TINY[model_type]}

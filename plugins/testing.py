@@ -7,11 +7,22 @@ Use from pytest in a plugin's own tests::
     def test_my_family(tmp_path):
         check_family(MyFamily(), tmp_path)
 
+and for a tool-call format, with the checkpoint's tokenizer (needs llguidance and jsonschema)::
+
+    from mlxserve.plugins.testing import check_tool_call_format
+
+    def test_my_format(tmp_path):
+        path = write_tiny_checkpoint(MyFamily(), tmp_path)
+        check_tool_call_format(MyFamily.tool_call_format, load_tokenizer(path))
+
 Each check raises AssertionError with a message that says what differs.
 """
 
 from __future__ import annotations
 
+import json
+import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +35,7 @@ from mlxserve.core.pipeline import PipelineStage, split_even, stage_ranges
 
 from .family import ModelFamily
 from .tiny import write_tiny_checkpoint
+from .tool_calls import ParsedPiece, TextPiece, ToolCall, ToolCallFormat, marker_token_ids
 
 PROMPT = [3, 17, 42, 7, 99, 5, 61, 23, 11, 8, 150, 77, 19, 4, 200, 31, 2, 90, 13, 66] * 3
 ATOL = 1e-4
@@ -111,3 +123,148 @@ def check_family(family: ModelFamily, tmp_path: Path, model_types: list[str] | N
         check_pipeline_split(family, path)
         weights = family.layer_weights(_load(family, path).layout.model)
         assert len(weights) > 1 and all(w > 0 for w in weights), f"layer weights {weights}"
+
+
+# ---- tool-call formats ----------------------------------------------------------------
+
+SAMPLE_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 12},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                },
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "now",
+            "description": "The time now.",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+    },
+]
+SAMPLE_CALLS = [
+    ToolCall("get_weather", '{"city": "Paris, \\"FR\\" 東京", "days": 3}'),
+    ToolCall("now", "{}"),
+]
+
+
+def parse_text(fmt: ToolCallFormat, chunks: list[str]) -> list[ParsedPiece]:
+    """What a fresh parser of ``fmt`` gives for a reply streamed as ``chunks``, adjacent text
+    joined into one piece."""
+    parser = fmt.parser()
+    pieces = [piece for chunk in chunks for piece in parser.feed(chunk)] + parser.finish()
+    joined: list[ParsedPiece] = []
+    for piece in pieces:
+        if isinstance(piece, TextPiece) and joined and isinstance(joined[-1], TextPiece):
+            joined[-1] = TextPiece(joined[-1].text + piece.text)
+        elif not isinstance(piece, TextPiece) or piece.text:
+            joined.append(piece)
+    return joined
+
+
+def text_splits(text: str) -> Iterator[list[str]]:
+    """The reply whole, one character at a time, and cut in two at every position."""
+    yield [text]
+    yield list(text)
+    for i in range(len(text) + 1):
+        yield [text[:i], text[i:]]
+
+
+def parse_every_way(fmt: ToolCallFormat, text: str) -> list[ParsedPiece]:
+    """The parse of ``text``, checked to be the same however the text is streamed."""
+    whole = parse_text(fmt, [text])
+    for chunks in text_splits(text):
+        got = parse_text(fmt, chunks)
+        assert got == whole, f"{fmt.name}: streamed as {chunks!r} gives {got}, whole {whole}"
+    return whole
+
+
+def _same_calls(pieces: list[ParsedPiece], calls: list[ToolCall]) -> bool:
+    got = [(p.name, json.loads(p.arguments)) for p in pieces if isinstance(p, ToolCall)]
+    text = "".join(p.text for p in pieces if isinstance(p, TextPiece))
+    return not text.strip() and got == [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def check_round_trip(fmt: ToolCallFormat, calls: list[ToolCall] = SAMPLE_CALLS) -> None:
+    """``render_calls`` then the parser gives back the calls, however the text streams."""
+    for some in (calls[:1], calls):
+        text = fmt.render_calls(some)
+        pieces = parse_every_way(fmt, text)
+        assert _same_calls(pieces, some), f"{fmt.name}: {text!r} parses as {pieces}"
+
+
+def constrained_walk(grammar: str, tokenizer: Any, seed: int, max_tokens: int = 3000) -> str:
+    """Text made by picking random tokens the grammar allows until it is done."""
+    import llguidance
+    import llguidance.hf
+    import numpy as np
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    ll_tokenizer = llguidance.hf.from_tokenizer(hf)
+    matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar))
+    assert not matcher.is_error(), matcher.get_error()
+    mask = allocate_token_bitmask(1, ll_tokenizer.vocab_size)
+    rng, ids = random.Random(seed), []
+    while not matcher.is_stopped():
+        assert len(ids) < max_tokens, f"the walk did not end in {max_tokens} tokens"
+        fill_next_token_bitmask(matcher, mask, 0)
+        bits = np.unpackbits(mask[0].view(np.uint8), bitorder="little")
+        token = int(rng.choice(np.flatnonzero(bits[: ll_tokenizer.vocab_size])))
+        assert matcher.consume_token(token), matcher.get_error()
+        ids.append(token)
+    ends = {ll_tokenizer.eos_token, *getattr(tokenizer, "eos_token_ids", ())}
+    return hf.decode([i for i in ids if i not in ends], skip_special_tokens=False)
+
+
+def check_grammar(
+    fmt: ToolCallFormat,
+    tokenizer: Any,
+    tools: list[dict[str, Any]] = SAMPLE_TOOLS,
+    walks: int = 3,
+    seed: int = 0,
+) -> None:
+    """The grammar compiles for ``tokenizer``, and every random walk through it is text the
+    parser reads as calls to ``tools`` whose arguments match their schemas."""
+    import jsonschema
+    import llguidance
+    import llguidance.hf
+
+    ll_tokenizer = llguidance.hf.from_tokenizer(getattr(tokenizer, "_tokenizer", tokenizer))
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools}
+    special = marker_token_ids(fmt, tokenizer)
+    for parallel in (False, True):
+        grammar = fmt.grammar(tools, parallel=parallel, special=special)
+        compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+        error = llguidance.LLMatcher.validate_grammar(compiled, ll_tokenizer)
+        assert not error, f"{fmt.name}: the grammar does not compile: {error}\n{grammar}"
+        for i in range(walks):
+            text = constrained_walk(grammar, tokenizer, seed + i)
+            pieces = parse_text(fmt, [text])
+            calls = [p for p in pieces if isinstance(p, ToolCall)]
+            stray = "".join(p.text for p in pieces if isinstance(p, TextPiece)).strip()
+            assert calls and not stray, f"{fmt.name}: {text!r} parses as {pieces}"
+            assert parallel or len(calls) == 1, f"{fmt.name}: {len(calls)} calls in {text!r}"
+            for call in calls:
+                assert call.name in schemas, f"{fmt.name}: unknown tool {call.name!r}"
+                jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+
+
+def check_tool_call_format(
+    fmt: ToolCallFormat, tokenizer: Any, tools: list[dict[str, Any]] = SAMPLE_TOOLS
+) -> None:
+    """Every check of a tool-call format: round trips, and its grammar on ``tokenizer``."""
+    check_round_trip(fmt)
+    check_grammar(fmt, tokenizer, tools)

@@ -15,6 +15,7 @@ from mlxserve.core.loader import build_lazy, build_skeleton, materialize
 from mlxserve.core.pipeline import PipelineStage
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import is_tiny_checkpoint
+from mlxserve.plugins.tool_calls import ToolCallFormat, marker_token_ids
 
 from .fingerprint import WEIGHT_HASHES_FILE, checkpoint_fingerprint
 from .placement import Placement, plan_placement
@@ -45,6 +46,22 @@ class LoadedModel:
         """Names this exact checkpoint (name, config, weight contents): KV blocks of another
         checkpoint, or of other weights in the same files, never match."""
         return checkpoint_fingerprint(self.name, self.path, self.weight_hashes)
+
+    @functools.cached_property
+    def tool_call_format(self) -> ToolCallFormat | None:
+        """How this model writes tool calls (its family's format, or a plugin's override)."""
+        return self.plugins.hook.mlxserve_tool_call_format(family=self.family)
+
+    @functools.cached_property
+    def hidden_special_tokens(self) -> frozenset[int] | None:
+        """The special tokens left out of generated text: all (None), or all but the tool-call
+        markers when they are special tokens of this checkpoint (the parser needs them)."""
+        fmt = self.tool_call_format
+        markers = set(marker_token_ids(fmt, self.tokenizer).values()) if fmt else set()
+        if not markers:
+            return None
+        decoder = self.tokenizer._tokenizer.added_tokens_decoder
+        return frozenset(i for i, token in decoder.items() if token.special and i not in markers)
 
     @property
     def context_length(self) -> int:

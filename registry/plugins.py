@@ -15,6 +15,7 @@ from mlxserve.core.errors import UnknownModelTypeError
 from mlxserve.core.sampling import DEFAULTABLE_PARAMS, InvalidParameterError, SamplingParams
 from mlxserve.plugins import defaults, hookspecs
 from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.tool_calls import ToolCallFormat
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,9 @@ def family_problems(family: object) -> list[str]:
     stops = getattr(family, "stop_tokens", None)
     if not (isinstance(stops, (tuple, list)) and all(isinstance(t, str) and t for t in stops)):
         problems.append("stop_tokens must be a tuple of non-empty strings")
+    fmt = getattr(family, "tool_call_format", None)
+    if fmt is not None and not isinstance(fmt, ToolCallFormat):
+        problems.append("tool_call_format must be a ToolCallFormat or None")
     return problems + _sampling_problems(getattr(family, "sampling_defaults", {}))
 
 

@@ -14,6 +14,7 @@ from mlxserve.core.kv_cache import KVCacheOptions
 from mlxserve.core.layout import DecoderLayout
 from mlxserve.plugins import ModelFamily, hookimpl, hookspecs
 from mlxserve.plugins.llama import Llama
+from mlxserve.plugins.tool_calls import HermesToolCalls, ToolCallFormat
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins
 
@@ -137,6 +138,11 @@ class DefaultOutOfRange(Llama):
     sampling_defaults = {"temperature": 1000.0}
 
 
+class ToolFormatNotAFormat(DefaultOutOfRange):
+    sampling_defaults = {}
+    tool_call_format = "hermes"
+
+
 class Broken:
     @hookimpl
     def mlxserve_families(self) -> list[ModelFamily]:
@@ -151,6 +157,7 @@ class Broken:
         (StopTokenNotAString(), "stop_tokens must be a tuple of non-empty strings"),
         (UnknownDefault(), "sampling_defaults has unknown keys temprature"),
         (DefaultOutOfRange(), "sampling_defaults temperature: must be between 0 and 100"),
+        (ToolFormatNotAFormat(), "tool_call_format must be a ToolCallFormat or None"),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, ModelFamily) else "",
 )
@@ -245,6 +252,36 @@ def test_hook_mlxserve_chat_template(tmp_path: Path, tiny_checkpoints: dict[str,
     loaded = registry_for(tmp_path, tiny_checkpoints["qwen"], ("plain", Plain())).load("tiny")
     text = loaded.tokenizer.apply_chat_template(messages, tokenize=False)
     assert text == "user: hi\n"
+
+
+def test_hook_mlxserve_tool_call_format() -> None:
+    plugins = load_plugins()
+    formats = {
+        name: plugins.hook.mlxserve_tool_call_format(family=plugins.family(name))
+        for name in BUILTIN_FAMILIES
+    }
+    assert {name: fmt.name for name, fmt in formats.items()} == {
+        "llama": "llama",
+        "qwen": "hermes",
+        "mistral": "mistral",
+        "deepseek": "deepseek",
+    }
+
+    class NoTools(Llama):
+        name = "llama-no-tools"
+        tool_call_format = None
+
+    assert plugins.hook.mlxserve_tool_call_format(family=NoTools()) is None
+
+    class HermesForLlama:
+        @hookimpl
+        def mlxserve_tool_call_format(self, family: ModelFamily) -> ToolCallFormat | None:
+            return HermesToolCalls() if family.name == "llama" else None
+
+    plugins = load_plugins(extra=[("hermes", HermesForLlama())])
+    llama, mistral = plugins.family("llama"), plugins.family("mistral")
+    assert plugins.hook.mlxserve_tool_call_format(family=llama).name == "hermes"
+    assert plugins.hook.mlxserve_tool_call_format(family=mistral) is mistral.tool_call_format
 
 
 def test_family_template_is_the_fallback_when_the_tokenizer_has_none(
