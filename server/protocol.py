@@ -31,7 +31,7 @@ from mlxserve.core.sampling import (
     SamplingParams,
 )
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 def new_id(prefix: str) -> str:
@@ -136,12 +136,52 @@ class TextContentPart(OpenAIBaseModel):
     text: Text
 
 
+class FunctionCall(OpenAIBaseModel):
+    """The function a tool call calls, with its arguments as JSON text."""
+
+    name: Text
+    arguments: Text = "{}"
+
+
+class ToolCallIn(OpenAIBaseModel):
+    """A tool call of an assistant message in the history."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    """A function the model may call: its name, what it does, and its JSON-Schema parameters."""
+
+    name: Annotated[Text, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIBaseModel):
+    """A tool of a chat request (function tools only)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    """``tool_choice`` naming one function: ``{"type": "function", "function": {"name"}}``."""
+
+    type: Literal["function"]
+    function: dict[Literal["name"], Text]
+
+
 class ChatMessage(OpenAIBaseModel):
     """One message of a chat conversation."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: Text | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -197,6 +237,11 @@ class _SamplingRequest(OpenAIBaseModel):
         description="Token ids that end generation, besides the model's own.",
         max_length=MAX_STOP_TOKEN_IDS,
     )
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+        '"json_schema": {"name", "schema", ...}}: the output follows it by constrained decoding.',
+    )
 
     @property
     def include_usage(self) -> bool:
@@ -220,7 +265,7 @@ class _SamplingRequest(OpenAIBaseModel):
         renames: dict[str, str],
     ) -> SamplingParams:
         self.check_supported()
-        wanted: dict[str, Any] = {
+        requested = {
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -230,30 +275,55 @@ class _SamplingRequest(OpenAIBaseModel):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
         }
-        for name, value in wanted.items():
-            if value is None and defaults is not None:
-                wanted[name] = getattr(defaults, name, None)
-            if wanted[name] is None and name in DEFAULTABLE_PARAMS and family_defaults:
-                wanted[name] = family_defaults.get(name)
-        if wanted["max_tokens"] is None:
-            wanted["max_tokens"] = self._default_max_tokens
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        wanted |= {
+        return resolve_sampling_params(
+            requested,
+            defaults,
+            family_defaults,
+            default_max_tokens=self._default_max_tokens,
+            renames=renames,
             # Negative seeds are valid int64 seeds for OpenAI; the engine wants 0..2**63-1.
-            "seed": self.seed & (2**63 - 1) if self.seed is not None else None,
-            "stop": stop,
-            "stop_token_ids": tuple(self.stop_token_ids or ()),
-            "ignore_eos": self.ignore_eos,
-            "logit_bias": _logit_bias(self.logit_bias),
-            "logprobs": logprobs,
-            "top_logprobs": top_logprobs,
-        }
-        try:
-            return SamplingParams(**{k: v for k, v in wanted.items() if v is not None})
-        except InvalidParameterError as exc:
-            param = renames.get(exc.param, exc.param)
-            message = str(exc).removeprefix(f"{exc.param}: ")
-            raise InvalidParameterError(param, message) from None
+            seed=self.seed & (2**63 - 1) if self.seed is not None else None,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logit_bias=_logit_bias(self.logit_bias),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+
+def resolve_sampling_params(
+    requested: Mapping[str, Any],
+    defaults: ModelEntry | None,
+    family_defaults: Mapping[str, float] | None,
+    *,
+    default_max_tokens: int | None = None,
+    renames: Mapping[str, str] | None = None,
+    **fixed: Any,
+) -> SamplingParams:
+    """Build SamplingParams from a request's values, for any of the APIs.
+
+    Each value of ``requested`` left None falls back to the model's entry (``defaults``), then
+    to its family's ``family_defaults``, then (``max_tokens``) to ``default_max_tokens``, then
+    to the built-in default. ``fixed`` values are taken as they are (None: built-in). An
+    invalid value is an InvalidParameterError naming the request's field (``renames`` maps
+    SamplingParams names to wire names).
+    """
+    wanted = dict(requested)
+    for name, value in wanted.items():
+        if value is None and defaults is not None:
+            wanted[name] = getattr(defaults, name, None)
+        if wanted[name] is None and name in DEFAULTABLE_PARAMS and family_defaults:
+            wanted[name] = family_defaults.get(name)
+    if wanted.get("max_tokens") is None:
+        wanted["max_tokens"] = default_max_tokens
+    wanted |= fixed
+    try:
+        return SamplingParams(**{k: v for k, v in wanted.items() if v is not None})
+    except InvalidParameterError as exc:
+        param = (renames or {}).get(exc.param, exc.param)
+        message = str(exc).removeprefix(f"{exc.param}: ")
+        raise InvalidParameterError(param, message) from None
 
 
 def _unsupported(param: str, message: str) -> InvalidParameterError:
@@ -282,22 +352,16 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Int | None = None
     logprobs: bool | None = False
     top_logprobs: Int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         """Raise InvalidParameterError for a well-formed request this server cannot serve."""
         super().check_supported()
-        if self.tools or self.functions:
-            param = "tools" if self.tools else "functions"
-            raise _unsupported(param, "tool calling is not available")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise _unsupported("tool_choice", "tool calling is not available")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise _unsupported("response_format", f"only type 'text' is available, not {kind!r}")
+        if self.functions:
+            raise _unsupported("functions", "the deprecated functions field; send tools")
 
     def to_sampling_params(
         self,
@@ -319,16 +383,32 @@ class ChatCompletionRequest(_SamplingRequest):
             renames=renames,
         )
 
-    def prompt_messages(self) -> list[dict[str, str]]:
+    def prompt_messages(self) -> list[dict[str, Any]]:
         """Return the messages as plain dicts for a chat template; ``developer`` becomes system."""
         messages = []
         for message in self.messages:
             role = "system" if message.role == "developer" else message.role
-            entry = {"role": role, "content": message.text()}
+            entry: dict[str, Any] = {"role": role, "content": message.text()}
             if message.name is not None:
                 entry["name"] = message.name
+            if message.tool_calls:
+                entry["tool_calls"] = [
+                    call.model_dump(exclude_unset=False) for call in message.tool_calls
+                ]
+            if message.tool_call_id is not None:
+                entry["tool_call_id"] = message.tool_call_id
             messages.append(entry)
         return messages
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as OpenAI function-tool dicts."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or ()]
+
+    def tool_choice_name(self) -> str:
+        """``tool_choice`` as "none", "auto", "required" or the one function's name."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.get("name", "")
+        return self.tool_choice or ("auto" if self.tools else "none")
 
 
 class CompletionRequest(_SamplingRequest):
@@ -448,6 +528,30 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = []
 
 
+class ResponseFunctionCall(_Response):
+    """The function a generated tool call calls; ``arguments`` is JSON text."""
+
+    name: str | None = None
+    arguments: str = ""
+
+
+class ResponseToolCall(_Response):
+    """A tool call the model made."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
+class DeltaToolCall(_Response):
+    """A tool call in a streamed chunk: ``index`` says which call it belongs to."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(_Response):
     """The generated message of a chat choice."""
 
@@ -455,6 +559,7 @@ class ChatResponseMessage(_Response):
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatCompletionChoice(_Response):
@@ -486,6 +591,7 @@ class DeltaMessage(_Response):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(_Response):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -16,6 +17,53 @@ from .errors import GenerationError, RequestTimeoutError
 from .generation import Admitted, outputs, stop_watching, timings, usage_info, watch_disconnect
 from .protocol import error_body, sse
 
+Item = TypeVar("Item")
+Payload = BaseModel | dict[str, Any] | str
+
+# What ends a stream that has begun, and the error code its last event carries.
+STREAM_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (GenerationError, "generation_failed"),
+    (RequestTimeoutError, "timeout"),
+    (EngineUnavailableError, "engine_unavailable"),
+)
+
+
+def stream_error(exc: Exception) -> dict[str, Any] | None:
+    """The error event for an exception that ends a stream (None: not one of those)."""
+    for kind, code in STREAM_ERRORS:
+        if isinstance(exc, kind):
+            return error_body(str(exc), "server_error", code=code)
+    return None
+
+
+async def sse_response(
+    source: AsyncIterator[Item], render: Callable[[Item], Iterable[Payload]]
+) -> StreamingResponse:
+    """Wait for the first item (so early errors get a proper status), then stream them all as
+    server-sent events; an error after the start becomes an error event; ``[DONE]`` ends it."""
+    first = await anext(source, None)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if first is not None:
+                for payload in render(first):
+                    yield sse(payload)
+            async for item in source:
+                for payload in render(item):
+                    yield sse(payload)
+        except Exception as exc:
+            error = stream_error(exc)
+            if error is None:
+                raise
+            yield sse(error)
+        finally:
+            await source.aclose()
+        yield sse("[DONE]")
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
 
 async def event_stream(
     engine: Engine,
@@ -27,7 +75,7 @@ async def event_stream(
     to_choice: Callable[[RequestOutput], BaseModel],
     include_usage: bool,
 ) -> StreamingResponse:
-    """Wait for the first output (so early errors get a proper status), then stream the rest.
+    """A request's outputs as chunks of type ``chunk`` (one choice each, then usage).
 
     A client that goes away aborts the request at once, whether the stream has begun or not.
     """
@@ -41,33 +89,14 @@ async def event_stream(
             )
         return events
 
-    watcher = watch_disconnect(engine, admitted, request)
-    source = outputs(engine, admitted)
-    try:
-        first = await anext(source, None)
-    except BaseException:
-        await stop_watching(watcher)
-        raise
-
-    async def events() -> AsyncIterator[str]:
+    async def watched() -> AsyncIterator[RequestOutput]:
+        watcher = watch_disconnect(engine, admitted, request)
+        source = outputs(engine, admitted)
         try:
-            if first is not None:
-                for event in to_events(first):
-                    yield sse(event)
             async for output in source:
-                for event in to_events(output):
-                    yield sse(event)
-        except GenerationError as exc:
-            yield sse(error_body(str(exc), "server_error", code="generation_failed"))
-        except RequestTimeoutError as exc:
-            yield sse(error_body(str(exc), "server_error", code="timeout"))
-        except EngineUnavailableError as exc:
-            yield sse(error_body(str(exc), "server_error", code="engine_unavailable"))
+                yield output
         finally:
             await stop_watching(watcher)
             await source.aclose()
-        yield sse("[DONE]")
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return await sse_response(watched(), to_events)

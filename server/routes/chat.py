@@ -1,17 +1,18 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions, with tool calls and structured output."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
 
-from mlxserve.core.sampling import InvalidParameterError
-from mlxserve.core.sequence import RequestOutput, TokenLogprob
+from mlxserve.core.sequence import TokenLogprob, Usage
 from mlxserve.core.worker import ServedModel
 
+from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent, start
 from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from ..generation import admit, collect, finish_reason, timings, token_text, usage_info
+from ..generation import timings, token_text, usage_info
 from ..protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -22,10 +23,13 @@ from ..protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
+    DeltaToolCall,
+    ResponseFunctionCall,
+    ResponseToolCall,
     TopLogprob,
     new_id,
 )
-from ..streaming import event_stream
+from ..streaming import sse_response
 
 router = APIRouter(prefix="/v1", tags=["chat"], dependencies=[Depends(require_api_key)])
 
@@ -49,6 +53,16 @@ def _chat_logprobs(model: ServedModel, logprobs: list[TokenLogprob]) -> ChoiceLo
     )
 
 
+def conversation_of(body: ChatCompletionRequest) -> Conversation:
+    return Conversation(
+        messages=body.prompt_messages(),
+        tools=body.tool_dicts(),
+        tool_choice=body.tool_choice_name(),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        response_format=body.response_format,
+    )
+
+
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
     body: ChatCompletionRequest,
@@ -58,63 +72,77 @@ async def chat_completions(
     metrics: MetricsDep,
 ) -> Any:
     """Answer a conversation, at once or streamed as server-sent events."""
-
-    messages = body.prompt_messages()
-
-    def prompt(model: ServedModel) -> list[int]:
-        try:
-            return list(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        except Exception as exc:  # Jinja templates raise their own errors for bad input
-            raise InvalidParameterError(
-                "messages", f"the chat template rejected the messages: {exc}"
-            ) from exc
-
-    chars = sum(len(message["content"]) for message in messages)
-    admitted = await admit(
-        engine,
-        config,
-        body.model,
-        body.to_sampling_params,
-        prompt,
-        prompt_chars=chars,
-        metrics=metrics,
+    conversation = conversation_of(body)
+    reply = await start(
+        engine, config, body.model, conversation, body.to_sampling_params, request, metrics=metrics
     )
-    response_id = new_id("chatcmpl")
+    model, response_id = reply.admitted.model, new_id("chatcmpl")
+
+    def chunk(**fields: Any) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=response_id, model=reply.model_name, **fields)
+
     if body.stream:
         started = False
 
-        def to_choice(output: RequestOutput) -> ChunkChoice:
+        def delta(**fields: Any) -> DeltaMessage:
             nonlocal started
-            delta = DeltaMessage(role=None if started else "assistant", content=output.text)
+            role = None if started else "assistant"
             started = True
-            return ChunkChoice(
-                delta=delta,
-                finish_reason=finish_reason(output.finish_reason),
-                logprobs=_chat_logprobs(admitted.model, list(output.logprobs)),
-            )
+            return DeltaMessage(role=role, **fields)
 
-        return await event_stream(
-            engine,
-            admitted,
-            request,
-            response_id=response_id,
-            chunk=ChatCompletionChunk,
-            to_choice=to_choice,
-            include_usage=body.include_usage,
-        )
+        def render(event: Event) -> list[BaseModel]:
+            if isinstance(event, TextDelta):
+                logprobs = _chat_logprobs(model, list(event.logprobs))
+                return [
+                    chunk(choices=[ChunkChoice(delta=delta(content=event.text), logprobs=logprobs)])
+                ]
+            if isinstance(event, ToolCallEvent):
+                opening = DeltaToolCall(
+                    index=event.index,
+                    id=event.id,
+                    type="function",
+                    function=ResponseFunctionCall(name=event.name, arguments=""),
+                )
+                arguments = DeltaToolCall(
+                    index=event.index, function=ResponseFunctionCall(arguments=event.arguments)
+                )
+                return [
+                    chunk(choices=[ChunkChoice(delta=delta(tool_calls=[opening]))]),
+                    chunk(choices=[ChunkChoice(delta=DeltaMessage(tool_calls=[arguments]))]),
+                ]
+            events = [chunk(choices=[ChunkChoice(delta=delta(), finish_reason=event.reason)])]
+            if body.include_usage:
+                usage, spent = usage_info(event.usage), timings(event.usage)
+                events.append(chunk(choices=[], usage=usage, timings=spent))
+            return events
 
-    result = await collect(engine, admitted, request)
-    assert result.usage is not None
+        return await sse_response(reply.events(engine), render)
+
+    text, calls, logprobs = [], [], []
+    finished = Finished("stop", Usage(prompt_tokens=0, completion_tokens=0))
+    async for event in reply.events(engine):
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+            logprobs.extend(event.logprobs)
+        elif isinstance(event, ToolCallEvent):
+            function = ResponseFunctionCall(name=event.name, arguments=event.arguments)
+            calls.append(ResponseToolCall(id=event.id, function=function))
+        else:
+            finished = event
+    content = "".join(text)
+    message = ChatResponseMessage(
+        content=content if content or not calls else None, tool_calls=calls or None
+    )
     return ChatCompletionResponse(
         id=response_id,
-        model=admitted.name,
+        model=reply.model_name,
         choices=[
             ChatCompletionChoice(
-                message=ChatResponseMessage(content=result.text),
-                finish_reason=finish_reason(result.finish_reason) or "stop",
-                logprobs=_chat_logprobs(admitted.model, result.logprobs),
+                message=message,
+                finish_reason=finished.reason,
+                logprobs=_chat_logprobs(model, logprobs),
             )
         ],
-        usage=usage_info(result.usage),
-        timings=timings(result.usage),
+        usage=usage_info(finished.usage),
+        timings=timings(finished.usage),
     )
