@@ -20,7 +20,7 @@ from mlxserve.registry.plugins import Plugins, load_plugins
 
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
-from .routes import admin, chat, completions, docs, health, metrics, models
+from .routes import admin, chat, completions, docs, health, messages, metrics, models, responses
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,6 @@ def create_app(
             allow_headers=["*"],
         )
     install_error_handlers(app)
-    for module in (chat, completions, models, admin, health, metrics, docs):
+    for module in (chat, completions, responses, messages, models, admin, health, metrics, docs):
         app.include_router(module.router)
     return app

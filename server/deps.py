@@ -37,16 +37,26 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 MetricsDep = Annotated[EngineMetrics, Depends(get_metrics)]
 
 
+def _presented_keys(request: Request) -> list[bytes]:
+    # Header values arrive as latin-1 text: back to their raw bytes, compared as bytes
+    # (compare_digest refuses non-ASCII str).
+    keys = []
+    scheme, _, token = request.headers.get("authorization", "").encode("latin-1").partition(b" ")
+    if scheme.lower() == b"bearer":
+        keys.append(token.strip())
+    if "x-api-key" in request.headers:  # Anthropic's clients send this one
+        keys.append(request.headers["x-api-key"].encode("latin-1").strip())
+    return keys
+
+
 def require_api_key(request: Request, config: ConfigDep) -> None:
-    """With ``[server] api_keys`` set, every call needs ``Authorization: Bearer <key>``."""
+    """With ``[server] api_keys`` set, every call needs ``Authorization: Bearer <key>`` or
+    ``x-api-key: <key>``."""
     keys = config.server.api_keys
     if not keys:
         return
-    # Header values arrive as latin-1 text: back to their raw bytes, compared as bytes
-    # (compare_digest refuses non-ASCII str).
-    raw = request.headers.get("authorization", "").encode("latin-1")
-    scheme, _, token = raw.partition(b" ")
-    if scheme.lower() != b"bearer" or not any(
-        secrets.compare_digest(token.strip(), key.encode()) for key in keys
-    ):
-        raise AuthError("invalid or missing API key; send 'Authorization: Bearer <key>'")
+    presented = _presented_keys(request)
+    if not any(secrets.compare_digest(given, key.encode()) for given in presented for key in keys):
+        raise AuthError(
+            "invalid or missing API key; send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+        )

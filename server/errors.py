@@ -1,8 +1,11 @@
-"""Every error the API returns, in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+"""Every error the API returns, in OpenAI's shape: ``{"error": {message, type, param, code}}``,
+or on Anthropic's Messages API in its own: ``{"type": "error", "error": {type, message}}``."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +23,7 @@ from mlxserve.core.errors import (
 )
 from mlxserve.core.sampling import InvalidParameterError
 
+from .anthropic_protocol import anthropic_error_body
 from .protocol import error_body
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,18 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    *,
+    path: str = "",
 ) -> JSONResponse:
+    """An error response, shaped for the API ``path`` belongs to."""
+    if anthropic_shaped(path):
+        return JSONResponse(anthropic_error_body(status, message), status, headers=headers)
     return JSONResponse(error_body(message, type, param, code), status, headers=headers)
+
+
+def anthropic_shaped(path: str) -> bool:
+    """Whether ``path`` is Anthropic's Messages API, whose errors have Anthropic's shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 # exception class -> (status, type, code)
@@ -75,7 +89,19 @@ def _rejected(
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.http_error(status, code or type)
-    return error_response(status, message, type, param, code, headers)
+    return error_response(status, message, type, param, code, headers, path=request.url.path)
+
+
+@contextmanager
+def renamed_params(renames: Mapping[str, str]) -> Iterator[None]:
+    """Let an InvalidParameterError raised inside name its field as the API calls it."""
+    try:
+        yield
+    except InvalidParameterError as exc:
+        if exc.param not in renames:
+            raise
+        message = str(exc).removeprefix(f"{exc.param}: ")
+        raise InvalidParameterError(renames[exc.param], message) from None
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

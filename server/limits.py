@@ -50,7 +50,10 @@ class BodyLimitMiddleware:
             if self.rejected is not None:
                 self.rejected(TOO_LARGE, TOO_LARGE_CODE)
             response = error_response(
-                TOO_LARGE, too_large_message(self.max_bytes), code=TOO_LARGE_CODE
+                TOO_LARGE,
+                too_large_message(self.max_bytes),
+                code=TOO_LARGE_CODE,
+                path=scope.get("path", ""),
             )
             await response(scope, receive, send)
             return

@@ -1,0 +1,182 @@
+"""POST /v1/messages: Anthropic's Messages API, over the shared conversation."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from mlxserve.core.errors import EngineUnavailableError
+
+from .. import conversation
+from ..anthropic_protocol import (
+    MessageResponse,
+    MessagesRequest,
+    MessageUsage,
+    TextOut,
+    ToolUseOut,
+    anthropic_error_body,
+)
+from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
+from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
+from ..errors import GenerationError, RequestTimeoutError
+
+router = APIRouter(prefix="/v1", tags=["messages"], dependencies=[Depends(require_api_key)])
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+STREAM_ERRORS = {GenerationError: 500, RequestTimeoutError: 504, EngineUnavailableError: 503}
+
+
+def _tool_input(arguments: str) -> dict[str, Any]:
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else {}
+
+
+class MessageWriter:
+    """Builds the reply's content blocks from the conversation's events, and gives the
+    stream events that build them the same way on the client's side.
+
+    Whitespace before any other text is held back, so a reply that is only tool calls has
+    no empty text block.
+    """
+
+    def __init__(self, message: MessageResponse) -> None:
+        self.message = message
+        self.text: TextOut | None = None
+        self.held = ""
+
+    def start(self) -> list[dict[str, Any]]:
+        return [
+            {"type": "message_start", "message": self.message.model_dump()},
+            {"type": "ping"},
+        ]
+
+    def on(self, event: Event) -> list[dict[str, Any]]:
+        if isinstance(event, TextDelta):
+            return self._text(event.text)
+        if isinstance(event, ToolCallEvent):
+            return self._call(event)
+        return self._finish(event)
+
+    def _text(self, text: str, *, flush: bool = False) -> list[dict[str, Any]]:
+        events = []
+        if self.text is None:
+            if not (self.held + text).strip() and not flush:
+                self.held += text
+                return []
+            self.text = TextOut(text="")
+            self.message.content.append(self.text)
+            events.append(self._block_start(self.text.model_dump()))
+        text, self.held = self.held + text, ""
+        self.text.text += text
+        delta = {"type": "text_delta", "text": text}
+        return events + [{"type": "content_block_delta", "index": self._index, "delta": delta}]
+
+    @property
+    def _index(self) -> int:
+        return len(self.message.content) - 1
+
+    def _block_start(self, block: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "content_block_start", "index": self._index, "content_block": block}
+
+    def _close_text(self) -> list[dict[str, Any]]:
+        if self.text is None:
+            return []
+        self.text = None
+        return [{"type": "content_block_stop", "index": self._index}]
+
+    def _call(self, call: ToolCallEvent) -> list[dict[str, Any]]:
+        events, self.held = self._close_text(), ""
+        tool_id = "toolu_" + call.id.removeprefix("call_")
+        block = ToolUseOut(id=tool_id, name=call.name, input=_tool_input(call.arguments))
+        self.message.content.append(block)
+        delta = {"type": "input_json_delta", "partial_json": json.dumps(block.input)}
+        return events + [
+            self._block_start(block.model_dump() | {"input": {}}),
+            {"type": "content_block_delta", "index": self._index, "delta": delta},
+            {"type": "content_block_stop", "index": self._index},
+        ]
+
+    def _finish(self, finished: Finished) -> list[dict[str, Any]]:
+        events = self._text("", flush=True) if self.held and not self.message.content else []
+        events += self._close_text()
+        message = self.message
+        stop_sequence = finished.stop_sequence if finished.reason == "stop" else None
+        message.stop_sequence = stop_sequence
+        message.stop_reason = "stop_sequence" if stop_sequence else STOP_REASONS[finished.reason]
+        usage = finished.usage
+        message.usage = MessageUsage(
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            cache_read_input_tokens=usage.cached_tokens,
+        )
+        delta = {"stop_reason": message.stop_reason, "stop_sequence": stop_sequence}
+        return events + [
+            {"type": "message_delta", "delta": delta, "usage": message.usage.model_dump()},
+            {"type": "message_stop"},
+        ]
+
+
+def _sse(event: dict[str, Any]) -> str:
+    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event['type']}\ndata: {data}\n\n"
+
+
+async def _stream(writer: MessageWriter, events: AsyncIterator[Event]) -> StreamingResponse:
+    """Wait for the first event (so early errors get a proper status), then stream."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            for event in writer.start() + writer.on(first):
+                yield _sse(event)
+            async for event in events:
+                for wire in writer.on(event):
+                    yield _sse(wire)
+        except tuple(STREAM_ERRORS) as exc:
+            status = next(s for kind, s in STREAM_ERRORS.items() if isinstance(exc, kind))
+            yield _sse(anthropic_error_body(status, str(exc)))
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.post("/messages", response_model=MessageResponse)
+async def create_message(
+    body: MessagesRequest,
+    request: Request,
+    engine: EngineDep,
+    config: ConfigDep,
+    metrics: MetricsDep,
+) -> Any:
+    """Answer a conversation, at once or as Anthropic's event stream."""
+    body.check_supported()
+    conv = Conversation(
+        body.chat_messages(), body.tool_dicts(), body.tool_choice_name(), body.parallel_tool_calls
+    )
+    reply = await conversation.start(
+        engine, config, body.model, conv, body.to_sampling_params, request, metrics=metrics
+    )
+    usage = MessageUsage(input_tokens=reply.admitted.prompt_tokens)
+    message = MessageResponse(id=f"msg_{uuid.uuid4().hex}", model=reply.model_name, usage=usage)
+    writer = MessageWriter(message)
+    events = reply.events(engine)
+    if body.stream:
+        return await _stream(writer, events)
+    async for event in events:
+        writer.on(event)
+    return writer.message

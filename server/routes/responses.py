@@ -1,0 +1,253 @@
+"""POST /v1/responses: OpenAI's Responses API, statelessly, over the shared conversation."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from mlxserve.core.errors import EngineUnavailableError
+
+from .. import conversation
+from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
+from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
+from ..errors import GenerationError, RequestTimeoutError, renamed_params
+from ..responses_protocol import (
+    IncompleteDetails,
+    OutputFunctionCall,
+    OutputMessage,
+    OutputText,
+    ResponseError,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+)
+
+router = APIRouter(prefix="/v1", tags=["responses"], dependencies=[Depends(require_api_key)])
+
+# what the shared pipeline calls a field -> what this API calls it
+RENAMES = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
+STREAM_ERRORS = {
+    GenerationError: "generation_failed",
+    RequestTimeoutError: "timeout",
+    EngineUnavailableError: "engine_unavailable",
+}
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponseWriter:
+    """Builds a response's output from the conversation's events, and gives the stream
+    events that build it the same way on the client's side.
+
+    Whitespace before any other text is held back, so a reply that is only tool calls has
+    no empty message item.
+    """
+
+    def __init__(self, response: ResponseObject) -> None:
+        self.response = response
+        self.sequence_number = 0
+        self.message: OutputMessage | None = None
+        self.held = ""
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        number, self.sequence_number = self.sequence_number, self.sequence_number + 1
+        return {"type": kind, "sequence_number": number, **fields}
+
+    def _snapshot(self) -> dict[str, Any]:
+        return self.response.model_dump()
+
+    def start(self) -> list[dict[str, Any]]:
+        return [
+            self.event("response.created", response=self._snapshot()),
+            self.event("response.in_progress", response=self._snapshot()),
+        ]
+
+    def on(self, event: Event) -> list[dict[str, Any]]:
+        if isinstance(event, TextDelta):
+            return self._text(event.text)
+        if isinstance(event, ToolCallEvent):
+            return self._call(event)
+        return self._finish(event)
+
+    def _open_message(self) -> list[dict[str, Any]]:
+        self.message = OutputMessage(id=_id("msg"))
+        index = len(self.response.output)
+        self.response.output.append(self.message)
+        added = self.event(
+            "response.output_item.added", output_index=index, item=self.message.model_dump()
+        )
+        self.message.content.append(OutputText())
+        part = self.event(
+            "response.content_part.added",
+            item_id=self.message.id,
+            output_index=index,
+            content_index=0,
+            part=self.message.content[0].model_dump(),
+        )
+        return [added, part]
+
+    def _text(self, text: str) -> list[dict[str, Any]]:
+        events = []
+        if self.message is None:
+            if not (self.held + text).strip():
+                self.held += text
+                return []
+            events = self._open_message()
+        assert self.message is not None
+        text, self.held = self.held + text, ""
+        self.message.content[0].text += text
+        events.append(
+            self.event(
+                "response.output_text.delta",
+                item_id=self.message.id,
+                output_index=self.response.output.index(self.message),
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        )
+        return events
+
+    def _close_message(self, status: str) -> list[dict[str, Any]]:
+        message, self.message = self.message, None
+        if message is None:
+            return []
+        index, part = self.response.output.index(message), message.content[0]
+        message.status = status  # type: ignore[assignment]
+        where = {"item_id": message.id, "output_index": index, "content_index": 0}
+        return [
+            self.event("response.output_text.done", **where, text=part.text, logprobs=[]),
+            self.event("response.content_part.done", **where, part=part.model_dump()),
+            self.event("response.output_item.done", output_index=index, item=message.model_dump()),
+        ]
+
+    def _call(self, call: ToolCallEvent) -> list[dict[str, Any]]:
+        events, self.held = self._close_message("completed"), ""
+        item = OutputFunctionCall(id=_id("fc"), call_id=call.id, name=call.name)
+        index = len(self.response.output)
+        self.response.output.append(item)
+        where = {"item_id": item.id, "output_index": index}
+        events.append(
+            self.event("response.output_item.added", output_index=index, item=item.model_dump())
+        )
+        item.arguments, item.status = call.arguments, "completed"
+        return events + [
+            self.event("response.function_call_arguments.delta", **where, delta=call.arguments),
+            self.event("response.function_call_arguments.done", **where, arguments=call.arguments),
+            self.event("response.output_item.done", output_index=index, item=item.model_dump()),
+        ]
+
+    def _finish(self, finished: Finished) -> list[dict[str, Any]]:
+        events = []
+        if not self.response.output:  # an empty reply is still a message
+            events = self._open_message()
+            if self.held:
+                events += self._text("")
+        truncated = finished.reason == "length"
+        events += self._close_message("incomplete" if truncated else "completed")
+        usage = finished.usage
+        self.response.usage = ResponseUsage(
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        )
+        self.response.usage.input_tokens_details.cached_tokens = usage.cached_tokens
+        if truncated:
+            self.response.status = "incomplete"
+            self.response.incomplete_details = IncompleteDetails()
+        else:
+            self.response.status = "completed"
+        return events + [self.event(f"response.{self.response.status}", response=self._snapshot())]
+
+    def fail(self, code: str, message: str) -> list[dict[str, Any]]:
+        self.response.status = "failed"
+        self.response.error = ResponseError(code="server_error", message=message)
+        return [
+            self.event("error", code=code, message=message, param=None),
+            self.event("response.failed", response=self._snapshot()),
+        ]
+
+
+def _sse(event: dict[str, Any]) -> str:
+    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event['type']}\ndata: {data}\n\n"
+
+
+async def _stream(writer: ResponseWriter, events: AsyncIterator[Event]) -> StreamingResponse:
+    """Wait for the first event (so early errors get a proper status), then stream."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            for event in writer.start() + writer.on(first):
+                yield _sse(event)
+            async for event in events:
+                for wire in writer.on(event):
+                    yield _sse(wire)
+        except tuple(STREAM_ERRORS) as exc:
+            code = next(c for kind, c in STREAM_ERRORS.items() if isinstance(exc, kind))
+            for wire in writer.fail(code, str(exc)):
+                yield _sse(wire)
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+@router.post("/responses", response_model=ResponseObject)
+async def create_response(
+    body: ResponsesRequest,
+    request: Request,
+    engine: EngineDep,
+    config: ConfigDep,
+    metrics: MetricsDep,
+) -> Any:
+    """Answer a conversation given as input items, at once or as a typed event stream."""
+    with renamed_params(RENAMES):
+        body.check_supported()
+        conv = Conversation(
+            body.chat_messages(),
+            body.tool_dicts(),
+            body.tool_choice_name(),
+            body.parallel_tool_calls is not False,
+            body.response_format(),
+        )
+        reply = await conversation.start(
+            engine, config, body.model, conv, body.to_sampling_params, request, metrics=metrics
+        )
+    params = reply.admitted.params
+    writer = ResponseWriter(
+        ResponseObject(
+            id=_id("resp"),
+            model=reply.model_name,
+            instructions=body.instructions,
+            max_output_tokens=body.max_output_tokens,
+            parallel_tool_calls=conv.parallel_tool_calls,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            text=body.echoed_text(),
+            tool_choice=body.echoed_tool_choice(),
+            tools=[tool.model_dump(exclude_none=True) for tool in body.tools or ()],
+            user=body.user,
+            metadata=body.metadata or {},
+        )
+    )
+    events = reply.events(engine)
+    if body.stream:
+        return await _stream(writer, events)
+    async for event in events:
+        writer.on(event)
+    return writer.response

@@ -1,0 +1,247 @@
+"""POST /v1/messages end to end: a real uvicorn server and the official anthropic client;
+Anthropic-shaped errors and x-api-key auth."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import anthropic
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from .server import RunningServer, post, running_server, write_config
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+KEY = "sk-test-key"
+GREEDY = {"temperature": 0}  # this client no longer has sampling arguments; the API still does
+
+
+def config_text(tmp: object, checkpoints: dict, server: str = "") -> str:
+    return f"""
+{server}
+[registry]
+default_model = "qwen"
+cache_dir = "{tmp}/cache"
+[models.qwen]
+source = "{checkpoints["qwen"]}"
+aliases = ["claude-test-1"]
+[kv_cache]
+max_sequence_length = 1024
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Iterator[RunningServer]:
+    tmp = tmp_path_factory.mktemp("messages")
+    with running_server(write_config(tmp, config_text(tmp, tiny_checkpoints))) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(
+        base_url=server.url, api_key="unused", max_retries=0, _strict_response_validation=True
+    )
+
+
+def create(client: anthropic.Anthropic, **kwargs: object) -> object:
+    kwargs.setdefault("model", "claude-test-1")
+    kwargs.setdefault("messages", [{"role": "user", "content": "Hello there!"}])
+    kwargs.setdefault("extra_body", GREEDY)
+    kwargs.setdefault("max_tokens", 12)
+    return client.messages.create(**kwargs)
+
+
+def test_a_text_reply_is_a_message_the_client_parses(client: anthropic.Anthropic) -> None:
+    message = create(client, system=[{"type": "text", "text": "Be brief."}], metadata={})
+    assert message.id.startswith("msg_") and message.type == "message"
+    assert message.role == "assistant" and message.model == "qwen"
+    assert [block.type for block in message.content] in ([], ["text"])
+    assert message.stop_reason in ("end_turn", "max_tokens") and message.stop_sequence is None
+    assert message.usage.input_tokens > 0 and 0 < message.usage.output_tokens <= 12
+
+
+def test_greedy_text_equals_chat_completions(
+    server: RunningServer, client: anthropic.Anthropic
+) -> None:
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]},
+        {"role": "user", "content": "Tell me a story."},
+    ]
+    message = create(client, system="You are terse.", messages=history, max_tokens=16)
+    chat = openai.OpenAI(base_url=server.url + "/v1", api_key="x").chat.completions.create(
+        model="qwen",
+        messages=[{"role": "system", "content": "You are terse."}]
+        + [
+            {"role": m["role"], "content": "Hello!" if m["role"] == "assistant" else m["content"]}
+            for m in history
+        ],
+        temperature=0,
+        max_tokens=16,
+    )
+    assert "".join(b.text for b in message.content) == chat.choices[0].message.content
+    assert message.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_a_stop_sequence_is_reported(client: anthropic.Anthropic) -> None:
+    text = "".join(b.text for b in create(client, max_tokens=24).content)
+    assert len(text) >= 3
+    stop = text[-3:]
+    message = create(client, max_tokens=24, stop_sequences=["never said", stop])
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
+    assert "".join(b.text for b in message.content) == text[: text.find(stop)]
+    assert create(client, max_tokens=24, stop_sequences=["never said"]).stop_sequence is None
+
+
+def test_the_event_stream_builds_the_same_message(client: anthropic.Anthropic) -> None:
+    events = list(create(client, stream=True, max_tokens=16))
+    kinds = [event.type for event in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert kinds[1:3] == ["content_block_start", "content_block_delta"]
+    assert kinds[-3] == "content_block_stop"
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
+    assert text == "".join(b.text for b in create(client, max_tokens=16).content)
+    assert events[-2].usage.output_tokens > 0
+
+
+def test_the_stream_helper_gives_the_final_message(client: anthropic.Anthropic) -> None:
+    with client.messages.stream(
+        model="qwen", messages=ASK, max_tokens=10, extra_body=GREEDY
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert "".join(b.text for b in final.content) == text
+    assert final.stop_reason in ("end_turn", "max_tokens") and final.usage.output_tokens > 0
+
+
+def tool_uses(message: object) -> list[object]:
+    assert message.stop_reason == "tool_use"
+    uses = [block for block in message.content if block.type == "tool_use"]
+    assert uses
+    for use in uses:
+        assert use.id.startswith("toolu_") and use.name == "get_weather"
+        jsonschema.validate(use.input, WEATHER["input_schema"])
+    return uses
+
+
+def test_a_tool_round_trip(client: anthropic.Anthropic) -> None:
+    asked = create(
+        client, messages=ASK, tools=[WEATHER], tool_choice={"type": "any"}, max_tokens=400
+    )
+    uses = tool_uses(asked)
+    results = [
+        {
+            "type": "tool_result",
+            "tool_use_id": use.id,
+            "content": [{"type": "text", "text": "21 C"}],
+        }
+        for use in uses
+    ]
+    history = ASK + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in asked.content]},
+        {"role": "user", "content": results},
+    ]
+    answer = create(client, messages=history, tools=[WEATHER], max_tokens=8)
+    assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_a_streamed_tool_call_arrives_as_input_json(client: anthropic.Anthropic) -> None:
+    choice = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    with client.messages.stream(
+        model="qwen", messages=ASK, tools=[WEATHER], tool_choice=choice, max_tokens=400
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    [use] = tool_uses(final)
+    partial = "".join(
+        e.delta.partial_json
+        for e in events
+        if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+    )
+    assert json.loads(partial) == use.input
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "kind"),
+    [
+        ({"model": "nope"}, 404, "not_found_error"),
+        ({"max_tokens": None}, 400, "invalid_request_error"),
+        ({"temperature": "hot"}, 400, "invalid_request_error"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+            400,
+            "invalid_request_error",
+        ),
+        ({"tools": [{"type": "web_search_20250305", "name": "web"}]}, 400, "invalid_request_error"),
+        ({"tool_choice": {"type": "tool", "name": "nope"}}, 400, "invalid_request_error"),
+        ({"messages": [{"role": "assistant", "content": "Prefill"}]}, 400, "invalid_request_error"),
+    ],
+)
+def test_errors_are_anthropic_shaped(
+    server: RunningServer, fields: dict, status: int, kind: str
+) -> None:
+    body = {"model": "qwen", "max_tokens": 4, "messages": ASK} | fields
+    reply = post(server, "/v1/messages", json={k: v for k, v in body.items() if v is not None})
+    assert reply.status_code == status, reply.text
+    assert reply.json()["type"] == "error" and reply.json()["error"]["type"] == kind
+    assert reply.json()["error"]["message"]
+
+
+def test_the_client_raises_typed_errors(client: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        create(client, model="nope")
+    assert caught.value.body["error"]["type"] == "not_found_error"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Iterator[RunningServer]:
+    tmp = tmp_path_factory.mktemp("guarded")
+    settings = f'[server]\napi_keys = ["{KEY}"]\nmax_request_bytes = 4096'
+    with running_server(write_config(tmp, config_text(tmp, tiny_checkpoints, settings))) as running:
+        yield running
+
+
+def test_x_api_key_is_accepted_everywhere(guarded: RunningServer) -> None:
+    message = {"model": "qwen", "max_tokens": 2, "messages": ASK}
+    for path, body in [
+        ("/v1/messages", message),
+        ("/v1/responses", {"model": "qwen", "input": "Hi", "max_output_tokens": 2}),
+        ("/v1/chat/completions", {"model": "qwen", "messages": ASK, "max_tokens": 2}),
+    ]:
+        assert post(guarded, path, json=body, headers={"x-api-key": KEY}).status_code == 200
+    client = anthropic.Anthropic(base_url=guarded.url, api_key=KEY, max_retries=0)
+    assert client.messages.create(**message).type == "message"
+
+
+def test_auth_and_size_errors_take_each_apis_shape(guarded: RunningServer) -> None:
+    wrong = {"x-api-key": "wrong"}
+    reply = post(guarded, "/v1/messages", json={}, headers=wrong)
+    assert reply.status_code == 401
+    assert reply.json()["error"]["type"] == "authentication_error"
+    reply = post(guarded, "/v1/responses", json={}, headers=wrong)
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is found while reading
+        yield b'{"model": "qwen", "messages": [' + b" " * 8192 + b"]}"
+
+    reply = httpx.post(
+        guarded.url + "/v1/messages", content=chunks(), headers={"x-api-key": KEY}, timeout=30
+    )
+    assert reply.status_code == 413 and reply.json()["error"]["type"] == "request_too_large"
