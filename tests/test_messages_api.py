@@ -38,11 +38,18 @@ def config_text(tmp: object, checkpoints: dict, server: str = "") -> str:
 [registry]
 default_model = "qwen"
 cache_dir = "{tmp}/cache"
+max_loaded_models = 4
 [models.qwen]
 source = "{checkpoints["qwen"]}"
 aliases = ["claude-test-1"]
+[models.llama]
+source = "{checkpoints["llama"]}"
+[models.mistral]
+source = "{checkpoints["mistral"]}"
+[models.deepseek]
+source = "{checkpoints["deepseek"]}"
 [kv_cache]
-max_sequence_length = 1024
+max_sequence_length = 4096
 """
 
 
@@ -141,9 +148,15 @@ def tool_uses(message: object) -> list[object]:
     return uses
 
 
-def test_a_tool_round_trip(client: anthropic.Anthropic) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen", "mistral", "deepseek"])
+def test_a_tool_round_trip(client: anthropic.Anthropic, family: str) -> None:
     asked = create(
-        client, messages=ASK, tools=[WEATHER], tool_choice={"type": "any"}, max_tokens=400
+        client,
+        model=family,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
+        max_tokens=600,
     )
     uses = tool_uses(asked)
     results = [
@@ -158,7 +171,7 @@ def test_a_tool_round_trip(client: anthropic.Anthropic) -> None:
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in asked.content]},
         {"role": "user", "content": results},
     ]
-    answer = create(client, messages=history, tools=[WEATHER], max_tokens=8)
+    answer = create(client, model=family, messages=history, tools=[WEATHER], max_tokens=8)
     assert answer.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 

@@ -52,11 +52,18 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Iterat
 [registry]
 default_model = "qwen"
 cache_dir = "{tmp / "cache"}"
+max_loaded_models = 4
 [models.qwen]
 source = "{tiny_checkpoints["qwen"]}"
 aliases = ["gpt-4o-mini"]
+[models.llama]
+source = "{tiny_checkpoints["llama"]}"
+[models.mistral]
+source = "{tiny_checkpoints["mistral"]}"
+[models.deepseek]
+source = "{tiny_checkpoints["deepseek"]}"
 [kv_cache]
-max_sequence_length = 1024
+max_sequence_length = 4096
 """,
     )
     with running_server(config) as running:
@@ -172,9 +179,16 @@ def function_calls(response: object) -> list[object]:
     return calls
 
 
-def test_a_tool_round_trip(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen", "mistral", "deepseek"])
+def test_a_tool_round_trip(client: openai.OpenAI, family: str) -> None:
     asked = create(
-        client, input=ASK, tools=[WEATHER], tool_choice="required", max_output_tokens=400
+        client,
+        model=family,
+        input=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=600,
     )
     calls = function_calls(asked)
     assert asked.tools[0].name == "get_weather" and asked.tool_choice == "required"
@@ -183,7 +197,7 @@ def test_a_tool_round_trip(client: openai.OpenAI) -> None:
         {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}
         for call in calls
     ]
-    answer = create(client, input=history, tools=[WEATHER], max_output_tokens=8)
+    answer = create(client, model=family, input=history, tools=[WEATHER], max_output_tokens=8)
     assert answer.status in ("completed", "incomplete") and answer.output
 
 
