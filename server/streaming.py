@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -28,37 +29,66 @@ STREAM_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+def stream_error_code(exc: Exception) -> str | None:
+    """The error code of an exception that ends a stream (None: not one of those)."""
+    return next((code for kind, code in STREAM_ERRORS if isinstance(exc, kind)), None)
+
+
 def stream_error(exc: Exception) -> dict[str, Any] | None:
     """The error event for an exception that ends a stream (None: not one of those)."""
-    for kind, code in STREAM_ERRORS:
-        if isinstance(exc, kind):
-            return error_body(str(exc), "server_error", code=code)
-    return None
+    code = stream_error_code(exc)
+    return None if code is None else error_body(str(exc), "server_error", code=code)
+
+
+def typed_event(event: dict[str, Any]) -> str:
+    """One server-sent event named by its ``type`` (the Responses and Messages APIs' framing)."""
+    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event['type']}\ndata: {data}\n\n"
+
+
+def _openai_error(exc: Exception) -> list[Payload] | None:
+    error = stream_error(exc)
+    return None if error is None else [error]
 
 
 async def sse_response(
-    source: AsyncIterator[Item], render: Callable[[Item], Iterable[Payload]]
+    source: AsyncGenerator[Item, None],
+    render: Callable[[Item], Iterable[Payload]],
+    *,
+    opening: Iterable[Payload] = (),
+    on_error: Callable[[Exception], Iterable[Payload] | None] = _openai_error,
+    frame: Callable[[Any], str] = sse,
+    closing: str | None = "[DONE]",
 ) -> StreamingResponse:
     """Wait for the first item (so early errors get a proper status), then stream them all as
-    server-sent events; an error after the start becomes an error event; ``[DONE]`` ends it."""
-    first = await anext(source, None)
+    server-sent events: ``opening``, each item's payloads, then ``closing``. An error after
+    the start becomes the payloads ``on_error`` gives (None: not an error it knows)."""
+    try:
+        first = await anext(source, None)
+    except BaseException:
+        await source.aclose()
+        raise
 
     async def events() -> AsyncIterator[str]:
         try:
+            for payload in opening:
+                yield frame(payload)
             if first is not None:
                 for payload in render(first):
-                    yield sse(payload)
+                    yield frame(payload)
             async for item in source:
                 for payload in render(item):
-                    yield sse(payload)
+                    yield frame(payload)
         except Exception as exc:
-            error = stream_error(exc)
-            if error is None:
+            payloads = on_error(exc)
+            if payloads is None:
                 raise
-            yield sse(error)
+            for payload in payloads:
+                yield frame(payload)
         finally:
             await source.aclose()
-        yield sse("[DONE]")
+        if closing is not None:
+            yield frame(closing)
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}

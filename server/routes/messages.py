@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from mlxserve.core.errors import EngineUnavailableError
 
@@ -24,6 +22,7 @@ from ..anthropic_protocol import (
 from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
 from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from ..errors import GenerationError, RequestTimeoutError
+from ..streaming import sse_response, typed_event
 
 router = APIRouter(prefix="/v1", tags=["messages"], dependencies=[Depends(require_api_key)])
 
@@ -124,35 +123,9 @@ class MessageWriter:
         ]
 
 
-def _sse(event: dict[str, Any]) -> str:
-    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n"
-
-
-async def _stream(writer: MessageWriter, events: AsyncIterator[Event]) -> StreamingResponse:
-    """Wait for the first event (so early errors get a proper status), then stream."""
-    try:
-        first = await anext(events)
-    except BaseException:
-        await events.aclose()
-        raise
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            for event in writer.start() + writer.on(first):
-                yield _sse(event)
-            async for event in events:
-                for wire in writer.on(event):
-                    yield _sse(wire)
-        except tuple(STREAM_ERRORS) as exc:
-            status = next(s for kind, s in STREAM_ERRORS.items() if isinstance(exc, kind))
-            yield _sse(anthropic_error_body(status, str(exc)))
-        finally:
-            await events.aclose()
-
-    return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+def _anthropic_error(exc: Exception) -> list[dict[str, Any]] | None:
+    status = next((s for kind, s in STREAM_ERRORS.items() if isinstance(exc, kind)), None)
+    return None if status is None else [anthropic_error_body(status, str(exc))]
 
 
 @router.post("/messages", response_model=MessageResponse)
@@ -176,7 +149,14 @@ async def create_message(
     writer = MessageWriter(message)
     events = reply.events(engine)
     if body.stream:
-        return await _stream(writer, events)
+        return await sse_response(
+            events,
+            writer.on,
+            opening=writer.start(),
+            on_error=_anthropic_error,
+            frame=typed_event,
+            closing=None,
+        )
     async for event in events:
         writer.on(event)
     return writer.message

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
-
-from mlxserve.core.errors import EngineUnavailableError
 
 from .. import conversation
 from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
 from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from ..errors import GenerationError, RequestTimeoutError, renamed_params
+from ..errors import renamed_params
 from ..responses_protocol import (
     IncompleteDetails,
     OutputFunctionCall,
@@ -26,16 +22,12 @@ from ..responses_protocol import (
     ResponsesRequest,
     ResponseUsage,
 )
+from ..streaming import sse_response, stream_error_code, typed_event
 
 router = APIRouter(prefix="/v1", tags=["responses"], dependencies=[Depends(require_api_key)])
 
 # what the shared pipeline calls a field -> what this API calls it
 RENAMES = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
-STREAM_ERRORS = {
-    GenerationError: "generation_failed",
-    RequestTimeoutError: "timeout",
-    EngineUnavailableError: "engine_unavailable",
-}
 
 
 def _id(prefix: str) -> str:
@@ -175,36 +167,12 @@ class ResponseWriter:
         ]
 
 
-def _sse(event: dict[str, Any]) -> str:
-    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n"
+def _fail(writer: ResponseWriter) -> Callable[[Exception], list[dict[str, Any]] | None]:
+    def on_error(exc: Exception) -> list[dict[str, Any]] | None:
+        code = stream_error_code(exc)
+        return None if code is None else writer.fail(code, str(exc))
 
-
-async def _stream(writer: ResponseWriter, events: AsyncIterator[Event]) -> StreamingResponse:
-    """Wait for the first event (so early errors get a proper status), then stream."""
-    try:
-        first = await anext(events)
-    except BaseException:
-        await events.aclose()
-        raise
-
-    async def body() -> AsyncIterator[str]:
-        try:
-            for event in writer.start() + writer.on(first):
-                yield _sse(event)
-            async for event in events:
-                for wire in writer.on(event):
-                    yield _sse(wire)
-        except tuple(STREAM_ERRORS) as exc:
-            code = next(c for kind, c in STREAM_ERRORS.items() if isinstance(exc, kind))
-            for wire in writer.fail(code, str(exc)):
-                yield _sse(wire)
-        finally:
-            await events.aclose()
-
-    return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return on_error
 
 
 @router.post("/responses", response_model=ResponseObject)
@@ -247,7 +215,14 @@ async def create_response(
     )
     events = reply.events(engine)
     if body.stream:
-        return await _stream(writer, events)
+        return await sse_response(
+            events,
+            writer.on,
+            opening=writer.start(),
+            on_error=_fail(writer),
+            frame=typed_event,
+            closing=None,
+        )
     async for event in events:
         writer.on(event)
     return writer.response
