@@ -173,3 +173,26 @@ def test_invalid_bytes_never_grow_the_decoded_window(tokenizer) -> None:  # noqa
     pieces.append(detok.flush())
     assert widest <= 16  # not 2,000: each token decodes a short window
     assert "".join(pieces) == tokenizer.decode(continuation * 2000)
+
+
+@pytest.mark.parametrize("peak", [8.0, 0.1], ids=["peaked", "flat"])
+def test_filters_ranking_few_candidates_equal_a_full_sort(peak: float) -> None:
+    from mlxserve.core.sampler import _filter, _keep
+
+    vocab = 4096
+    logits = mx.random.normal((6, vocab), key=mx.random.key(5)) * peak
+    params = [
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=40),
+        SamplingParams(top_k=300, top_p=0.95),
+        SamplingParams(min_p=0.05),
+        SamplingParams(top_p=0.999),
+        SamplingParams(),
+    ]
+    full = _keep(logits, params, vocab)
+    assert full is not None
+    assert mx.array_equal(_filter(logits, params), full).item()
+    if peak > 1:  # a peaked distribution fits in the candidates: no full sort was needed
+        assert _keep(logits, params, 512) is not None
+    else:  # a flat one does not: the short ranking declines, the full sort answers
+        assert _keep(logits, params, 512) is None
