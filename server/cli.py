@@ -71,6 +71,9 @@ def cmd_plugins_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    import logging
+
+    from mlxserve.core.blas import load_fast_blas
     from mlxserve.core.distributed import Cluster
 
     from .app import create_app
@@ -79,6 +82,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     cluster = Cluster.join(config.distributed.backend)
     if cluster.distributed:
         setup_logging(config.logging.level, config.logging.file, rank=cluster.rank)
+    logging.getLogger("mlxserve.core.blas").info("%s", load_fast_blas().describe())
     if cluster.rank > 0:
         return follow_rank_zero(config, cluster)
     app = create_app(config, cluster=cluster)
