@@ -293,6 +293,7 @@ class PerformanceConfig(_Section):
     max_batch_size: PositiveInt = 8
     prefill_step_size: PositiveInt = 512
     queue_size: PositiveInt = 64
+    compute_dtype: Literal["auto", "float32", "model"] = "auto"
 
 
 class DistributedConfig(_Section):

@@ -62,11 +62,18 @@ def materialize(
     prev_rank: int | None = None,
     next_rank: int | None = None,
 ) -> PipelineStage:
-    """Drop what this stage does not run, then read the rest of the weights into memory."""
+    """Drop what this stage does not run, then read the rest of the weights into memory.
+
+    Layers are evaluated one at a time, so a layer converted to another dtype (lazily, before
+    this) holds its stored copy only until it is converted: peak memory stays near the result.
+    """
     if layers is None:
         layers = range(layout.num_layers)
     if (layers.start, layers.stop) != (0, layout.num_layers) or not (first and last):
         layout.keep_only(layers, first=first, last=last)
+    for layer in layout.layer_modules:
+        if layer is not None:
+            mx.eval(layer.parameters())
     mx.eval(layout.model.parameters())
     return PipelineStage(layout, layers, first, last, group, prev_rank, next_rank)
 

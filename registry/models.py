@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlxserve.core.distributed import Cluster
+from mlxserve.core.dtype import settle_compute_dtype
 from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.core.kv_cache import KVCacheOptions
 from mlxserve.core.loader import build_lazy, build_skeleton, materialize
@@ -143,11 +144,13 @@ class ModelRegistry:
         model, config = build_lazy(path, family.model_classes, partial=placement is not None)
         layout = hook.mlxserve_sharding_rule(family=family, model=model)
         if layers is not None:
+            self._settle_dtype(canonical, layout, layers, first=first, last=last)
             stage = materialize(layout, layers=layers, first=first, last=last)
         else:
             placement = placement or plan_placement(
                 family, model, self.cluster, self.config.distributed
             )
+            self._settle_dtype(canonical, layout, *self._share(placement, layout))
             stage = self._materialize_share(family, layout, placement)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
         template = hook.mlxserve_chat_template(family=family, tokenizer=tokenizer._tokenizer)
@@ -206,6 +209,29 @@ class ModelRegistry:
             }
         )
         return fetch(weight_files=files), family, placement
+
+    def _share(self, placement: Placement, layout: Any) -> tuple[range, bool, bool, int]:
+        """This rank's layers, (first, last), and how many ranks split each weight."""
+        if placement.strategy != "pipeline":
+            ways = self.cluster.size if placement.strategy == "tensor" else 1
+            return range(layout.num_layers), True, True, ways
+        rank = self.cluster.rank
+        return (placement.for_rank(rank).layers, *placement.role(rank), 1)
+
+    def _settle_dtype(
+        self, name: str, layout: Any, layers: range, first: bool, last: bool, ways: int = 1
+    ) -> None:
+        # Before tensor sharding and before keep_only: both then act on the converted layers,
+        # and materialize reads (and converts) one layer at a time.
+        settle_compute_dtype(
+            name,
+            layout,
+            self.config.performance.compute_dtype,
+            needed=lambda key: layout.weight_needed(key, layers, first=first, last=last),
+            ways=ways,
+            reserved_bytes=self.config.kv_cache_for(name).reserved_memory_mb * 2**20,
+            cluster=self.cluster,
+        )
 
     def _materialize_share(
         self, family: ModelFamily, layout: Any, placement: Placement
