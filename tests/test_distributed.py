@@ -248,16 +248,21 @@ def watched(
 def long_mlx_work(seconds: float) -> Callable[[], None]:
     """One ``mx.eval`` that computes for about ``seconds`` (never returning to Python)."""
     a = mx.random.normal((512, 512)) / 32
-    start = time.monotonic()
-    mx.eval(a @ a @ a @ a)
-    one = max((time.monotonic() - start) / 4, 1e-4)
-    count = min(math.ceil(seconds / one), 20_000)
 
-    def work() -> None:
+    def steps(count: int) -> None:
         x = a
         for _ in range(count):
             x = (x @ a) / mx.abs(x).max()
         mx.eval(x)
+
+    steps(4)  # warm up (BLAS threads, buffers) before timing one step
+    start = time.monotonic()
+    steps(16)
+    one = max((time.monotonic() - start) / 16, 1e-5)
+    count = min(math.ceil(seconds / one), 200_000)
+
+    def work() -> None:
+        steps(count)
 
     return work
 

@@ -3,6 +3,7 @@
 Usage:
     python tests/benchmarks/bench_serving.py [--size large|small] [--only reference|mlxserve|both]
         [--max-tokens 64] [--streams 8] [--runs 3] [--openblas [PATH]] [--out FILE.md]
+        [--reference-blas openblas|builtin]
         [--workdir ~/.cache/mlxserve/bench]
 
 It writes (once, cached under --workdir) a random-weight float32 Llama checkpoint with the
@@ -17,8 +18,12 @@ POST /v1/chat/completions:
 Tokens are counted from the usage chunk (stream_options.include_usage) when the server sends one,
 else as the number of SSE content deltas. EOS is suppressed with logit_bias so that every request
 runs to max_tokens; a server that rejects logit_bias is retried without it, and a warning is
-printed when a completion stops early. --openblas preloads a system OpenBLAS into both servers
-(LD_PRELOAD), which makes float32 matmuls much faster on Linux CPUs.
+printed when a completion stops early.
+
+BLAS: mlxserve runs as the README installs it (its own loader puts mkl, or a system OpenBLAS,
+under MLX); the reference gets a system OpenBLAS preloaded (LD_PRELOAD), the best a
+knowledgeable user gets from mlx_lm.server on a Linux CPU (--reference-blas builtin: MLX's own).
+--openblas preloads OpenBLAS into mlxserve too (the old like-for-like comparison).
 """
 
 from __future__ import annotations
@@ -551,6 +556,12 @@ def checked_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("reference", "mlxserve", "both"), default="both")
+    parser.add_argument(
+        "--reference-blas",
+        choices=("openblas", "builtin"),
+        default="openblas",
+        help="the reference's BLAS: a preloaded system OpenBLAS (default) or MLX's own",
+    )
     args = checked_args(parser, argv)
     if args.max_tokens < 2:
         parser.error("--max-tokens must be >= 2 to measure decoding")
@@ -566,11 +577,32 @@ def server_env(openblas: str | None) -> tuple[dict[str, str], str]:
     return env, f"OpenBLAS preloaded ({path})"
 
 
+def reference_env(choice: str) -> tuple[dict[str, str], str]:
+    """The reference's environment: a system OpenBLAS preloaded, unless ``builtin``."""
+    if choice == "builtin":
+        return server_env(None)
+    with contextlib.suppress(SystemExit):
+        return server_env("auto")
+    print("  warning: no system OpenBLAS; the reference runs on MLX's own BLAS", flush=True)
+    return server_env(None)
+
+
+def mlxserve_blas(log: Path) -> str:
+    """What mlxserve's own log says about its BLAS."""
+    with contextlib.suppress(OSError):
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if "BLAS" in line:
+                return line.split(": ", 1)[-1].strip()
+    return "see its log"
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    env, blas = server_env(args.openblas)
+    own_env, own_blas = server_env(args.openblas)
+    ref_env, ref_blas = reference_env(args.reference_blas)
+    envs = {"reference": ref_env, "mlxserve": own_env}
     checkpoint = ensure_checkpoint(args.workdir, args.size)
     params = count_parameters(checkpoint)
     print(f"checkpoint: {checkpoint} ({params:,} parameters)", flush=True)
@@ -579,10 +611,13 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     for kind in kinds:
         try:
-            results[kind] = bench_server(kind, args, checkpoint, env)
+            results[kind] = bench_server(kind, args, checkpoint, envs[kind])
         except (RuntimeError, httpx.HTTPError) as exc:
             print(f"  error: {LABELS[kind]} failed: {exc}", file=sys.stderr, flush=True)
             failed.append(kind)
+    if not args.openblas:
+        own_blas = f"as installed: {mlxserve_blas(args.workdir / 'mlxserve.log')}"
+    blas = f"reference: {ref_blas}; mlxserve: {own_blas}"
     publish(report(results, failed, args, params, blas), args.out)
     return 1 if failed else 0
 
