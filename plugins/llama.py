@@ -24,8 +24,7 @@ from .tool_calls import (
     calls_grammar,
     dumps,
     json_calls,
-    lark_json,
-    lark_literal,
+    lark_json_call,
     tool_lines,
 )
 
@@ -76,8 +75,7 @@ class LlamaToolCalls(ToolCallFormat):
         self, tools: list[dict[str, Any]], *, parallel: bool, special: Mapping[str, int] = {}
     ) -> str:
         def one_call(name: str, parameters: Mapping[str, Any] | None) -> str:
-            head = lark_literal(f'{{"name": {dumps(name)}, "parameters": ')
-            return f'{head} {lark_json(parameters)} "}}"'
+            return lark_json_call(name, parameters, "parameters")
 
         return calls_grammar(tools, one_call, parallel=parallel, separator='"; "')
 

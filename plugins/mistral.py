@@ -24,8 +24,7 @@ from .tool_calls import (
     call_from_object,
     calls_grammar,
     dumps,
-    lark_json,
-    lark_literal,
+    lark_json_call,
     lark_marker,
 )
 
@@ -101,8 +100,7 @@ class MistralToolCalls(ToolCallFormat):
         self, tools: list[dict[str, Any]], *, parallel: bool, special: Mapping[str, int] = {}
     ) -> str:
         def one_call(name: str, parameters: Mapping[str, Any] | None) -> str:
-            head = lark_literal(f'{{"name": {dumps(name)}, "arguments": ')
-            return f'{head} {lark_json(parameters)} "}}"'
+            return lark_json_call(name, parameters, "arguments")
 
         before = f'{lark_marker(TOOL_CALLS, special)} "["'
         return calls_grammar(

@@ -252,6 +252,12 @@ def lark_json(schema: Mapping[str, Any] | None) -> str:
     return f"%json{dumps(schema)}"
 
 
+def lark_json_call(name: str, parameters: Mapping[str, Any] | None, arguments_key: str) -> str:
+    """Lark for ``{"name": NAME, "<arguments_key>": ARGS}``, ARGS valid against ``parameters``."""
+    head = lark_literal(f'{{"name": {dumps(name)}, "{arguments_key}": ')
+    return f'{head} {lark_json(parameters)} "}}"'
+
+
 def calls_grammar(
     tools: list[dict[str, Any]],
     one_call: Callable[[str, Mapping[str, Any] | None], str],
@@ -321,10 +327,10 @@ class HermesToolCalls(ToolCallFormat):
         self, tools: list[dict[str, Any]], *, parallel: bool, special: Mapping[str, int] = {}
     ) -> str:
         def one_call(name: str, parameters: Mapping[str, Any] | None) -> str:
-            head = lark_literal(f'\n{{"name": {dumps(name)}, "arguments": ')
             return (
-                f"{lark_marker(TOOL_CALL_OPEN, special)} {head} {lark_json(parameters)} "
-                f'"}}\\n" {lark_marker(TOOL_CALL_CLOSE, special)}'
+                f'{lark_marker(TOOL_CALL_OPEN, special)} "\\n" '
+                f"{lark_json_call(name, parameters, 'arguments')} "
+                f'"\\n" {lark_marker(TOOL_CALL_CLOSE, special)}'
             )
 
         return calls_grammar(tools, one_call, parallel=parallel, separator='"\\n"')
