@@ -158,7 +158,7 @@ def test_the_server_survives_the_battery_unharmed(server: RunningServer) -> None
     assert not [s for s in statuses if s >= 500 and s not in (503, 504)], by_kind
     assert all(s < 500 and s != 422 for s in by_kind["bad"]), str(by_kind["bad"])
     assert by_kind["bad"].count(400) >= len(BAD_BODIES) + len(BAD_CHATS) - 4
-    assert set(by_kind["load"]) <= {200, 429} and by_kind["load"].count(200) >= 4
+    assert set(by_kind["load"]) <= {200, 429} and 200 in by_kind["load"]
     worker = server.engine.workers["m"]
     assert wait_until(lambda: worker.scheduler.num_active == 0 and not worker.scheduler.waiting)
     assert worker.scheduler.blocks.reserved == 0  # no KV held for requests that are gone
