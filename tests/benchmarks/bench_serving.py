@@ -2,18 +2,28 @@
 
 Usage:
     python tests/benchmarks/bench_serving.py [--size large|small] [--only reference|mlxserve|both]
-        [--max-tokens 64] [--streams 8] [--runs 3] [--openblas [PATH]] [--out FILE.md]
-        [--reference-blas openblas|builtin]
+        [--dtypes float32,bfloat16,4bit] [--max-tokens 64] [--streams 8] [--runs 3]
+        [--openblas [PATH]] [--out FILE.md] [--reference-blas openblas|builtin]
         [--workdir ~/.cache/mlxserve/bench]
 
 It writes (once, cached under --workdir) a random-weight float32 Llama checkpoint with the
-project's own writer (~250M parameters, or ~20M with --size small), then starts each server in
-turn on 127.0.0.1 (never both at once), and measures with streaming, greedy
+project's own writer (~250M parameters, or ~20M with --size small), and for each of --dtypes
+other than float32 a copy made by mlx-lm's own conversion (mlx_lm.convert: bfloat16, or 4-bit
+with group size 64) next to it. It then starts one server at a time on 127.0.0.1: the reference
+on the float32 checkpoint, and mlxserve once per dtype. It measures with streaming, greedy
 POST /v1/chat/completions:
 
 - single-stream decode tokens/s: (tokens - 1) / (time from first token to last), median of --runs;
 - aggregate tokens/s with --streams concurrent requests: total tokens / wall time, median of --runs;
-- time to first token (median), single stream and concurrent.
+- time to first token (median), single stream and concurrent;
+- batch scaling: aggregate tokens/s at --streams / the same column's single-stream decode;
+- for mlxserve, the dtype it computes in (from its log) and the fraction of the memory-bandwidth
+  roofline its single-stream decode reaches: decode tokens/s x weight bytes read per decode step
+  (every parameter but the input embedding, at the bytes of that compute dtype) / the float32
+  matrix-vector bandwidth of mlxserve's BLAS, measured in a subprocess before the servers start.
+
+The report has one column per server and checkpoint, and one ratio column per mlxserve column
+over the reference on float32.
 
 Tokens are counted from the usage chunk (stream_options.include_usage) when the server sends one,
 else as the number of SSE content deltas. EOS is suppressed with logit_bias so that every request
@@ -34,6 +44,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -81,6 +92,46 @@ PROMPT = (
 )
 SERVERS = ("reference", "mlxserve")
 LABELS = {"reference": "mlx_lm.server", "mlxserve": "mlxserve"}
+DTYPES = ("float32", "bfloat16", "4bit")
+DTYPE_LABELS = {"float32": "float32", "bfloat16": "bfloat16", "4bit": "4-bit"}
+CONVERSIONS: dict[str, dict[str, Any]] = {
+    "bfloat16": {"dtype": "bfloat16"},
+    "4bit": {"quantize": True, "q_bits": 4, "q_group_size": 64},
+}
+CONVERT_SCRIPT = "import json, sys, mlx_lm; mlx_lm.convert(**json.loads(sys.argv[1]))"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+SAFETENSORS_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4,
+    "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+# matrices, rows, columns: 256 MiB of float32 weights, so that no cache holds them
+MATVEC_SHAPE = (16, 4096, 1024)
+MATVEC_REPEATS = 30
+# mlxserve.core first: it loads mlxserve's BLAS before MLX is imported.
+MATVEC_SCRIPT = """
+import statistics, sys, time
+import mlxserve.core
+import mlx.core as mx
+
+count, rows, cols, repeats = map(int, sys.argv[1:])
+weights = [mx.random.normal((rows, cols)) for _ in range(count)]
+x = mx.random.normal((1, cols))
+mx.eval(weights, x)
+
+def once():
+    start = time.perf_counter()
+    mx.eval([x @ w.T for w in weights])
+    return time.perf_counter() - start
+
+once()
+print(count * rows * cols * 4 / statistics.median(once() for _ in range(repeats)))
+"""
+UNKNOWN = "see its log"
 
 
 # ---- checkpoint ------------------------------------------------------------------------
@@ -106,15 +157,53 @@ def ensure_checkpoint(workdir: Path, size: str) -> Path:
     return dest
 
 
+def copy_dir(checkpoint: Path, dtype: str) -> Path:
+    return checkpoint.with_name(f"{checkpoint.name}-{dtype}")
+
+
+def ensure_copy(checkpoint: Path, dtype: str) -> Path:
+    """The ``dtype`` copy of the float32 ``checkpoint``, written once by mlx_lm.convert."""
+    dest = copy_dir(checkpoint, dtype)
+    if (dest / "config.json").exists():
+        return dest
+    partial = dest.with_name(f"{dest.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"converting the checkpoint to {dtype}: {dest} ...", flush=True)
+    options = {"hf_path": str(checkpoint), "mlx_path": str(partial), **CONVERSIONS[dtype]}
+    subprocess.run([sys.executable, "-c", CONVERT_SCRIPT, json.dumps(options)], check=True)
+    # Only what the conversion did not write itself: its own files match its tokenizer version.
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).exists() and not (partial / name).exists():
+            shutil.copy2(checkpoint / name, partial / name)
+    partial.rename(dest)
+    return dest
+
+
+def tensors(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """The safetensors headers of ``checkpoint``: name -> {"dtype", "shape", ...}."""
+    header: dict[str, dict[str, Any]] = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header.update(json.loads(f.read(length)))
+    header.pop("__metadata__", None)
+    return header
+
+
 def count_parameters(checkpoint: Path) -> int:
-    with open(checkpoint / "model.safetensors", "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    total = 0
-    for name, info in header.items():
-        if name != "__metadata__":
-            total += prod(info["shape"])
-    return total
+    return sum(prod(info["shape"]) for info in tensors(checkpoint).values())
+
+
+def decode_step_bytes(checkpoint: Path) -> int:
+    """Weight bytes one decode step reads, as stored: every tensor but the input embedding
+    (a step gathers one row of it), unless there is no lm_head and the embedding is it."""
+    header = tensors(checkpoint)
+    tied = not any(name.startswith("lm_head.") for name in header)
+    return sum(
+        prod(info["shape"]) * SAFETENSORS_BYTES[info["dtype"]]
+        for name, info in header.items()
+        if tied or "embed_tokens." not in name
+    )
 
 
 def prod(values: list[int]) -> int:
@@ -434,24 +523,72 @@ def measure(client: Client, runs: int, streams: int) -> Measurement:
     )
 
 
-def bench_server(
-    kind: str, args: argparse.Namespace, checkpoint: Path, env: dict[str, str]
-) -> Measurement:
+@dataclass
+class Column:
+    """One server on one checkpoint: a column of the report."""
+
+    kind: str
+    dtype: str
+    checkpoint: Path
+    log: Path
+    selected: bool
+    status: str = "-"
+    result: Measurement | None = None
+    compute: str = "-"
+    step_bytes: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{LABELS[self.kind]} {DTYPE_LABELS[self.dtype]}"
+
+    def value(self, attr: str) -> Any:
+        return getattr(self.result, attr) if self.result else None
+
+
+def bench_server(column: Column, args: argparse.Namespace, env: dict[str, str]) -> Measurement:
     port = free_port()
-    command = server_command(kind, checkpoint, args.workdir, port, args.streams)
-    log = args.workdir / f"{kind}.log"
-    print(f"\n== {LABELS[kind]} ==", flush=True)
-    with running_server(command, port, log, env, args.ready_timeout) as base_url:
+    command = server_command(column.kind, column.checkpoint, args.workdir, port, args.streams)
+    print(f"\n== {column.label} ==", flush=True)
+    with running_server(command, port, column.log, env, args.ready_timeout) as base_url:
         client = Client(
             base_url=base_url,
-            model="default_model" if kind == "reference" else "bench",
+            model="default_model" if column.kind == "reference" else "bench",
             max_tokens=args.max_tokens,
             timeout=args.request_timeout,
-            logit_bias={str(t): -100.0 for t in eos_token_ids(checkpoint)},
+            logit_bias={str(t): -100.0 for t in eos_token_ids(column.checkpoint)},
         )
         result = measure(client, args.runs, args.streams)
-    print(f"  {LABELS[kind]}: {result.requests} requests in {result.seconds:.0f} s", flush=True)
+    print(f"  {column.label}: {result.requests} requests in {result.seconds:.0f} s", flush=True)
     return result
+
+
+def matvec_bandwidth(env: dict[str, str]) -> float | None:
+    """Bytes/s of float32 matrix-vector products on mlxserve's BLAS: what bounds decoding."""
+    print("\nmeasuring the matvec bandwidth with mlxserve's BLAS ...", flush=True)
+    args = [str(n) for n in (*MATVEC_SHAPE, MATVEC_REPEATS)]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", MATVEC_SCRIPT, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
+        bandwidth = float(done.stdout.split()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        detail = getattr(exc, "stderr", "") or ""
+        print(f"  warning: matvec bandwidth not measured: {exc}\n{detail[-2000:]}", flush=True)
+        return None
+    print(f"  {bandwidth / 1e9:.1f} GB/s", flush=True)
+    return bandwidth
+
+
+def roofline(column: Column, bandwidth: float | None) -> float | None:
+    decode, step = column.value("decode_tps"), column.step_bytes
+    if decode is None or step is None or not bandwidth:
+        return None
+    return float(decode * step / bandwidth)
 
 
 # ---- report ----------------------------------------------------------------------------
@@ -483,39 +620,78 @@ def machine_info(args: argparse.Namespace, params: int, blas: str) -> list[str]:
     ]
 
 
+def method_lines(columns: list[Column], bandwidth: float | None) -> list[str]:
+    copies = [c.dtype for c in columns if c.selected and c.dtype != "float32"]
+    count, rows, cols = MATVEC_SHAPE
+    lines: list[str] = []
+    if copies:
+        group = CONVERSIONS["4bit"]["q_group_size"]
+        names = [
+            DTYPE_LABELS[d] + (f" (group size {group})" if d == "4bit" else "") for d in copies
+        ]
+        lines.append(
+            "- checkpoints: the reference serves the float32 one; mlxserve also serves "
+            f"{', '.join(names)} copies of it made by mlx_lm.convert"
+        )
+    if any(c.selected and c.kind == "mlxserve" for c in columns):
+        lines += [
+            f"- matvec bandwidth (mlxserve's BLAS; x @ W.T, x 1x{cols}, {count} float32 W of "
+            f"{rows}x{cols}, {count * rows * cols * 4 / 1e6:.0f} MB; median of "
+            f"{MATVEC_REPEATS}): {fmt(bandwidth, 1e-9)} GB/s",
+            "- roofline fraction: decode tok/s x weight bytes per decode step / that bandwidth; "
+            "weight bytes: every parameter but the input embedding, at the bytes of the dtype "
+            "mlxserve computes in",
+        ]
+    return lines
+
+
+def table_row(name: str, cells: list[str], ratios: list[str]) -> str:
+    return "| " + " | ".join([name, *cells, *ratios]) + " |"
+
+
+def table(columns: list[Column], streams: int, bandwidth: float | None) -> list[str]:
+    ref = columns[0]
+    ours = [c for c in columns if c.kind == "mlxserve"]
+    blank = [""] * len(ours)
+    lines = [
+        table_row("metric", [c.label for c in columns], [f"{c.label} / reference" for c in ours]),
+        "|---" + "|---:" * (len(columns) + len(ours)) + "|",
+    ]
+    for name, attr, scale, digits in (
+        ("decode tok/s, 1 stream (higher is better)", "decode_tps", 1.0, 1),
+        (f"aggregate tok/s, {streams} streams (higher is better)", "aggregate_tps", 1.0, 1),
+        ("TTFT ms, 1 stream (lower is better)", "ttft_single", 1000.0, 0),
+        (f"TTFT ms, {streams} streams (lower is better)", "ttft_concurrent", 1000.0, 0),
+    ):
+        cells = [fmt(c.value(attr), scale, digits) for c in columns]
+        lines.append(table_row(name, cells, [ratio(c.value(attr), ref.value(attr)) for c in ours]))
+    derived = {
+        f"aggregate at {streams} streams / own single-stream decode": [
+            ratio(c.value("aggregate_tps"), c.value("decode_tps")) for c in columns
+        ],
+        "single-stream decode, fraction of the memory-bandwidth roofline": [
+            fmt(roofline(c, bandwidth), digits=2) for c in columns
+        ],
+        "weight MB read per decode step": [fmt(c.step_bytes, 1e-6) for c in columns],
+        "compute dtype (mlxserve's log)": [c.compute for c in columns],
+        "tokens counted from": [str(c.value("tokens_from") or "-") for c in columns],
+        "early stops": [str(c.value("early_stops") if c.result else "-") for c in columns],
+        "run": [c.status for c in columns],
+    }
+    lines += [table_row(name, cells, blank) for name, cells in derived.items()]
+    return lines
+
+
 def report(
-    results: dict[str, Measurement],
-    failed: list[str],
+    columns: list[Column],
     args: argparse.Namespace,
     params: int,
     blas: str,
+    bandwidth: float | None,
 ) -> str:
-    ref, new = results.get("reference"), results.get("mlxserve")
-    rows: list[tuple[str, str, float, int]] = [
-        ("decode tok/s, 1 stream (higher is better)", "decode_tps", 1.0, 1),
-        (f"aggregate tok/s, {args.streams} streams (higher is better)", "aggregate_tps", 1.0, 1),
-        ("TTFT ms, 1 stream (lower is better)", "ttft_single", 1000.0, 0),
-        (f"TTFT ms, {args.streams} streams (lower is better)", "ttft_concurrent", 1000.0, 0),
-    ]
-    lines = [
-        "| metric | mlx_lm.server | mlxserve | ratio (mlxserve / reference) |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, attr, scale, digits in rows:
-        a = getattr(ref, attr) if ref else None
-        b = getattr(new, attr) if new else None
-        lines.append(
-            f"| {name} | {fmt(a, scale, digits)} | {fmt(b, scale, digits)} | {ratio(b, a)} |"
-        )
-    for name, attr in (("tokens counted from", "tokens_from"), ("early stops", "early_stops")):
-        a = getattr(ref, attr) if ref else "-"
-        b = getattr(new, attr) if new else "-"
-        lines.append(f"| {name} | {a} | {b} | |")
-    status = [
-        "failed" if kind in failed else ("-" if kind not in results else "ok") for kind in SERVERS
-    ]
-    lines.append(f"| run | {status[0]} | {status[1]} | |")
-    return "\n".join(["## Serving benchmark", "", *machine_info(args, params, blas), "", *lines])
+    machine = [*machine_info(args, params, blas), *method_lines(columns, bandwidth)]
+    table_lines = table(columns, args.streams, bandwidth)
+    return "\n".join(["## Serving benchmark", "", *machine, "", *table_lines])
 
 
 # ---- main ------------------------------------------------------------------------------
@@ -553,9 +729,23 @@ def checked_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
     return args
 
 
+def dtype_list(text: str) -> list[str]:
+    dtypes = list(dict.fromkeys(d.strip() for d in text.split(",") if d.strip()))
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        raise argparse.ArgumentTypeError(f"choose from {','.join(DTYPES)}, got {text!r}")
+    return dtypes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common_parser(__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("reference", "mlxserve", "both"), default="both")
+    parser.add_argument(
+        "--dtypes",
+        type=dtype_list,
+        default=list(DTYPES),
+        help=f"checkpoints mlxserve serves, comma-separated from {','.join(DTYPES)} "
+        "(the reference always serves float32)",
+    )
     parser.add_argument(
         "--reference-blas",
         choices=("openblas", "builtin"),
@@ -587,13 +777,79 @@ def reference_env(choice: str) -> tuple[dict[str, str], str]:
     return server_env(None)
 
 
+def log_lines(log: Path) -> list[str]:
+    with contextlib.suppress(OSError):
+        return log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return []
+
+
 def mlxserve_blas(log: Path) -> str:
     """What mlxserve's own log says about its BLAS."""
-    with contextlib.suppress(OSError):
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            if "BLAS" in line:
-                return line.split(": ", 1)[-1].strip()
-    return "see its log"
+    for line in log_lines(log):
+        if "BLAS" in line:
+            return line.split(": ", 1)[-1].strip()
+    return UNKNOWN
+
+
+def mlxserve_compute(log: Path) -> str:
+    """The dtype mlxserve's log says the model computes in (core/dtype.py's line)."""
+    for line in log_lines(log):
+        _, found, rest = line.partition("model bench: ")
+        if found and rest.startswith("computing in "):
+            return rest.removeprefix("computing in ").split(": ", 1)[0].strip()
+        if found and rest.startswith("keeping "):
+            return rest.split(":", 1)[0].strip()
+    return UNKNOWN
+
+
+def plan_columns(args: argparse.Namespace, checkpoint: Path) -> list[Column]:
+    """The reference on float32 first, then mlxserve on each of ``--dtypes``."""
+    wanted = SERVERS if args.only == "both" else (args.only,)
+    workdir = args.workdir
+    columns = [
+        Column("reference", "float32", checkpoint, workdir / "reference.log", "reference" in wanted)
+    ]
+    for dtype in args.dtypes:
+        float32 = dtype == "float32"
+        columns.append(
+            Column(
+                kind="mlxserve",
+                dtype=dtype,
+                checkpoint=checkpoint if float32 else copy_dir(checkpoint, dtype),
+                log=workdir / ("mlxserve.log" if float32 else f"mlxserve-{dtype}.log"),
+                selected="mlxserve" in wanted,
+            )
+        )
+    return columns
+
+
+def prepare_copies(columns: list[Column], checkpoint: Path) -> None:
+    for column in columns:
+        if not column.selected or column.checkpoint == checkpoint:
+            continue
+        try:
+            ensure_copy(checkpoint, column.dtype)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"  error: {column.dtype} conversion failed: {exc}", file=sys.stderr, flush=True)
+            column.status = "failed"
+
+
+def run_column(
+    column: Column, args: argparse.Namespace, env: dict[str, str], checkpoint: Path
+) -> None:
+    try:
+        column.result = bench_server(column, args, env)
+        column.status = "ok"
+    except (RuntimeError, httpx.HTTPError) as exc:
+        print(f"  error: {column.label} failed: {exc}", file=sys.stderr, flush=True)
+        column.status = "failed"
+        return
+    if column.kind == "mlxserve":
+        column.compute = mlxserve_compute(column.log)
+        if column.compute.startswith("float32"):
+            column.step_bytes = decode_step_bytes(checkpoint)
+        elif column.compute != UNKNOWN:
+            column.step_bytes = decode_step_bytes(column.checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,20 +862,19 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = ensure_checkpoint(args.workdir, args.size)
     params = count_parameters(checkpoint)
     print(f"checkpoint: {checkpoint} ({params:,} parameters)", flush=True)
-    kinds = SERVERS if args.only == "both" else (args.only,)
-    results: dict[str, Measurement] = {}
-    failed: list[str] = []
-    for kind in kinds:
-        try:
-            results[kind] = bench_server(kind, args, checkpoint, envs[kind])
-        except (RuntimeError, httpx.HTTPError) as exc:
-            print(f"  error: {LABELS[kind]} failed: {exc}", file=sys.stderr, flush=True)
-            failed.append(kind)
+    columns = plan_columns(args, checkpoint)
+    prepare_copies(columns, checkpoint)
+    ours = [c for c in columns if c.kind == "mlxserve" and c.selected]
+    bandwidth = matvec_bandwidth(own_env) if ours else None
+    for column in columns:
+        if column.selected and column.status == "-":
+            run_column(column, args, envs[column.kind], checkpoint)
     if not args.openblas:
-        own_blas = f"as installed: {mlxserve_blas(args.workdir / 'mlxserve.log')}"
+        logs = [c.log for c in ours if c.status == "ok"]
+        own_blas = f"as installed: {mlxserve_blas(logs[0]) if logs else UNKNOWN}"
     blas = f"reference: {ref_blas}; mlxserve: {own_blas}"
-    publish(report(results, failed, args, params, blas), args.out)
-    return 1 if failed else 0
+    publish(report(columns, args, params, blas, bandwidth), args.out)
+    return 1 if any(c.status == "failed" for c in columns) else 0
 
 
 def publish(text: str, out: Path | None) -> None:
