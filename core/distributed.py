@@ -46,19 +46,6 @@ class Cluster:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def broadcast(self, message: Any = None) -> Any:
-        """Rank 0's ``message`` (JSON-able), on every rank; others pass nothing."""
-        if not self.distributed:
-            return message
-        payload = json.dumps(message).encode() if self.rank == 0 else b""
-        length = mx.array([len(payload)], dtype=mx.int64)
-        size = int(mx.distributed.all_sum(length, group=self.group).item())
-        data = mx.zeros((size,), dtype=mx.uint8)
-        if self.rank == 0:
-            data = mx.array(list(payload), dtype=mx.uint8)
-        data = mx.distributed.all_sum(data, group=self.group)
-        return json.loads(bytes(memoryview(data)).decode()) if size else None
-
     def gather(self, value: int) -> list[int]:
         """Every rank's ``value``, in rank order."""
         if not self.distributed:

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .constraint import Constraint
-from .coordinator import Coordinator, lost_a_rank
 from .detokenizer import TextStream
 from .distributed import Cluster
 from .errors import (
@@ -29,6 +28,7 @@ from .errors import (
     ModelBusyError,
     QueueFullError,
 )
+from .ranks import RankZero, lost_a_rank
 from .sampling import SamplingParams
 from .sequence import RequestOutput, Sequence
 from .settings import EngineSettings
@@ -98,7 +98,7 @@ class Engine:
         self.load_model = load_model
         self.settings = settings
         self.cluster = cluster or Cluster()
-        self.ranks = Coordinator(self.cluster, settings.step_timeout_s, self.fail)
+        self.ranks = RankZero(self.cluster, settings.step_timeout_s, self.fail)
         self.observers: list[Callable[[Sequence, RequestOutput], None]] = []
         self.workers: OrderedDict[str, ModelWorker] = OrderedDict()
         self.streams: dict[str, RequestStream] = {}
@@ -270,9 +270,9 @@ class Engine:
                 if not self._handle_commands(block=idle) and idle:
                     # MLX's ring backend spins while it waits in a collective: idle followers
                     # sleep instead, waking just before rank 0 may call on them again.
-                    self.ranks.tell("idle", sleep=IDLE_WAIT_S * 0.9)
+                    self.ranks.idle(IDLE_WAIT_S * 0.9)
                 for name, worker in list(self.workers.items()):
-                    if worker.scheduler.has_work():
+                    if worker.has_work():
                         self._step(name, worker)
                 self._serve_waiting_models()
                 self._count_waiting()
@@ -296,7 +296,7 @@ class Engine:
             self._waiting = waiting
 
     def _has_work(self) -> bool:
-        return any(w.scheduler.has_work() for w in self.workers.values())
+        return any(w.has_work() for w in self.workers.values())
 
     def _handle_commands(self, block: bool) -> bool:
         """Carry out the queued commands (waiting a while for one if ``block``); any?"""
@@ -310,13 +310,14 @@ class Engine:
             command()
 
     def _on_stop(self) -> None:
+        self._settle()
         self._end_all("the server stopped")
         for name, worker in self.workers.items():
             try:
                 worker.close(self.settings.disk_flush_s)
             except Exception:
                 log.exception("%s: could not keep its prefix cache", name)
-        self.ranks.tell("stop")
+        self.ranks.stop()
         self._stopping = True
 
     def _on_submit(self, name: str, seq: Sequence) -> None:
@@ -401,8 +402,9 @@ class Engine:
             _resolve(future, True)
 
     def _unload(self, name: str) -> None:
+        self._settle()
         worker = self.workers.pop(name)
-        self.ranks.tell("unload", model=name)
+        self.ranks.unload(name)
         for seq in worker.scheduler.drain():  # only waiting ones: it was idle
             self.seqs_waiting_for_model.setdefault(name, []).append(seq)
         try:
@@ -438,13 +440,19 @@ class Engine:
         try:
             if name not in self.workers:
                 log.info("loading model %s", name)
+                self._settle()
                 model = self.ranks.load(name, self.load_model)
                 distributed = self.ranks.distributed
                 announce = self.ranks.announcer(name)
                 placement = getattr(model, "placement", None)
-                can_measure = not distributed or placement.strategy == "pipeline"
+                pipeline = distributed and placement.strategy == "pipeline"
                 self.workers[name] = ModelWorker(
-                    model, self.settings, announce, can_measure, can_use_disk=not distributed
+                    model,
+                    self.settings,
+                    announce,
+                    can_measure=not distributed or pipeline,
+                    can_use_disk=not distributed,
+                    lanes=len(placement.stages) if pipeline else 1,
                 )
         except Exception as exc:
             log.error("loading model %s failed: %s", name, exc)
@@ -461,22 +469,37 @@ class Engine:
         for future in futures:
             _resolve(future, worker.model)
 
-    def _step(self, name: str, worker: ModelWorker) -> None:
+    def _step(self, name: str, worker: ModelWorker, settle: bool = False) -> None:
+        """Run ``worker``'s next step (or, with ``settle``, every step it has in flight)."""
         try:
-            results = self.ranks.together(worker.step)
+            results = self.ranks.together(worker.settle if settle else worker.step)
         except Exception as exc:
             if lost_a_rank(exc):
                 raise
             log.error("step of model %s failed:\n%s", name, traceback.format_exc())
-            error = f"{type(exc).__name__}: {exc}"
-            for seq in worker.fail():
-                self._publish(
-                    seq, RequestOutput(seq.request_id, finish_reason="error", error=error)
-                )
-            self.ranks.tell("reset", model=name)
+            self._fail_worker(name, worker, f"{type(exc).__name__}: {exc}")
             return
         for seq, output in results:
             self._publish(seq, output)
+
+    def _settle(self) -> None:
+        """Finish every step in flight: the ranks must be between steps to hear anything else."""
+        for name, worker in list(self.workers.items()):
+            if worker.in_flight:
+                self._step(name, worker, settle=True)
+
+    def _fail_worker(self, name: str, worker: ModelWorker, error: str) -> None:
+        """End every sequence of ``worker`` with ``error``; it and the other ranks start over."""
+        if worker.in_flight:
+            try:  # the other ranks are running them: take their results to stay in step
+                self.ranks.together(worker.settle)
+            except Exception as exc:
+                if lost_a_rank(exc):
+                    raise
+                log.error("%s: the steps in flight failed too: %s", name, exc)
+        for seq in worker.fail():
+            self._publish(seq, RequestOutput(seq.request_id, finish_reason="error", error=error))
+        self.ranks.reset(name)
 
     def _publish(self, seq: Sequence, output: RequestOutput) -> None:
         for observe in self.observers:

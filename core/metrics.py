@@ -48,6 +48,11 @@ GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
     ),
     ("kv_cache_capacity_tokens", "The model's KV budget in tokens.", lambda w: w.capacity_tokens),
     (
+        "micro_batches",
+        "Lanes the running requests are split into (one per pipeline stage; 1 on one rank).",
+        lambda w: w.lanes,
+    ),
+    (
         "disk_tier_enabled",
         "1 while the KV disk tier reads and writes; 0 once a disk fault turned it (or its "
         "writes) off. Absent for models without one.",
@@ -67,6 +72,15 @@ RUNNER_COUNTERS = (
         "disk_tier_rejected_blocks",
         "Disk tier files dropped because they did not hold a valid block for the model.",
         "disk_rejected_blocks",
+    ),
+)
+
+WORKER_COUNTERS = (
+    ("steps", "Engine steps run (one lane's step each).", "steps"),
+    (
+        "overlapped_steps",
+        "Steps that ran while another lane's step was already on its way through the pipeline.",
+        "overlapped_steps",
     ),
 )
 
@@ -206,4 +220,9 @@ class EngineMetrics:
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model"])
             for model, worker in workers:
                 counter.add_metric([model], getattr(worker.runner, attribute, 0))
+            yield counter
+        for name, doc, attribute in WORKER_COUNTERS:
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model"])
+            for model, worker in workers:
+                counter.add_metric([model], getattr(worker, attribute))
             yield counter

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from .wire import Reader, Writer
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +33,12 @@ class StepPlan:
     ``decode_ids`` is the decode batch in row order; ``prefill`` holds groups of chunks,
     each group run as one forward pass (several whole fresh prompts, or one chunk).
     Sequences whose prompt completes join the batch after the decode rows, in plan order.
+
+    ``lane`` names the micro-batch: on a pipeline, each lane is a batch of its own, and
+    the ranks work on different lanes at once (see worker.py).
     """
 
+    lane: int = 0
     release: tuple[str, ...] = ()
     save: tuple[tuple[str, tuple[tuple[int, str], ...]], ...] = ()
     evict: tuple[str, ...] = ()
@@ -50,32 +55,33 @@ class StepPlan:
         """Whose next token this step samples, in the order of the logits rows."""
         return self.decode_ids + self.joining_ids
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "release": list(self.release),
-            "save": [[rid, [list(b) for b in blocks]] for rid, blocks in self.save],
-            "evict": list(self.evict),
-            "decode_ids": list(self.decode_ids),
-            "decode_tokens": list(self.decode_tokens),
-            "prefill": [
-                [[c.request_id, list(c.tokens), c.start, c.last, list(c.reused)] for c in group]
-                for group in self.prefill
-            ],
-        }
+    def encode(self) -> bytes:
+        out = Writer().uint(self.lane).texts(self.release).uint(len(self.save))
+        for request_id, blocks in self.save:
+            out.text(request_id).uints(i for i, _ in blocks).texts(h for _, h in blocks)
+        out.texts(self.evict).texts(self.decode_ids).uints(self.decode_tokens)
+        out.uint(len(self.prefill))
+        for group in self.prefill:
+            out.uint(len(group))
+            for c in group:
+                out.text(c.request_id).uints(c.tokens).uint(c.start).uint(c.last)
+                out.texts(c.reused)
+        return bytes(out.data)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StepPlan:
-        return cls(
-            release=tuple(data["release"]),
-            save=tuple((rid, tuple((i, h) for i, h in blocks)) for rid, blocks in data["save"]),
-            evict=tuple(data["evict"]),
-            decode_ids=tuple(data["decode_ids"]),
-            decode_tokens=tuple(data["decode_tokens"]),
-            prefill=tuple(
-                tuple(
-                    PrefillChunk(rid, tuple(tokens), start, last, tuple(reused))
-                    for rid, tokens, start, last, reused in group
-                )
-                for group in data["prefill"]
-            ),
+    def decode(cls, data: bytes) -> StepPlan:
+        read = Reader(data)
+        lane, release = read.uint(), read.texts()
+        save = []
+        for _ in range(read.uint()):
+            request_id, indices, hashes = read.text(), read.uints(), read.texts()
+            save.append((request_id, tuple(zip(indices, hashes, strict=True))))
+        evict, decode_ids, decode_tokens = read.texts(), read.texts(), read.uints()
+        prefill = tuple(
+            tuple(_read_chunk(read) for _ in range(read.uint())) for _ in range(read.uint())
         )
+        return cls(lane, release, tuple(save), evict, decode_ids, decode_tokens, prefill)
+
+
+def _read_chunk(read: Reader) -> PrefillChunk:
+    return PrefillChunk(read.text(), read.uints(), read.uint(), bool(read.uint()), read.texts())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -26,8 +27,19 @@ def check_batchable(cache: Cache) -> None:
             )
 
 
+@dataclass
+class Lane:
+    """One micro-batch's decode batch: its merged caches, and whose each row is."""
+
+    cache: Cache | None = None
+    rows: list[str] = field(default_factory=list)
+
+
 class ModelRunner:
-    """Holds the KV caches of one model stage and runs each step plan's forward passes."""
+    """Holds the KV caches of one model stage and runs each step plan's forward passes.
+
+    Each lane (micro-batch) of the plans has a decode batch of its own.
+    """
 
     def __init__(
         self,
@@ -47,29 +59,37 @@ class ModelRunner:
         # Across ranks, each forward pass's sends and receives must happen in plan order.
         self.lockstep = lockstep
         self.prefilling: dict[str, Cache] = {}
-        self.batch: Cache | None = None
-        self.rows: list[str] = []
+        self.lanes: dict[int, Lane] = {}
+
+    def lane(self, index: int = 0) -> Lane:
+        return self.lanes.setdefault(index, Lane())
+
+    @property
+    def rows(self) -> list[str]:
+        """Every decoding sequence, lane by lane."""
+        return [row for lane in self.lanes.values() for row in lane.rows]
 
     def run(self, plan: StepPlan) -> mx.array | None:
         """Run one step; the logits (one row per ``plan.sample_ids``), or None."""
-        self._save(plan.save)
+        lane = self.lane(plan.lane)
+        self._save(plan.save, lane)
         for block_hash in plan.evict:
             data = self.blocks.pop(block_hash, None)
             if data is not None and self.disk is not None:
                 self.disk.write(block_hash, data)
-        self.release(plan.release)
-        assert list(plan.decode_ids) == self.rows, "step plan and decode batch disagree"
+        self.release(plan.release, plan.lane)
+        assert list(plan.decode_ids) == lane.rows, "step plan and decode batch disagree"
         outputs = []
         if plan.decode_ids:
             tokens = mx.array(plan.decode_tokens)[:, None]
-            outputs.append(self._sync(self.stage.forward(tokens, self.batch))[:, -1])
+            outputs.append(self._sync(self.stage.forward(tokens, lane.cache))[:, -1])
         touched: list[Cache] = []
         for group in plan.prefill:
             logits, cache = self._prefill(group)
             self._sync(logits)
             if group[-1].last:
                 outputs.append(logits[:, -1])
-                self._join([c.request_id for c in group], cache)
+                self._join(lane, [c.request_id for c in group], cache)
             else:
                 touched.append(cache)
         logits = mx.concatenate(outputs) if outputs else None
@@ -81,33 +101,34 @@ class ModelRunner:
             mx.eval(output)
         return output
 
-    def release(self, request_ids: Sequence[str]) -> None:
-        """Drop the caches of finished or aborted sequences."""
+    def release(self, request_ids: Sequence[str], lane_index: int = 0) -> None:
+        """Drop the caches of finished or aborted sequences (of lane ``lane_index``)."""
         gone = set(request_ids)
         for request_id in gone:
             self.prefilling.pop(request_id, None)
-        keep = [i for i, r in enumerate(self.rows) if r not in gone]
-        if len(keep) == len(self.rows):
+        lane = self.lane(lane_index)
+        keep = [i for i, r in enumerate(lane.rows) if r not in gone]
+        if len(keep) == len(lane.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
+        lane.rows = [lane.rows[i] for i in keep]
         if not keep:
-            self.batch = None
-        elif self.batch is not None:
+            lane.cache = None
+        elif lane.cache is not None:
             indices = mx.array(keep)
-            for layer_cache in self.batch:
+            for layer_cache in lane.cache:
                 layer_cache.filter(indices)
 
     def reset(self) -> None:
         self.prefilling.clear()
         self.blocks.clear()
-        self.batch, self.rows = None, []
+        self.lanes.clear()
 
-    def _save(self, saves: Sequence[tuple[str, tuple[tuple[int, str], ...]]]) -> None:
+    def _save(self, saves: Sequence[tuple[str, tuple[tuple[int, str], ...]]], lane: Lane) -> None:
         """Copy full blocks of finished sequences out of the batch, into the prefix cache."""
         kept = []
         for request_id, blocks in saves:
-            row = self.rows.index(request_id)
-            caches = [layer_cache.extract(row) for layer_cache in self.batch]
+            row = lane.rows.index(request_id)
+            caches = [layer_cache.extract(row) for layer_cache in lane.cache]
             for index, block_hash in blocks:
                 part = slice(index * self.block_size, (index + 1) * self.block_size)
                 self.blocks[block_hash] = [
@@ -222,10 +243,10 @@ class ModelRunner:
             layer_cache.prepare(left_padding=padding)
         return self.stage.forward(tokens, cache), cache
 
-    def _join(self, request_ids: list[str], cache: Cache) -> None:
-        if self.batch is None:
-            self.batch = cache
+    def _join(self, lane: Lane, request_ids: list[str], cache: Cache) -> None:
+        if lane.cache is None:
+            lane.cache = cache
         else:
-            for mine, theirs in zip(self.batch, cache, strict=True):
+            for mine, theirs in zip(lane.cache, cache, strict=True):
                 mine.extend(theirs)
-        self.rows.extend(request_ids)
+        lane.rows.extend(request_ids)

@@ -11,6 +11,7 @@ from .plan import PrefillChunk, StepPlan
 from .sequence import RequestOutput, Sequence, Status, TokenLogprob
 
 log = logging.getLogger(__name__)
+Save = tuple[str, tuple[tuple[int, str], ...]]  # a finished sequence's full blocks to keep
 
 
 class Scheduler:
@@ -19,6 +20,9 @@ class Scheduler:
     Each step decodes every running sequence and prefills prompt chunks of up to
     ``prefill_step_size`` tokens in all, so a long prompt never stalls running streams for
     more than one chunk. Whole short prompts that arrive together are prefilled as one batch.
+
+    With ``lanes`` > 1 the sequences are split into that many micro-batches (lanes), each
+    planned on its own by :meth:`schedule`; a new sequence joins the least busy lane.
     """
 
     def __init__(
@@ -28,27 +32,44 @@ class Scheduler:
         blocks: BlockManager | None = None,
         prefix_salt: str | None = None,
         from_disk: Callable[[str, Collection[str]], bool] | None = None,
+        lanes: int = 1,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
         self.blocks = blocks
         self.prefix_salt = prefix_salt  # None: no prefix caching
         self.from_disk = from_disk
-        self.to_save: list[tuple[str, tuple[tuple[int, str], ...]]] = []
+        self.lanes = lanes
+        self.to_save: list[list[Save]] = [[] for _ in range(lanes)]
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.to_release: list[str] = []
+        self.to_release: list[list[str]] = [[] for _ in range(lanes)]
         self.admitting = True
 
     @property
     def num_active(self) -> int:
         return len(self.prefilling) + len(self.running)
 
-    def has_work(self) -> bool:
-        return bool(self.running or self.prefilling or self.to_release) or (
-            self.admitting and bool(self.waiting)
+    def has_work(self, lane: int | None = None) -> bool:
+        """Whether there is anything to plan (in ``lane``, or in any lane)."""
+        if lane is None:
+            return any(self.has_work(lane) for lane in range(self.lanes))
+        return (
+            bool(self.to_release[lane])
+            or any(s.lane == lane for s in (*self.running, *self.prefilling))
+            or (self.admitting and bool(self.waiting) and self._may_admit(lane))
         )
+
+    def _active(self, lane: int) -> int:
+        return sum(s.lane == lane for s in (*self.running, *self.prefilling))
+
+    def _may_admit(self, lane: int) -> bool:
+        """Room in the batch, and ``lane`` is (one of) the least busy."""
+        if self.num_active >= self.max_batch_size:
+            return False
+        mine = self._active(lane)
+        return all(mine <= self._active(other) for other in range(self.lanes))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -60,22 +81,25 @@ class Scheduler:
                     return seq
         return None
 
-    def schedule(self) -> StepPlan:
-        release, self.to_release = tuple(self.to_release), []
-        save, self.to_save = tuple(self.to_save), []
-        while self.admitting and self.waiting and self.num_active < self.max_batch_size:
+    def schedule(self, lane: int = 0) -> StepPlan:
+        """The next step of ``lane``: call again only once its results are in."""
+        release, self.to_release[lane] = tuple(self.to_release[lane]), []
+        save, self.to_save[lane] = tuple(self.to_save[lane]), []
+        while self.admitting and self.waiting and self._may_admit(lane):
             if not self._reserve(self.waiting[0]):
                 break
             seq = self.waiting.popleft()
-            seq.status = Status.PREFILLING
+            seq.status, seq.lane = Status.PREFILLING, lane
             self.prefilling.append(seq)
+        running = [s for s in self.running if s.lane == lane]
         return StepPlan(
+            lane=lane,
             release=release,
             save=save,
             evict=tuple(self.blocks.take_evicted()) if self.blocks else (),
-            decode_ids=tuple(s.request_id for s in self.running),
-            decode_tokens=tuple(s.last_token for s in self.running),
-            prefill=self._prefill_groups(),
+            decode_ids=tuple(s.request_id for s in running),
+            decode_tokens=tuple(s.last_token for s in running),
+            prefill=self._prefill_groups(lane),
         )
 
     def _reserve(self, seq: Sequence) -> bool:
@@ -99,11 +123,13 @@ class Scheduler:
         seq.cached_tokens = seq.num_prefilled = len(reused) * self.blocks.block_size
         return True
 
-    def _prefill_groups(self) -> tuple[tuple[PrefillChunk, ...], ...]:
+    def _prefill_groups(self, lane: int) -> tuple[tuple[PrefillChunk, ...], ...]:
         budget = self.prefill_step_size
         fresh: list[PrefillChunk] = []
         singles: list[tuple[PrefillChunk, ...]] = []
         for seq in self.prefilling:
+            if seq.lane != lane:
+                continue
             if budget <= 0:
                 break
             size = min(seq.prompt_remaining, budget)
@@ -126,27 +152,31 @@ class Scheduler:
     def postprocess(
         self,
         plan: StepPlan,
+        seqs: list[Sequence],
         tokens: list[int | Exception],
         logprobs: list[TokenLogprob | None],
     ) -> list[tuple[Sequence, RequestOutput]]:
         """Account for a step's results; the output of every sequence that sampled a token.
 
-        A sequence whose token could not be sampled (an exception in ``tokens``), or whose
-        token could not be turned into text, ends with an error; the others go on.
+        ``seqs`` are those of ``plan.sample_ids`` still alive (one may have been aborted
+        while its step ran), in that order. A sequence whose token could not be sampled (an
+        exception in ``tokens``), or whose token could not be turned into text, ends with
+        an error; the others go on.
         """
         by_id = {s.request_id: s for s in self.prefilling}
         for group in plan.prefill:
             for chunk in group:
-                seq = by_id[chunk.request_id]
+                seq = by_id.get(chunk.request_id)
+                if seq is None:
+                    continue
                 seq.num_prefilled += len(chunk.tokens)
                 if chunk.last:
                     self.prefilling.remove(seq)
                     seq.status = Status.RUNNING
                     self.running.append(seq)
-        by_id = {s.request_id: s for s in self.running}
         return [
-            (by_id[rid], self._advance_or_fail(by_id[rid], token, logprob))
-            for rid, token, logprob in zip(plan.sample_ids, tokens, logprobs, strict=True)
+            (seq, self._advance_or_fail(seq, token, logprob))
+            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True)
         ]
 
     def _advance_or_fail(
@@ -207,14 +237,14 @@ class Scheduler:
             added = set(self.blocks.release(seq.reservation, full))
             if added:
                 blocks = tuple((i, h) for i, h in enumerate(full) if h in added)
-                self.to_save.append((seq.request_id, blocks))
+                self.to_save[seq.lane].append((seq.request_id, blocks))
             seq.reservation = None
         if seq.status == Status.WAITING:
             self.waiting.remove(seq)
         else:
             queue = self.running if seq.status == Status.RUNNING else self.prefilling
             queue.remove(seq)
-            self.to_release.append(seq.request_id)
+            self.to_release[seq.lane].append(seq.request_id)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
@@ -228,5 +258,6 @@ class Scheduler:
                     seq.reservation, seq.reused = None, ()
                     seq.num_prefilled = seq.cached_tokens = 0
         self.running, self.prefilling, self.waiting = [], [], deque()
-        self.to_release, self.to_save = [], []
+        self.to_release = [[] for _ in range(self.lanes)]
+        self.to_save = [[] for _ in range(self.lanes)]
         return seqs

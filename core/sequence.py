@@ -75,6 +75,7 @@ class Sequence:
     reused: tuple[str, ...] = ()
     reservation: Any = None
     constraint: Any = None  # a core.constraint.Constraint: the grammar its output must follow
+    lane: int = 0  # its micro-batch (see Scheduler)
 
     @property
     def num_tokens(self) -> int:

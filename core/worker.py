@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from .block_manager import BlockManager
@@ -47,7 +49,13 @@ class ServedModel(Protocol):
 
 
 class ModelWorker:
-    """One loaded model: its scheduler and runner, its KV budget and prefix cache."""
+    """One loaded model: its scheduler and runner, its KV budget and prefix cache.
+
+    On a pipeline of N stages the running sequences are split into N lanes (micro-batches)
+    and up to N steps are in flight: rank 0 announces a lane's next step as soon as that
+    lane's tokens are sampled, so while it runs its own stage of one lane, the other ranks
+    run theirs on the others. With one lane this is a plain step: plan, run, sample.
+    """
 
     def __init__(
         self,
@@ -56,11 +64,16 @@ class ModelWorker:
         announce: Callable[[StepPlan], None] | None = None,
         can_measure: bool = True,
         can_use_disk: bool = True,
+        lanes: int = 1,
     ) -> None:
         self.model = model
         self.settings = settings
         self.kv = kv = settings.kv_for(model.name)
         self.announce = announce
+        self.lanes = lanes
+        self.in_flight: deque[StepPlan] = deque()
+        self._next_lane = 0
+        self.steps = self.overlapped_steps = 0
         self.runner = make_runner(model, settings, lockstep=announce is not None)
         # Whole blocks only: a sequence is admitted only if all of its blocks can be.
         self.capacity_tokens = self._capacity(can_measure) // kv.block_size * kv.block_size
@@ -106,7 +119,7 @@ class ModelWorker:
         blocks = BlockManager(self.capacity_tokens // block_size, block_size)
         salt = self.key if self.prefix_caching else None
         from_disk = self._from_disk if self.runner.disk is not None else None
-        return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt, from_disk)
+        return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt, from_disk, self.lanes)
 
     def _from_disk(self, block_hash: str, keep: Collection[str]) -> bool:
         if not self.runner.load_from_disk(block_hash):
@@ -116,23 +129,61 @@ class ModelWorker:
         self.runner.blocks.pop(block_hash, None)
         return False
 
+    def has_work(self) -> bool:
+        return bool(self.in_flight) or self.scheduler.has_work()
+
     def step(self) -> list[tuple[Sequence, RequestOutput]]:
-        plan = self.scheduler.schedule()
-        if self.announce is not None:
-            self.announce(plan)
-        seqs = [self.scheduler.find(rid) for rid in plan.sample_ids]
+        """Announce the next step of every lane that has none in flight; finish the oldest."""
+        while len(self.in_flight) < self.lanes:
+            lane = self._ready_lane()
+            if lane is None:
+                break
+            plan = self.scheduler.schedule(lane)
+            if self.announce is not None:
+                self.announce(plan)
+            self.in_flight.append(plan)
+        return self.finish_oldest() if self.in_flight else []
+
+    def settle(self) -> list[tuple[Sequence, RequestOutput]]:
+        """Finish every step in flight, announcing none (before the ranks do anything else)."""
+        results = []
+        while self.in_flight:
+            results += self.finish_oldest()
+        return results
+
+    def finish_oldest(self) -> list[tuple[Sequence, RequestOutput]]:
+        plan = self.in_flight.popleft()
+        self.steps += 1
+        self.overlapped_steps += bool(self.in_flight)
+        found = [self.scheduler.find(rid) for rid in plan.sample_ids]
+        alive = [i for i, seq in enumerate(found) if seq is not None]  # none aborted meanwhile
+        seqs = [found[i] for i in alive]
         pending = start_masks([s.constraint for s in seqs])  # computed during the forward pass
         try:
             logits = self.runner.run(plan)
         finally:
             masks = join_masks(pending)
+        if logits is not None and len(alive) < len(found):
+            logits = logits[mx.array(alive, dtype=mx.int32)]
         tokens, logprobs = sample_each(logits, seqs, masks) if seqs else ([], [])
-        return self.scheduler.postprocess(plan, tokens, logprobs)
+        return self.scheduler.postprocess(plan, seqs, tokens, logprobs)
+
+    def _ready_lane(self) -> int | None:
+        """The next lane, in turn, with work and no step in flight."""
+        busy = {plan.lane for plan in self.in_flight}
+        for offset in range(self.lanes):
+            lane = (self._next_lane + offset) % self.lanes
+            if lane not in busy and self.scheduler.has_work(lane):
+                self._next_lane = (lane + 1) % self.lanes
+                return lane
+        return None
 
     def close(self, timeout_s: float) -> None:
         """Keep the prefix cache for a restart: every cached block goes to the disk tier."""
-        if self.scheduler.to_save or self.scheduler.to_release:
+        self.settle()
+        while any(self.scheduler.to_save) or any(self.scheduler.to_release):
             self.step()  # copies the blocks of sequences that just ended out of the batch
+            self.settle()
         disk = self.runner.disk
         if disk is None:
             return
@@ -146,6 +197,7 @@ class ModelWorker:
 
     def fail(self) -> list[Sequence]:
         """Forget every sequence and cache (after an error); the sequences that were here."""
+        self.in_flight.clear()
         self.runner.reset()
         seqs = self.scheduler.drain()
         self.scheduler = self._new_scheduler()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from mlxserve.core.config import DistributedConfig
@@ -12,6 +17,10 @@ from mlxserve.core.distributed import Cluster, available_memory
 from mlxserve.core.errors import MlxserveError
 from mlxserve.core.pipeline import check_counts, split_by_memory, split_even, stage_ranges
 from mlxserve.plugins.family import ModelFamily
+
+log = logging.getLogger(__name__)
+# "auto" splits every layer (tensor) only when that pays at least this many times its cost.
+TENSOR_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,11 @@ class Placement:
         )
 
 
-def _strategy(family: ModelFamily, model: nn.Module, config: DistributedConfig) -> str:
+def _strategy(
+    family: ModelFamily, model: nn.Module, config: DistributedConfig, cluster: Cluster
+) -> str:
+    if config.strategy == "auto":
+        return _auto_strategy(family, model, cluster)
     if config.strategy != "tensor":
         return "pipeline"
     if not family.supports_tensor_parallel(model):
@@ -62,6 +75,67 @@ def _strategy(family: ModelFamily, model: nn.Module, config: DistributedConfig) 
             f'use [distributed] strategy = "pipeline"'
         )
     return "tensor"
+
+
+def _auto_strategy(family: ModelFamily, model: nn.Module, cluster: Cluster) -> str:
+    """Tensor parallelism when the link is fast enough for it to pay, else a pipeline.
+
+    Splitting every layer takes two all-reduces per layer for each token; in exchange each
+    rank reads only its share of the weights. A pipeline costs one hop per stage and, with
+    micro-batches, keeps every rank busy at high concurrency, but gives one stream no speed.
+    The link and the memory are measured here, and rank 0's figures decide for everyone.
+    """
+    if not family.supports_tensor_parallel(model):
+        log.info('strategy "auto": pipeline (family %s cannot split this model)', family.name)
+        return "pipeline"
+    weights = family.layer_weights(model)
+    hidden = int(getattr(getattr(model, "args", None), "hidden_size", 4096))
+    link_us = cluster.gather(_all_reduce_us(cluster, hidden))[0]
+    bandwidth_mb_s = cluster.gather(_matvec_mb_per_s())[0]
+    cost_ms = 2 * len(weights) * link_us / 1000
+    saved_ms = sum(weights) / 2**20 / max(bandwidth_mb_s, 1) * 1000 * (1 - 1 / cluster.size)
+    choice = "tensor" if saved_ms >= TENSOR_MARGIN * cost_ms else "pipeline"
+    log.info(
+        'strategy "auto": %s. An all-reduce over this link takes %.3f ms, so splitting each '
+        "of the %d layers would cost %.2f ms a token, against %.2f ms a token of weight "
+        "reading it would spare rank 0 (at %.1f GiB/s); tensor only when that pays %gx",
+        choice,
+        link_us / 1000,
+        len(weights),
+        cost_ms,
+        saved_ms,
+        bandwidth_mb_s / 1024,
+        TENSOR_MARGIN,
+    )
+    return choice
+
+
+def _median_seconds(work: Callable[[], None], repeats: int) -> float:
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _all_reduce_us(cluster: Cluster, hidden: int) -> int:
+    """One token's all-reduce of a hidden state over the ring, in microseconds."""
+    x = mx.zeros((1, hidden), dtype=mx.float32)
+    seconds = _median_seconds(
+        lambda: mx.eval(mx.distributed.all_sum(x, group=cluster.group)), repeats=20
+    )
+    return round(seconds * 1e6)
+
+
+def _matvec_mb_per_s() -> int:
+    """How fast this rank reads float32 weights in a one-token matmul, in MB/s."""
+    weights = [mx.random.normal((1024, 4096)) for _ in range(4)]  # 64 MiB: past most caches
+    x = mx.random.normal((1, 4096))
+    mx.eval(weights, x)
+    seconds = _median_seconds(lambda: mx.eval([x @ w.T for w in weights]), repeats=5)
+    return round(sum(w.nbytes for w in weights) / 2**20 / seconds)
 
 
 def _free_memory(cluster: Cluster, config: DistributedConfig) -> list[int]:
@@ -84,7 +158,7 @@ def plan_placement(
     def host(rank: int) -> str:
         return hosts[rank] if rank < len(hosts) else f"rank {rank}"
 
-    strategy = _strategy(family, model, config) if cluster.distributed else "single"
+    strategy = _strategy(family, model, config, cluster) if cluster.distributed else "single"
     if strategy in ("single", "tensor"):
         share = sum(weights) // cluster.size
         everything = range(len(weights))

@@ -100,8 +100,7 @@ def follow_rank_zero(config: Config, cluster: Any) -> int:
     import logging
     import os
 
-    from mlxserve.core.coordinator import lost_a_rank
-    from mlxserve.core.follower import follow
+    from mlxserve.core.ranks import follow, lost_a_rank
     from mlxserve.registry.models import ModelRegistry
 
     from .app import engine_settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -14,15 +15,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import mlx.core as mx
 import pytest
 
-from mlxserve.core.coordinator import Coordinator
 from mlxserve.core.distributed import Cluster
-from mlxserve.core.follower import SLOW_STEP_ENV
 from mlxserve.core.heartbeat import HeartbeatSender, beat_interval
+from mlxserve.core.ranks import SLOW_STEP_ENV, RankZero
 
 from .server import free_port, running_server, wait_until_healthy, write_config
 
@@ -77,12 +78,16 @@ def launched(
 
 
 def single_rank_texts(
-    tmp: Path, checkpoint: Path, prompts: list[list[int]] = PROMPTS, max_tokens: int = 24
+    tmp: Path,
+    checkpoint: Path,
+    prompts: list[list[int]] = PROMPTS,
+    max_tokens: int = 24,
+    extra: str = "",
 ) -> list[str]:
     config = write_config(
         tmp,
         f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp}/c"\n'
-        f'[models.m]\nsource = "{checkpoint}"\n',
+        f'[models.m]\nsource = "{checkpoint}"\n{extra}',
     )
     with running_server(config) as server:
         return [completion(server.url, p, max_tokens) for p in prompts]
@@ -102,6 +107,108 @@ def test_two_pipeline_ranks_equal_one(family: str, tmp_path: Path, tiny_checkpoi
         cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
         assert cached == (0 if family == "mistral" else 64)  # each rank kept its own blocks
         assert again["choices"][0]["text"] == expected[2]
+
+
+# Short and long prompts; with 16-token prefill chunks the long ones take several steps.
+MIXED = [[7, 3, 99, 14], list(range(10, 80)), [200] * 5, list(range(300, 345)), [11] * 12]
+SMALL_CHUNKS = "[performance]\nprefill_step_size = 16\n"
+
+
+def stream_text(url: str, body: dict[str, Any], started: threading.Event | None = None) -> str:
+    """A streamed completion's text (``started`` is set at its first token)."""
+    text = ""
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            text += json.loads(line[6:])["choices"][0]["text"]
+            if started is not None:
+                started.set()
+    return text
+
+
+def staggered(url: str, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    """Every other prompt starts at once; the rest join once those are decoding."""
+    texts = [""] * len(prompts)
+    first = [threading.Event() for _ in prompts]
+
+    def run(i: int) -> None:
+        body = {"prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0}
+        texts[i] = stream_text(url, {**body, "ignore_eos": True, "stream": True}, first[i])
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(prompts))]
+    for thread in threads[::2]:
+        thread.start()
+    for event in first[::2]:
+        assert event.wait(60), "a first stream never started"
+    for thread in threads[1::2]:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return texts
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + '{model="m"}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} for model m")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_micro_batches_equal_one_rank(family: str, tmp_path: Path, tiny_checkpoints) -> None:
+    """Two lanes in flight on two pipeline ranks, prompts joining mid-stream, prefill in
+    chunks, then the same again from the prefix cache: every text as on one rank alone."""
+    checkpoint = tiny_checkpoints[family]
+    expected = single_rank_texts(tmp_path, checkpoint, MIXED, 20, SMALL_CHUNKS)
+    text = config_text(tmp_path, checkpoint, 'strategy = "pipeline"\n') + SMALL_CHUNKS
+    with launched(tmp_path, text) as (url, _):
+        assert staggered(url, MIXED, 20) == expected
+        assert metric(url, "mlxserve_micro_batches") == 2
+        assert metric(url, "mlxserve_overlapped_steps_total") > 10
+        assert staggered(url, MIXED, 20) == expected  # now from the prefix cache
+        hits = metric(url, "mlxserve_prefix_cache_hit_tokens_total")
+        assert hits == 0 if family == "mistral" else hits > 0
+
+
+def test_micro_batches_with_quantized_kv_and_a_grammar(tmp_path: Path, tiny_checkpoints) -> None:
+    checkpoint = tiny_checkpoints["llama"]
+    extra = SMALL_CHUNKS + "[kv_cache]\nbits = 8\n"
+    bodies = [
+        {"messages": [{"role": "user", "content": f"Say {i} " * (1 + 5 * i)}], "max_tokens": 24}
+        | ({"response_format": {"type": "json_object"}} if i % 2 else {})
+        for i in range(4)
+    ]
+
+    def answers(url: str) -> list[str]:
+        out = [""] * len(bodies)
+
+        def run(i: int) -> None:
+            body = {**bodies[i], "temperature": 0}
+            response = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            out[i] = response.json()["choices"][0]["message"]["content"]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        return out
+
+    config = write_config(
+        tmp_path,
+        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path}/c"\n'
+        f'[models.m]\nsource = "{checkpoint}"\n{extra}',
+    )
+    with running_server(config) as server:
+        expected = answers(server.url)
+    assert expected[1].startswith("{") and expected[3].startswith("{")  # the grammar held
+    text = config_text(tmp_path, checkpoint, 'strategy = "pipeline"\n') + extra
+    with launched(tmp_path, text) as (url, _):
+        assert answers(url) == expected
+        assert metric(url, "mlxserve_overlapped_steps_total") > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen"])
@@ -192,17 +299,15 @@ def test_a_failing_follower_exits_non_zero_with_the_traceback(tmp_path: Path) ->
     (tmp_path / "mlxserve.toml").write_text(f'[registry]\ncache_dir = "{tmp_path / "c"}"\n')
     script = f"""
 import sys
+from mlxserve.core import ranks
 from mlxserve.core.distributed import Cluster
 from mlxserve.core.config import load_config
 from mlxserve.core.logs import setup_logging
 from mlxserve.server.cli import follow_rank_zero
 
-class RankOne(Cluster):
-    def broadcast(self, message=None):
-        return {{"op": "reset", "model": "never-loaded"}}
-
+ranks.Link.receive = lambda self: ranks.encode(ranks.Op.RESET, "never-loaded")
 setup_logging()
-sys.exit(follow_rank_zero(load_config({str(tmp_path / "mlxserve.toml")!r}), RankOne(None, 1, 2)))
+sys.exit(follow_rank_zero(load_config({str(tmp_path / "mlxserve.toml")!r}), Cluster(None, 1, 2)))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
     done = subprocess.run(
@@ -224,12 +329,12 @@ def free_udp_port() -> int:
 @contextmanager
 def watched(
     timeout_s: float, beat_token: int | None, max_step_s: float | None = None
-) -> Iterator[tuple[Coordinator, list[tuple[float, str]]]]:
-    """Rank 0's coordinator of a pretend group whose rank 1 beats with ``beat_token``."""
+) -> Iterator[tuple[RankZero, list[tuple[float, str]]]]:
+    """Rank 0's side of a pretend group whose rank 1 beats with ``beat_token``."""
     address = ("127.0.0.1", free_udp_port())
     cluster = Cluster(None, 0, 2, address, launch_token=7)
     lost: list[tuple[float, str]] = []
-    ranks = Coordinator(
+    ranks = RankZero(
         cluster, timeout_s, lambda why: lost.append((time.monotonic(), why)), max_step_s
     )
     ranks.start()
@@ -304,7 +409,7 @@ def test_a_stuck_step_is_ended_even_while_every_rank_beats() -> None:
 def test_a_load_is_not_capped_while_the_ranks_beat() -> None:
     done = threading.Event()
     with watched(0.3, beat_token=7, max_step_s=0.6) as (ranks, lost):
-        ranks.cluster.broadcast = lambda message=None: message  # type: ignore[method-assign]
+        ranks.link.send = lambda message: None  # type: ignore[method-assign]
         ranks.cluster.gather = lambda value: [value, 1]  # type: ignore[method-assign]
         ranks.load("m", lambda name: time.sleep(1.5) or done.set())
         assert done.is_set() and not lost, lost

@@ -10,6 +10,7 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from mlxserve.core.detokenizer import IncrementalDetokenizer, TextStream
+from mlxserve.core.plan import StepPlan
 from mlxserve.core.sampler import sample
 from mlxserve.core.sampling import InvalidParameterError, SamplingParams
 from mlxserve.core.scheduler import Scheduler
@@ -130,7 +131,7 @@ def test_long_prompt_is_chunked_and_running_streams_keep_decoding(tokenizer) -> 
     running = make_seq("run", [1, 2, 3], tokenizer, max_tokens=50)
     scheduler.add(running)
     plan = scheduler.schedule()
-    scheduler.postprocess(plan, [5], [None])
+    scheduler.postprocess(plan, sampled(scheduler, plan), [5], [None])
     scheduler.add(make_seq("long", list(range(1, 30)), tokenizer, max_tokens=5))
     chunks = []
     for _ in range(4):
@@ -138,7 +139,8 @@ def test_long_prompt_is_chunked_and_running_streams_keep_decoding(tokenizer) -> 
         assert plan.decode_ids == ("run",), "the running stream must decode every step"
         [[chunk]] = plan.prefill
         chunks.append((chunk.start, len(chunk.tokens), chunk.last))
-        scheduler.postprocess(plan, [5] * len(plan.sample_ids), [None] * len(plan.sample_ids))
+        n = len(plan.sample_ids)
+        scheduler.postprocess(plan, sampled(scheduler, plan), [5] * n, [None] * n)
     assert chunks == [(0, 8, False), (8, 8, False), (16, 8, False), (24, 5, True)]
     assert scheduler.schedule().decode_ids == ("run", "long")
 
@@ -196,3 +198,8 @@ def test_filters_ranking_few_candidates_equal_a_full_sort(peak: float) -> None:
         assert _keep(logits, params, 512) is not None
     else:  # a flat one does not: the short ranking declines, the full sort answers
         assert _keep(logits, params, 512) is None
+
+
+def sampled(scheduler: Scheduler, plan: StepPlan) -> list[Sequence]:
+    """The sequences whose tokens ``plan`` samples, in its order."""
+    return [scheduler.find(request_id) for request_id in plan.sample_ids]

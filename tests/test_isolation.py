@@ -20,7 +20,7 @@ from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins
 
 from .server import post, running_server, write_config
-from .test_engine_parts import make_seq
+from .test_engine_parts import make_seq, sampled
 
 PROMPT_A = [(i * 37) % 250 + 3 for i in range(40)]  # two full KV blocks
 PROMPT_B = [42, 17, 3, 99, 61]
@@ -110,7 +110,7 @@ def test_the_queue_is_first_come_first_served(tokenizer: Any) -> None:
     plan = scheduler.schedule()
     assert plan.sample_ids == ("running",)
     assert [s.request_id for s in scheduler.waiting] == ["head", "small"]
-    scheduler.postprocess(plan, [7], [None])
+    scheduler.postprocess(plan, sampled(scheduler, plan), [7], [None])
     scheduler.finish(running, "stop")
     plan = scheduler.schedule()
     assert plan.sample_ids == ("head", "small")
