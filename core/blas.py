@@ -10,6 +10,10 @@ variables are its only switches:
 - ``MLXSERVE_BLAS_THREADS``: BLAS threads per process. Without it, an operator's
   ``MKL_NUM_THREADS``/``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` is kept, else the cores this
   process may use, shared among the ranks on this host.
+- ``MLXSERVE_CPU_SPLIT``: ``auto`` (default), ``off`` or a number. When the thread count is
+  mlxserve's own choice, ``auto`` gives BLAS one thread and runs each linear layer on that many
+  CPU streams instead (see parallel_linear.py: faster for the small matmuls of decoding);
+  ``off`` gives the threads to BLAS; a number forces that many streams.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class BlasInfo:
 
 
 _loaded: BlasInfo | None = None
+_cpu_split = 1
 
 
 def load_fast_blas() -> BlasInfo:
@@ -167,9 +172,15 @@ def _threads_of(name: str) -> int | None:
     return None
 
 
+def cpu_split() -> int:
+    """How many CPU streams each linear layer runs on (1: BLAS threads do the work)."""
+    return _cpu_split
+
+
 def _set_thread_variables() -> str:
-    """Set the BLAS thread variables (those the operator left unset); say where the count came
-    from."""
+    """Set the BLAS thread variables (those the operator left unset), and the CPU split; say
+    where the counts came from."""
+    global _cpu_split
     ours = os.environ.get(AUTO_THREADS_MARK)
     operators = {
         var: os.environ[var]
@@ -184,11 +195,22 @@ def _set_thread_variables() -> str:
         threads, reason = int(value), f"threads from {var}"
     else:
         threads, reason = blas_threads()
+    split = _split_of(threads, own_choice=reason != "MLXSERVE_BLAS_THREADS" and not operators)
+    if split > 1:
+        _cpu_split, threads = split, 1
+        reason += f"; linear layers split over {split} CPU streams (MLXSERVE_CPU_SPLIT)"
     for var in THREAD_VARIABLES:
         if var not in operators:
             os.environ[var] = str(threads)
     os.environ[AUTO_THREADS_MARK] = str(threads)
     return reason
+
+
+def _split_of(threads: int, own_choice: bool) -> int:
+    setting = os.environ.get("MLXSERVE_CPU_SPLIT", "auto").strip().lower() or "auto"
+    if setting.isdigit():
+        return max(1, int(setting))
+    return threads if setting == "auto" and own_choice else 1
 
 
 def blas_threads() -> tuple[int, str]:

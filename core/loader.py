@@ -10,7 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_config, load_model
 
+from .blas import cpu_split
 from .layout import DecoderLayout
+from .parallel_linear import parallelize_linears
 from .pipeline import PipelineStage
 
 ModelClasses = Callable[[dict[str, Any]], tuple[type[nn.Module], type]]
@@ -75,6 +77,7 @@ def materialize(
         if layer is not None:
             mx.eval(layer.parameters())
     mx.eval(layout.model.parameters())
+    parallelize_linears(layout.model, cpu_split())
     return PipelineStage(layout, layers, first, last, group, prev_rank, next_rank)
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the loader acts
 PROBE = """
 import json, os, sys
 {before}
-from mlxserve.core.blas import load_fast_blas
+from mlxserve.core.blas import cpu_split, load_fast_blas
 info = load_fast_blas()
 assert load_fast_blas() is info
 import mlx.core as mx
@@ -30,6 +30,7 @@ product = np.array(mx.array(a) @ mx.array(b))
 maps = open("/proc/self/maps").read()
 print(json.dumps({{
     "name": info.name, "path": info.path, "threads": info.threads, "reason": info.reason,
+    "split": cpu_split(),
     "mkl_mapped": "libmkl_rt" in maps,
     "matmul_ok": bool(np.allclose(product, a @ b, rtol=1e-4, atol=1e-4)),
     "env": {{var: os.environ.get(var) for var in {variables}}},
@@ -50,7 +51,7 @@ def probe(before: str = "", **env: str) -> dict[str, Any]:
         key: value
         for key, value in os.environ.items()
         if key not in (*THREAD_VARIABLES, AUTO_THREADS_MARK, "LD_PRELOAD")
-        and not key.startswith(("MLXSERVE_BLAS", "MLX_"))
+        and not key.startswith(("MLXSERVE_BLAS", "MLXSERVE_CPU_SPLIT", "MLX_"))
     }
     code = PROBE.format(before=before, variables=repr(THREAD_VARIABLES))
     result = subprocess.run(
@@ -75,7 +76,20 @@ def test_the_mkl_wheel_is_found_and_used_by_the_server_cli() -> None:
     assert "libmkl_rt" in found["path"]
     assert found["mkl_mapped"]
     assert found["matmul_ok"]
-    assert found["threads"] == cores()
+    assert found["threads"] * found["split"] == cores()  # one BLAS thread per stream
+
+
+@pytest.mark.skipif(cores() < 2, reason="needs two cores to split over")
+def test_linear_layers_are_split_over_the_cores_unless_told_otherwise() -> None:
+    auto = probe()
+    assert (auto["split"], auto["env"]["MKL_NUM_THREADS"]) == (cores(), "1")
+    assert "split over" in auto["reason"]
+    off = probe(MLXSERVE_CPU_SPLIT="off")
+    assert (off["split"], off["env"]["MKL_NUM_THREADS"]) == (1, str(cores()))
+    forced = probe(MLXSERVE_CPU_SPLIT="3")
+    assert (forced["split"], forced["env"]["MKL_NUM_THREADS"]) == (3, "1")
+    operators = probe(MKL_NUM_THREADS="2")  # an operator's BLAS threads: no split
+    assert (operators["split"], operators["env"]["MKL_NUM_THREADS"]) == (1, "2")
 
 
 def test_turned_off_keeps_mlxs_own_blas() -> None:
@@ -114,10 +128,12 @@ def test_two_ranks_on_one_host_share_its_cores(tmp_path: Path) -> None:
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"]]))
     ring = probe(MLX_RANK="1", MLX_HOSTFILE=str(hostfile))
-    half = str(cores() // 2)
-    assert ring["env"] == dict.fromkeys(THREAD_VARIABLES, half)
+    half = cores() // 2
+    threads = int(ring["env"]["MKL_NUM_THREADS"])
+    assert ring["env"] == dict.fromkeys(THREAD_VARIABLES, str(threads))
+    assert threads * ring["split"] == half
     if ring["name"] != "bundled":
-        assert ring["threads"] == int(half)
+        assert ring["threads"] == threads
 
 
 def test_an_operators_thread_count_is_kept_and_ours_is_not_inherited() -> None:

@@ -6,10 +6,12 @@ import random
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx_lm.utils import load_tokenizer
 
 from mlxserve.core.detokenizer import IncrementalDetokenizer, TextStream
+from mlxserve.core.parallel_linear import parallelize_linears
 from mlxserve.core.plan import StepPlan
 from mlxserve.core.sampler import sample
 from mlxserve.core.sampling import InvalidParameterError, SamplingParams
@@ -203,3 +205,14 @@ def test_filters_ranking_few_candidates_equal_a_full_sort(peak: float) -> None:
 def sampled(scheduler: Scheduler, plan: StepPlan) -> list[Sequence]:
     """The sequences whose tokens ``plan`` samples, in its order."""
     return [scheduler.find(request_id) for request_id in plan.sample_ids]
+
+
+def test_a_parallel_linear_equals_the_linear_it_replaces() -> None:
+    model = nn.Sequential(nn.Linear(64, 37), nn.Linear(37, 3, bias=False), nn.Linear(3, 2))
+    mx.eval(model.parameters())
+    x = mx.random.normal((5, 64))
+    expected = model(x)
+    assert parallelize_linears(model, 3) == 2  # the last has fewer outputs than parts
+    assert [type(m).__name__ for m in model.layers] == ["ParallelLinear"] * 2 + ["Linear"]
+    assert [p.shape[0] for p in model.layers[0].parts] == [12, 12, 13]
+    assert mx.allclose(model(x), expected, atol=1e-5).item()
