@@ -185,7 +185,7 @@ def write_config(
             "[distributed]",
             f"hosts = [{hosts}]",
             'strategy = "pipeline"',
-            'split = "even"',
+            f"split = {args.split}",
             f"starting_port = {bs.free_port()}",
         ]
         if place.wrapper is not None:
@@ -793,7 +793,7 @@ def report(
             "",
             *bs.machine_info(args, params, blas),
             "- 2 ranks: `mlxserve launch`, mlx.launch ring backend over 127.0.0.1, "
-            'strategy "pipeline", split "even", one micro-batch (lane) per stage',
+            f'strategy "pipeline", split {args.split}, one micro-batch (lane) per stage',
             f"- total wall time: {seconds:.0f} s",
             load,
             "",
@@ -810,6 +810,11 @@ def report(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = bs.common_parser(__doc__.splitlines()[0], ready_timeout=180.0)
     parser.add_argument("--mode", choices=(*MODES, "both"), default="both")
+    parser.add_argument(
+        "--split",
+        default='"even"',
+        help='[distributed] split as TOML, e.g. "[9, 11]" (rank 0 first; it runs the last layers)',
+    )
     parser.add_argument("--probe-steps", type=int, default=300)
     parser.add_argument("--probe-timeout", type=float, default=300.0)
     args = bs.checked_args(parser, argv)
