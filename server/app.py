@@ -20,7 +20,18 @@ from mlxserve.registry.plugins import Plugins, load_plugins
 
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
-from .routes import admin, chat, completions, docs, health, messages, metrics, models, responses
+from .routes import (
+    admin,
+    chat,
+    completions,
+    docs,
+    health,
+    messages,
+    metrics,
+    models,
+    responses,
+    ui,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +94,7 @@ def create_app(
             allow_headers=["*"],
         )
     install_error_handlers(app)
-    for module in (chat, completions, responses, messages, models, admin, health, metrics, docs):
+    routers = (chat, completions, responses, messages, models, admin, health, metrics, docs, ui)
+    for module in routers:
         app.include_router(module.router)
     return app

@@ -86,6 +86,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     if cluster.rank > 0:
         return follow_rank_zero(config, cluster)
     app = create_app(config, cluster=cluster)
+    host = f"[{config.server.host}]" if ":" in config.server.host else config.server.host
+    logging.getLogger(__name__).info("web page: http://%s:%d/ui", host, config.server.port)
     Server(
         app, host=config.server.host, port=config.server.port, log_level=config.logging.level
     ).run()

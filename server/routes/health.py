@@ -1,14 +1,15 @@
-"""GET /health and GET /: is the server serving, and what is it."""
+"""GET /health and GET /: is the server serving, and what is it (a browser goes to /ui)."""
 
 from __future__ import annotations
 
 from importlib.metadata import version
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
 
 from ..deps import ConfigDep, EngineDep, require_api_key
+from .ui import page_redirect, prefers_html
 
 router = APIRouter(tags=["health"])
 
@@ -33,9 +34,16 @@ async def health(engine: EngineDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if engine.alive else 503)
 
 
-@router.get("/", dependencies=[Depends(require_api_key)])
-async def root(config: ConfigDep, engine: EngineDep) -> dict[str, Any]:
-    """What this server is, which models it has, and where to go next."""
+@router.get("/", response_model=None)
+async def root(
+    request: Request, response: Response, config: ConfigDep, engine: EngineDep
+) -> dict[str, Any] | RedirectResponse:
+    """What this server is, which models it has, and where to go next; a browser asking for
+    HTML is sent to the web page (which needs no key: its data comes from keyed calls)."""
+    if prefers_html(request):
+        return page_redirect(request)
+    require_api_key(request, config)
+    response.headers["Vary"] = "Accept"
     return {
         "name": "mlxserve",
         "version": version("mlxserve"),
@@ -47,5 +55,6 @@ async def root(config: ConfigDep, engine: EngineDep) -> dict[str, Any]:
             "models": "/v1/models",
             "health": "/health",
             "docs": "/docs",
+            "web_page": "/ui",
         },
     }

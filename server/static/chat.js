@@ -1,0 +1,159 @@
+// The chat: a conversation streamed from POST /v1/chat/completions (server-sent events read
+// from fetch's body as they arrive), each reply shown as text only.
+
+import { ApiError, apiFetch, describe } from "./api.js";
+import { el, formatRate } from "./dom.js";
+
+async function* sseData(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let data = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    const lines = buffer.split(/\r\n|\r|\n/);
+    buffer = lines.pop();
+    for (const line of lines) {
+      if (line === "") {
+        if (data.length) yield data.join("\n");
+        data = [];
+      } else if (line.startsWith("data:")) {
+        data.push(line.slice(5).replace(/^ /, ""));
+      }
+    }
+  }
+}
+
+async function* chatChunks(body, signal) {
+  const response = await apiFetch("v1/chat/completions", {
+    method: "POST",
+    body,
+    signal,
+    accept: "text/event-stream",
+  });
+  for await (const data of sseData(response)) {
+    if (data === "[DONE]") return;
+    const chunk = JSON.parse(data);
+    if (chunk.error) throw new ApiError(500, chunk.error.message, chunk.error.code);
+    yield chunk;
+  }
+}
+
+function summary(usage, timings, finish) {
+  const parts = [];
+  if (usage) parts.push(`${usage.completion_tokens} tokens`);
+  if (timings && timings.tokens_per_s) parts.push(`${formatRate(timings.tokens_per_s)} tok/s`);
+  if (timings && timings.ttft_s !== undefined) {
+    parts.push(`first token ${(timings.ttft_s * 1000).toFixed(0)} ms`);
+  }
+  if (finish) parts.push(`finish: ${finish}`);
+  return parts.join(" · ");
+}
+
+export class Chat {
+  // `settings()` gives {model, system, temperature, top_p, max_tokens} (empty: the default).
+  constructor({ list, form, input, send, stop, settings }) {
+    Object.assign(this, { list, input, send, stop, settings });
+    this.history = [];
+    this.controller = null;
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.submit();
+    });
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        this.submit();
+      }
+    });
+    stop.addEventListener("click", () => this.controller && this.controller.abort());
+  }
+
+  clear() {
+    if (this.controller) this.controller.abort();
+    this.history = [];
+    this.list.replaceChildren(this.placeholder());
+  }
+
+  placeholder() {
+    return el("div", { class: "empty" }, "Pick a model and say something.");
+  }
+
+  message(role, label, text = "") {
+    const bubble = el("div", { class: "bubble" }, text);
+    const meta = el("div", { class: "meta" });
+    const head = el("div", { class: "role" }, label);
+    const node = el("div", { class: `msg ${role}` }, head, bubble, meta);
+    this.list.querySelector(".empty")?.remove();
+    this.list.append(node);
+    node.scrollIntoView({ block: "end" });
+    return { node, bubble, meta };
+  }
+
+  body(settings) {
+    const messages = settings.system ? [{ role: "system", content: settings.system }] : [];
+    const body = {
+      model: settings.model,
+      messages: messages.concat(this.history),
+      stream: true,
+      stream_options: { include_usage: true },
+    };
+    for (const name of ["temperature", "top_p", "max_tokens"]) {
+      if (settings[name] !== null) body[name] = settings[name];
+    }
+    return body;
+  }
+
+  async submit() {
+    const text = this.input.value.trim();
+    if (!text || this.controller) return;
+    const settings = this.settings();
+    const history = this.history; // "New chat" while this streams starts another one
+    this.input.value = "";
+    this.message("user", "you", text);
+    history.push({ role: "user", content: text });
+    const reply = this.message("assistant", settings.model || "model");
+    const output = document.createTextNode("");
+    reply.bubble.append(output);
+    reply.node.dataset.state = "streaming";
+    this.controller = new AbortController();
+    this.busy(true);
+    let usage = null;
+    let timings = null;
+    let finish = null;
+    try {
+      for await (const chunk of chatChunks(this.body(settings), this.controller.signal)) {
+        const choice = chunk.choices[0];
+        if (choice && choice.delta && choice.delta.content) {
+          const list = this.list;
+          const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+          output.appendData(choice.delta.content);
+          if (atBottom) list.scrollTop = list.scrollHeight;
+        }
+        if (choice && choice.finish_reason) finish = choice.finish_reason;
+        if (chunk.usage) ({ usage, timings } = chunk);
+      }
+      reply.node.dataset.state = "done";
+      reply.meta.textContent = summary(usage, timings, finish);
+    } catch (error) {
+      const stopped = error.name === "AbortError";
+      reply.node.dataset.state = stopped ? "stopped" : "error";
+      reply.meta.textContent = stopped ? "stopped" : `error ${describe(error)}`;
+      if (!stopped && !output.data) this.input.value = this.input.value || text;
+    } finally {
+      // An unanswered question leaves the history, so user and assistant turns alternate.
+      if (output.data) history.push({ role: "assistant", content: output.data });
+      else history.pop();
+      this.controller = null;
+      this.busy(false);
+    }
+  }
+
+  busy(on) {
+    this.send.disabled = on;
+    this.stop.hidden = !on;
+    if (!on) this.input.focus();
+  }
+}
