@@ -37,3 +37,7 @@ class EngineUnavailableError(MlxserveError):
 
 class ModelBusyError(MlxserveError):
     """A model cannot be unloaded while requests are running on it."""
+
+
+class UnsupportedModelError(MlxserveError):
+    """A checkpoint is in a form mlxserve cannot serve (e.g. a GGUF tensor type it cannot read)."""

@@ -48,7 +48,9 @@ def build_skeleton(
             group_size=quantization["group_size"],
             bits=quantization["bits"],
             class_predicate=lambda p, m: (
-                hasattr(m, "to_quantized") and f"{p}.scales" in weight_keys
+                hasattr(m, "to_quantized")
+                and f"{p}.scales" in weight_keys
+                and quantization.get(p, True)  # a module's own group size and bits, if it has them
             ),
         )
     return model

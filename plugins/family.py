@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlxserve.core.kv_cache import CacheKind, KVCacheOptions, make_layer_cache, warn_unquantizable
 from mlxserve.core.layout import DecoderLayout
 
+from .gguf_mapping import GGUFModel, decoder_config, decoder_weights
 from .tool_calls import HermesToolCalls, ToolCallFormat
 
 
@@ -42,6 +43,8 @@ class ModelFamily:
         tool_call_format: how the family's models see tools and write tool calls (a
             :class:`~mlxserve.plugins.tool_calls.ToolCallFormat`); None if they cannot call
             tools. The default is Hermes-style ``<tool_call>{...}</tool_call>`` blocks.
+        gguf_architectures: the ``general.architecture`` values of GGUF files this family
+            converts (empty: none); :meth:`gguf_config` and :meth:`gguf_weights` map them.
 
     A family whose attributes break these rules is logged and skipped when plugins load.
     """
@@ -55,6 +58,7 @@ class ModelFamily:
     control_tokens: ClassVar[tuple[str, ...]] = ()
     sampling_defaults: ClassVar[dict[str, float]] = {}
     tool_call_format: ClassVar[ToolCallFormat | None] = HermesToolCalls()
+    gguf_architectures: ClassVar[tuple[str, ...]] = ()
 
     # ---- building the model ----
 
@@ -104,6 +108,26 @@ class ModelFamily:
         warn_unquantizable([kinds[i] for i in layers], options, self.name)
         window = self.sliding_window(model)
         return [make_layer_cache(kinds[i], options, window) for i in layers]
+
+    # ---- GGUF files ----
+
+    def gguf_config(self, gguf: GGUFModel) -> dict[str, Any]:
+        """config.json of a GGUF file of one of ``gguf_architectures``, from its metadata.
+
+        The default reads llama.cpp's Llama-like keys (``{arch}.block_count``, ...) and takes
+        the architecture as ``model_type`` when the family claims it, else its first one.
+        """
+        arch = gguf.architecture
+        model_type = arch if arch in self.model_types else self.model_types[0]
+        return {"model_type": model_type, **decoder_config(gguf)}
+
+    def gguf_weights(self, gguf: GGUFModel, config: dict[str, Any]) -> dict[str, mx.array]:
+        """The file's tensors under the names this family's model classes load.
+
+        The default renames llama.cpp's Llama-like tensors (``blk.N.attn_q`` ->
+        ``model.layers.N.self_attn.q_proj``, ...); any other tensor is an error.
+        """
+        return decoder_weights(gguf, self.name)
 
     # ---- tiny checkpoints ----
 

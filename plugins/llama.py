@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
@@ -12,6 +13,7 @@ from mlxserve.core.kv_cache import CacheKind
 from mlxserve.core.layout import DecoderLayout, MaskFn
 
 from .family import ModelFamily
+from .gguf_mapping import GGUFModel, unpermute_rows
 from .hookspecs import hookimpl
 from .tool_calls import (
     MarkerParser,
@@ -102,6 +104,7 @@ class Llama(ModelFamily):
     stop_tokens = ("<|eot_id|>", "<|end_of_text|>")
     control_tokens = ("<|start_header_id|>", "<|end_header_id|>")
     tool_call_format = LlamaToolCalls()
+    gguf_architectures = ("llama",)
 
     def layout(self, model: nn.Module) -> DecoderLayout:
         head = "lm_head" if hasattr(model, "lm_head") else None
@@ -112,6 +115,18 @@ class Llama(ModelFamily):
 
     def sliding_window(self, model: nn.Module) -> int | None:
         return model.model.sliding_window
+
+    def gguf_weights(self, gguf: GGUFModel, config: dict[str, Any]) -> dict[str, mx.array]:
+        heads = {
+            "q_proj": config["num_attention_heads"],
+            "k_proj": config["num_key_value_heads"],
+        }
+        weights = super().gguf_weights(gguf, config)
+        for name, weight in weights.items():
+            projection = name.split(".")[-2]
+            if projection in heads:
+                weights[name] = unpermute_rows(weight, heads[projection])
+        return weights
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
         return {

@@ -151,6 +151,7 @@ class Mistral(Llama):
     stop_tokens = ("</s>",)
     control_tokens = ("[INST]", "[/INST]")
     tool_call_format = MistralToolCalls()
+    gguf_architectures = ()  # llama.cpp writes Mistral as "llama": the Llama family converts it
 
     def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type]:
         windowed = config.get("sliding_window") and not config.get("layer_types")

@@ -57,6 +57,7 @@ class Qwen(ModelFamily):
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
     control_tokens = ("<|im_start|>",)
     tool_call_format = HermesToolCalls()
+    gguf_architectures = ("qwen2", "qwen3")
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
         return {"model_type": model_type, **_TINY[model_type]}

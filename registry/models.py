@@ -108,7 +108,9 @@ class ModelRegistry:
     def checkpoint(self, name: str, *, download: bool = False) -> Path:
         """The folder of a model's checkpoint (written or downloaded as needed)."""
         _, entry = self.resolve(name)
-        return self.store.locate(entry.source, revision=entry.revision, download=download)
+        return self.store.locate(
+            entry.source, revision=entry.revision, download=download, family=entry.family
+        )
 
     def family_of(self, name: str, path: Path) -> ModelFamily:
         """The family of a model: its entry's ``family``, else its config.json's model_type."""

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pluggy
 
-from mlxserve.core.errors import UnknownModelTypeError
+from mlxserve.core.errors import UnknownModelTypeError, UnsupportedModelError
 from mlxserve.core.sampling import DEFAULTABLE_PARAMS, InvalidParameterError, SamplingParams
 from mlxserve.plugins import defaults, hookspecs
 from mlxserve.plugins.family import ModelFamily
@@ -101,14 +101,31 @@ class Plugins:
                 f"no enabled plugin claims model_type {model_type!r} "
                 f"(claimed: {known or 'none'}); install a plugin for it or check [plugins] enabled"
             )
-        third_party = [e for e in claims if not e.plugin.builtin]
-        if len(third_party) > 1:
-            names = ", ".join(f"{e.family.name} ({e.plugin.package})" for e in third_party)
-            raise UnknownModelTypeError(
-                f"model_type {model_type!r} is claimed by several plugins: {names}; "
-                f'choose one with `family = "..."` in the model\'s [models.NAME] entry'
+        return _first_claim(claims, f"model_type {model_type!r}")
+
+    def family_for_gguf(self, architecture: str) -> ModelFamily:
+        """The family that converts GGUF files of ``architecture``, by the same rules."""
+        claims = [e for e in self.families if architecture in e.family.gguf_architectures]
+        if not claims:
+            archs = {a for e in self.families for a in e.family.gguf_architectures}
+            known = ", ".join(sorted(archs))
+            raise UnsupportedModelError(
+                f"no enabled plugin converts GGUF architecture {architecture!r} "
+                f"(converted: {known or 'none'}); install a plugin for it, or serve an MLX "
+                f"checkpoint of the model instead"
             )
-        return (third_party or claims)[0].family
+        return _first_claim(claims, f"GGUF architecture {architecture!r}")
+
+
+def _first_claim(claims: list[FamilyEntry], what: str) -> ModelFamily:
+    third_party = [e for e in claims if not e.plugin.builtin]
+    if len(third_party) > 1:
+        names = ", ".join(f"{e.family.name} ({e.plugin.package})" for e in third_party)
+        raise UnknownModelTypeError(
+            f"{what} is claimed by several plugins: {names}; "
+            f'choose one with `family = "..."` in the model\'s [models.NAME] entry'
+        )
+    return (third_party or claims)[0].family
 
 
 def _is_number(value: object) -> bool:
@@ -144,6 +161,9 @@ def family_problems(family: object) -> list[str]:
         isinstance(types, (tuple, list)) and types and all(isinstance(t, str) and t for t in types)
     ):
         problems.append("model_types must be a non-empty tuple of non-empty strings")
+    archs = getattr(family, "gguf_architectures", ())
+    if not (isinstance(archs, (tuple, list)) and all(isinstance(a, str) and a for a in archs)):
+        problems.append("gguf_architectures must be a tuple of non-empty strings")
     stops = getattr(family, "stop_tokens", None)
     if not (isinstance(stops, (tuple, list)) and all(isinstance(t, str) and t for t in stops)):
         problems.append("stop_tokens must be a tuple of non-empty strings")

@@ -1,25 +1,34 @@
-"""Where checkpoints live on disk: built-in tiny models, local folders, the Hugging Face cache."""
+"""Where checkpoints live on disk: built-in models, local folders and GGUF files, the Hugging
+Face cache."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlxserve.core.config import source_kind
 from mlxserve.core.errors import HubUnavailableError, MlxserveError, ModelNotFoundError
-from mlxserve.plugins.tiny import write_tiny_checkpoint
+from mlxserve.plugins.tiny import RANDOM_WEIGHTS_NOTE, is_tiny_checkpoint, write_tiny_checkpoint
 
+from .fingerprint import WEIGHT_HASHES_FILE, WeightHashes
+from .gguf_checkpoint import gguf_file_of, write_gguf_checkpoint
+from .packaged import PACKAGED_MODELS
 from .plugins import Plugins
 
 BUILTIN_PREFIX = "builtin:"
 TINY_PREFIX = "tiny-"
+GGUF_DIR = "gguf"
+GGUF_CONVERSION = 1  # part of a converted folder's name: bump it when conversions change
 METADATA_FILES = ["*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 HUB_FILES = [*METADATA_FILES, "*.safetensors"]
 
@@ -36,7 +45,10 @@ class ModelStatus:
 
 
 def disk_size(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 if missing), following the HF cache's blob links."""
+    """Bytes of the file ``path``, or of the files under it (0 if missing), following the HF
+    cache's blob links."""
+    if path.is_file():
+        return path.stat().st_size
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
@@ -48,28 +60,42 @@ class ModelStore:
         self.plugins = plugins
 
     def builtin_names(self) -> list[str]:
-        """Every ``builtin:`` name: ``tiny-FAMILY`` and ``tiny-MODEL_TYPE`` for each family."""
-        names = set()
+        """Every ``builtin:`` name: packaged real models, and ``tiny-FAMILY`` and
+        ``tiny-MODEL_TYPE`` for each family."""
+        names = set(PACKAGED_MODELS)
         for entry in self.plugins.families:
             names.add(TINY_PREFIX + entry.family.name)
             names.update(TINY_PREFIX + t for t in entry.family.model_types)
         return sorted(names)
 
-    def locate(self, source: str, *, revision: str | None = None, download: bool = False) -> Path:
+    def locate(
+        self,
+        source: str,
+        *,
+        revision: str | None = None,
+        download: bool = False,
+        family: str | None = None,
+    ) -> Path:
         """The checkpoint folder of a ``source`` (``builtin:NAME``, a local path or a repo id).
 
-        Built-in checkpoints are written on first use. Hub checkpoints come from the local
+        Built-in tiny checkpoints are written on first use, GGUF files converted on first use
+        (by ``family`` if it converts their architecture). Hub checkpoints come from the local
         Hugging Face cache, and are downloaded first when ``download`` is set.
         """
         kind = source_kind(source)
         if kind == "builtin":
-            return self.builtin(source.removeprefix(BUILTIN_PREFIX))
+            return self.builtin(source.removeprefix(BUILTIN_PREFIX), family)
         if kind == "local":
-            return _checkpoint_folder(Path(source).expanduser(), source)
+            path = Path(source).expanduser()
+            gguf = gguf_file_of(path)
+            return self.gguf(gguf, family) if gguf else _checkpoint_folder(path, source)
         return self.hub(source, revision=revision, download=download)
 
-    def builtin(self, name: str) -> Path:
-        """The folder of a built-in tiny checkpoint, written atomically on first use."""
+    def builtin(self, name: str, family: str | None = None) -> Path:
+        """The folder of a built-in model: a package's GGUF file converted, or a tiny
+        checkpoint written, atomically on first use."""
+        if name in PACKAGED_MODELS:
+            return self.gguf(PACKAGED_MODELS[name].locate(), family)
         if name not in self.builtin_names():
             raise ModelNotFoundError(
                 f"builtin:{name} is not a built-in model (have: "
@@ -81,19 +107,43 @@ class ModelStore:
             return path
         kind = name.removeprefix(TINY_PREFIX)
         matches = [e.family for e in self.plugins.families if kind == e.family.name]
-        family = matches[0] if matches else self.plugins.family_for(kind)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=path.parent))
-        try:
-            write_tiny_checkpoint(family, staging, model_type=None if matches else kind)
-            try:
-                os.rename(staging, path)
-            except OSError:  # another process wrote it first
-                if not (path / "config.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        tiny_family = matches[0] if matches else self.plugins.family_for(kind)
+        _write_atomically(
+            path,
+            lambda staging: write_tiny_checkpoint(
+                tiny_family, staging, model_type=None if matches else kind
+            ),
+        )
         return path
+
+    def gguf_file(self, source: str) -> Path | None:
+        """The GGUF file a source names (a packaged built-in one, or a local file or a folder
+        holding one), or None; converts nothing."""
+        kind = source_kind(source)
+        if kind == "builtin":
+            packaged = PACKAGED_MODELS.get(source.removeprefix(BUILTIN_PREFIX))
+            return packaged.locate() if packaged else None
+        return gguf_file_of(Path(source).expanduser()) if kind == "local" else None
+
+    def gguf(self, gguf_path: Path, family: str | None = None) -> Path:
+        """The MLX checkpoint converted from a GGUF file, converted atomically on first use
+        into ``cache_dir``/gguf/NAME-KEY (KEY: the file's contents and ``family``)."""
+        path = self._gguf_dir(gguf_path, family)
+        if not (path / "config.json").is_file():
+            log.info("converting %s into %s", gguf_path, path)
+            _write_atomically(
+                path,
+                lambda staging: write_gguf_checkpoint(gguf_path, staging, self.plugins, family),
+            )
+        return path
+
+    def _gguf_dir(self, gguf_path: Path, family: str | None) -> Path:
+        hashes = WeightHashes(self.cache_dir / WEIGHT_HASHES_FILE)
+        contents = hashes.of(gguf_path)
+        hashes.save()
+        key = hashlib.blake2b(f"{contents} {family} {GGUF_CONVERSION}".encode(), digest_size=6)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:64]
+        return self.cache_dir / GGUF_DIR / f"{stem}-{key.hexdigest()}"
 
     def hub(
         self,
@@ -177,10 +227,17 @@ class ModelStore:
                 time.sleep(delay)
         return self.hub(repo_id, revision=revision, download=True, progress=progress)
 
-    def status(self, source: str, revision: str | None = None) -> ModelStatus:
-        """Whether a source's checkpoint is on disk; writes nothing and never uses the network."""
+    def status(
+        self, source: str, revision: str | None = None, *, family: str | None = None
+    ) -> ModelStatus:
+        """Whether a source's checkpoint is on disk (for a GGUF source: its converted folder,
+        else the file); writes nothing and never uses the network."""
         try:
-            if source_kind(source) == "builtin":
+            gguf = self.gguf_file(source)
+            if gguf is not None:
+                converted = self._gguf_dir(gguf, family)
+                path = converted if (converted / "config.json").is_file() else gguf
+            elif source_kind(source) == "builtin":
                 path = _checkpoint_folder(self._builtin_dir(source), source)
             else:
                 path = self.locate(source, revision=revision)
@@ -188,19 +245,52 @@ class ModelStore:
             return ModelStatus(cached=False)
         return ModelStatus(cached=True, path=path, size_bytes=disk_size(path))
 
-    def remove(self, source: str, revision: str | None = None) -> int:
-        """Delete a built-in or hub checkpoint from disk; the bytes freed (0 if not there).
+    def random_weights(self, source: str) -> bool:
+        """Whether a source is a tiny random-weight checkpoint (it talks gibberish)."""
+        kind = source_kind(source)
+        if kind == "builtin":
+            return source.removeprefix(BUILTIN_PREFIX).startswith(TINY_PREFIX)
+        return kind == "local" and is_tiny_checkpoint(Path(source).expanduser())
+
+    def description(self, source: str, family: str | None = None) -> str | None:
+        """What a built-in or local model is, when mlxserve knows (for a GGUF file: its name,
+        size and type once converted); never uses the network."""
+        kind = source_kind(source)
+        name = source.removeprefix(BUILTIN_PREFIX)
+        if kind == "builtin" and name in PACKAGED_MODELS:
+            return PACKAGED_MODELS[name].description
+        if self.random_weights(source):
+            return f"tiny checkpoint with {RANDOM_WEIGHTS_NOTE}"
+        status = self.status(source, family=family) if kind == "local" else None
+        if status is None or status.path is None or not status.path.is_dir():
+            return None
+        try:
+            config = json.loads((status.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return config.get("mlxserve", {}).get("description")
+
+    def remove(self, source: str, revision: str | None = None, *, family: str | None = None) -> int:
+        """Delete a built-in or hub checkpoint, or a GGUF file's converted copy, from disk; the
+        bytes freed (0 if not there).
 
         A hub repo loses every cached revision, or only ``revision`` (a branch, tag or commit).
         """
         kind = source_kind(source)
-        if kind == "local":
+        try:
+            gguf = self.gguf_file(source)
+        except ModelNotFoundError:
+            gguf = None
+        if gguf is not None:
+            path = self._gguf_dir(gguf, family)
+        elif kind == "local":
             raise MlxserveError(
                 f"{source}: local models are not managed by mlxserve; delete the folder yourself"
             )
-        if kind == "hub":
+        elif kind == "hub":
             return _remove_from_hf_cache(source, revision)
-        path = self._builtin_dir(source)
+        else:
+            path = self._builtin_dir(source)
         size = disk_size(path)
         shutil.rmtree(path, ignore_errors=True)
         return size
@@ -210,6 +300,21 @@ class ModelStore:
         if name in ("", ".", "..") or Path(name).name != name:
             raise ModelNotFoundError(f"builtin:{name} is not a built-in model name")
         return self.cache_dir / "builtin" / name
+
+
+def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """Have ``write`` fill a staging folder beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        write(staging)
+        try:
+            os.rename(staging, path)
+        except OSError:  # another process wrote it first
+            if not (path / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _checkpoint_folder(path: Path, source: str) -> Path:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 _PULLED = {
     "hub": "in the Hugging Face cache",
-    "builtin": "built in, random weights",
+    "builtin": "built in",
     "local": "a local folder, nothing to download",
 }
 
@@ -51,10 +51,10 @@ def cmd_models_list(args: argparse.Namespace, config: Config) -> int:
     store = _registry(config).store
     rows = [["NAME", "ALIASES", "SOURCE", "FAMILY", "CACHED", "SIZE", "NOTE"]]
     for name, entry in config.models.items():
-        status = store.status(entry.source, entry.revision)
+        status = store.status(entry.source, entry.revision, family=entry.family)
         source = f"{entry.source}@{entry.revision}" if entry.revision else entry.source
-        tiny = entry.source_kind == "builtin" or bool(
-            status.path and is_tiny_checkpoint(status.path)
+        tiny = store.random_weights(entry.source) or bool(
+            status.path and status.path.is_dir() and is_tiny_checkpoint(status.path)
         )
         rows.append(
             [
@@ -75,22 +75,29 @@ def cmd_models_pull(args: argparse.Namespace, config: Config) -> int:
     from mlxserve.registry.store import disk_size
 
     registry = _registry(config)
+    store = registry.store
     name, entry = registry.resolve(args.name)
     if entry.source_kind == "hub":
-        path = registry.store.pull(
+        path = store.pull(
             entry.source, entry.revision, retries=args.retries, backoff=args.retry_delay
         )
     else:
-        path = registry.store.locate(entry.source)
-    print(f"{name}: {path} ({human_size(disk_size(path))}; {_PULLED[entry.source_kind]})")
+        path = store.locate(entry.source, family=entry.family)
+    gguf = store.gguf_file(entry.source)
+    note = _PULLED[entry.source_kind] if gguf is None else f"converted from {gguf}"
+    if store.random_weights(entry.source):
+        note += ", random weights"
+    print(f"{name}: {path} ({human_size(disk_size(path))}; {note})")
     return 0
 
 
 def cmd_models_rm(args: argparse.Namespace, config: Config) -> int:
     registry = _registry(config)
     name, entry = registry.resolve(args.name)
-    freed = registry.store.remove(entry.source, entry.revision)
-    if freed:
+    freed = registry.store.remove(entry.source, entry.revision, family=entry.family)
+    if freed and entry.source_kind == "local":
+        print(f"{name}: removed the converted copy of {entry.source} ({human_size(freed)} freed)")
+    elif freed:
         print(f"{name}: removed {entry.source} ({human_size(freed)} freed)")
     else:
         print(f"{name}: {entry.source} is not on disk, nothing to remove")

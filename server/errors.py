@@ -20,6 +20,7 @@ from mlxserve.core.errors import (
     ModelNotFoundError,
     QueueFullError,
     UnknownModelTypeError,
+    UnsupportedModelError,
 )
 from mlxserve.core.sampling import InvalidParameterError
 
@@ -70,6 +71,7 @@ _MAPPED: dict[type[Exception], tuple[int, str, str | None]] = {
     EngineUnavailableError: (503, "server_error", "engine_unavailable"),
     HubUnavailableError: (503, "server_error", "hub_unavailable"),
     UnknownModelTypeError: (500, "server_error", "model_family_unavailable"),
+    UnsupportedModelError: (422, "invalid_request_error", "model_unsupported"),
     ModelBusyError: (409, "invalid_request_error", "model_busy"),
     RequestTimeoutError: (504, "server_error", "timeout"),
     GenerationError: (500, "server_error", "generation_failed"),

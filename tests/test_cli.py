@@ -131,7 +131,19 @@ def test_models_tiny_unknown_family(tmp_path: Path) -> None:
     assert "no enabled plugin provides family 'falcon'" in result.stderr
 
 
-def test_generate_on_the_demo_model(tmp_path: Path) -> None:
+def test_generate_on_the_demo_model(tmp_path: Path, demo_cache: Path) -> None:
+    env = {"MLXSERVE_REGISTRY__CACHE_DIR": str(demo_cache)}
+    question = "What is the capital of France?"
+    result = run(
+        "generate", question, "--temperature", "0", "--max-tokens", "12", cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "random weights" not in result.stderr
+
+
+def test_generate_says_when_a_model_has_random_weights(tmp_path: Path) -> None:
+    (tmp_path / "mlxserve.toml").write_text('[models.demo]\nsource = "builtin:tiny-llama"\n')
     env = {"MLXSERVE_REGISTRY__CACHE_DIR": str(tmp_path / "cache")}
     result = run("generate", "Hello!", "--max-tokens", "5", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr

@@ -36,7 +36,7 @@ def test_defaults() -> None:
     assert config.server.host == "127.0.0.1"
     assert config.registry.cache_dir == Path("~/.cache/mlxserve").expanduser()
     assert config.kv_cache.budget == KVBudget(kind="auto", value=0)
-    assert config.models == {"demo": ModelEntry(source="builtin:tiny-llama")}
+    assert config.models == {"demo": ModelEntry(source="builtin:smollm2-135m-instruct")}
     assert config.plugins.enabled is None
     assert config.resolve_model("demo") == ("demo", config.models["demo"])
 

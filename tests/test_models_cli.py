@@ -187,3 +187,26 @@ def test_local_model_is_checked_but_never_removed(
 )
 def test_human_size(size: int, text: str) -> None:
     assert human_size(size) == text
+
+
+def test_a_gguf_file_is_converted_listed_and_its_copy_removed(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    from .gguf_files import write_gguf
+
+    gguf_file = write_gguf(tiny_checkpoints["llama"], tmp_path / "tiny.gguf", "llama")
+    (tmp_path / "mlxserve.toml").write_text(
+        f'[registry]\ndefault_model = "g"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[models.g]\nsource = "{gguf_file}"\n'
+    )
+    pulled = run(tmp_path, UNREACHABLE, "models", "pull", "g")
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"; converted from {gguf_file})" in pulled.stdout
+    [converted] = (tmp_path / "cache" / "gguf").iterdir()
+    listed = run(tmp_path, UNREACHABLE, "models", "list").stdout.splitlines()[1].split()
+    assert listed[:4] == ["g", "-", str(gguf_file), "auto"] and listed[4] == "yes"
+
+    removed = run(tmp_path, UNREACHABLE, "models", "rm", "g")
+    assert removed.returncode == 0, removed.stderr
+    assert f"g: removed the converted copy of {gguf_file} (" in removed.stdout
+    assert not converted.exists() and gguf_file.is_file()

@@ -143,6 +143,11 @@ class ToolFormatNotAFormat(DefaultOutOfRange):
     tool_call_format = "hermes"
 
 
+class GGUFArchitectureNotAString(Llama):
+    name = "bad-gguf"
+    gguf_architectures = ("llama", "")
+
+
 class Broken:
     @hookimpl
     def mlxserve_families(self) -> list[ModelFamily]:
@@ -158,6 +163,7 @@ class Broken:
         (UnknownDefault(), "sampling_defaults has unknown keys temprature"),
         (DefaultOutOfRange(), "sampling_defaults temperature: must be between 0 and 100"),
         (ToolFormatNotAFormat(), "tool_call_format must be a ToolCallFormat or None"),
+        (GGUFArchitectureNotAString(), "gguf_architectures must be a tuple of non-empty strings"),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, ModelFamily) else "",
 )

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends
 
 from mlxserve.core.errors import ModelNotFoundError
 
-from ..deps import ConfigDep, EngineDep, require_api_key
+from ..deps import ConfigDep, EngineDep, RegistryDep, require_api_key
 from ..protocol import ModelCard, ModelList
 from .models import model_card
 
@@ -21,22 +21,27 @@ def _canonical(config: ConfigDep, name: str) -> str:
 
 
 @router.get("/models", response_model=ModelList)
-async def loaded_models(config: ConfigDep, engine: EngineDep) -> ModelList:
+async def loaded_models(config: ConfigDep, engine: EngineDep, registry: RegistryDep) -> ModelList:
     """The models loaded now, least recently used first."""
-    return ModelList(data=[model_card(config, engine, n) for n in engine.loaded_models()])
+    names = engine.loaded_models()
+    return ModelList(data=[model_card(config, engine, registry.store, n) for n in names])
 
 
 @router.post("/models/{name}/load", response_model=ModelCard)
-async def load_model(name: str, config: ConfigDep, engine: EngineDep) -> ModelCard:
+async def load_model(
+    name: str, config: ConfigDep, engine: EngineDep, registry: RegistryDep
+) -> ModelCard:
     """Load a model (unloading the least recently used idle one if there is no room)."""
     canonical = _canonical(config, name)
     await engine.model(canonical)
-    return model_card(config, engine, canonical)
+    return model_card(config, engine, registry.store, canonical)
 
 
 @router.post("/models/{name}/unload", response_model=ModelCard)
-async def unload_model(name: str, config: ConfigDep, engine: EngineDep) -> ModelCard:
+async def unload_model(
+    name: str, config: ConfigDep, engine: EngineDep, registry: RegistryDep
+) -> ModelCard:
     """Unload a model; 409 while it has running requests."""
     canonical = _canonical(config, name)
     await engine.unload(canonical)
-    return model_card(config, engine, canonical)
+    return model_card(config, engine, registry.store, canonical)

@@ -7,34 +7,39 @@ from fastapi import APIRouter, Depends
 from mlxserve.core.config import Config
 from mlxserve.core.engine import Engine
 from mlxserve.core.errors import ModelNotFoundError
+from mlxserve.registry.store import ModelStore
 
-from ..deps import ConfigDep, EngineDep, require_api_key
+from ..deps import ConfigDep, EngineDep, RegistryDep, require_api_key
 from ..protocol import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
 
 
-def model_card(config: Config, engine: Engine, name: str) -> ModelCard:
+def model_card(config: Config, engine: Engine, store: ModelStore, name: str) -> ModelCard:
     entry = config.models[name]
     return ModelCard(
         id=name,
         aliases=list(entry.aliases),
         loaded=name in engine.loaded_models(),
         family=entry.family,
-        random_weights=entry.source_kind == "builtin",
+        random_weights=store.random_weights(entry.source),
+        description=store.description(entry.source, entry.family),
     )
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(config: ConfigDep, engine: EngineDep) -> ModelList:
+def list_models(config: ConfigDep, engine: EngineDep, registry: RegistryDep) -> ModelList:
     """Every model in the registry."""
-    return ModelList(data=[model_card(config, engine, name) for name in config.models])
+    cards = [model_card(config, engine, registry.store, name) for name in config.models]
+    return ModelList(data=cards)
 
 
 @router.get("/models/{model_id}", response_model=ModelCard)
-async def get_model(model_id: str, config: ConfigDep, engine: EngineDep) -> ModelCard:
+def get_model(
+    model_id: str, config: ConfigDep, engine: EngineDep, registry: RegistryDep
+) -> ModelCard:
     """One model, by name or alias."""
     found = config.resolve_model(model_id)
     if found is None:
         raise ModelNotFoundError(f"model {model_id!r} does not exist")
-    return model_card(config, engine, found[0])
+    return model_card(config, engine, registry.store, found[0])

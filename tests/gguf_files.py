@@ -1,0 +1,129 @@
+"""GGUF files written the way llama.cpp's converter writes them, from tiny checkpoints.
+
+Names come from the gguf package's own tensor-name map (not from mlxserve's), and a Llama's
+q/k rows are put in llama.cpp's rotary order, so reading them back tests mlxserve's mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import mlx.core as mx
+import numpy as np
+
+ARCHITECTURES = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
+}
+CONTROL = 3
+NORMAL = 1
+
+
+def llama_cpp_row_order(weight: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to a Llama's q and k projections."""
+    rows = weight.shape[0]
+    grouped = weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
+    return grouped.swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray:
+    """The ``rope_freqs`` llama.cpp's converter writes for a Llama 3 rope scaling."""
+    scaling, dims = config["rope_scaling"], config["hidden_size"] // config["num_attention_heads"]
+    factor, low, high = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    context = scaling["original_max_position_embeddings"]
+    factors = []
+    for i in range(0, dims, 2):
+        wavelength = 2 * math.pi * config["rope_theta"] ** (i / dims)
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def write_gguf(
+    checkpoint: Path,
+    dest: Path,
+    architecture: str,
+    tensor_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    *,
+    dequantized: bool = False,
+) -> Path:
+    """A GGUF of a tiny checkpoint; 2-D weights in ``tensor_type``, the rest in F32.
+
+    ``dequantized``: the weights quantized to ``tensor_type`` and back, written as F32.
+    """
+    config = json.loads((checkpoint / "config.json").read_text())
+    writer = gguf.GGUFWriter(str(dest), architecture)
+    writer.add_name(f"tiny {architecture}")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    if "head_dim" in config:
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    if config.get("sliding_window"):
+        writer.add_sliding_window(config["sliding_window"])
+    add_tokenizer(writer, checkpoint)
+    if config.get("rope_scaling", {}).get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
+    names = gguf.get_tensor_name_map(ARCHITECTURES[architecture], config["num_hidden_layers"])
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    for name, tensor in sorted(mx.load(str(checkpoint / "model.safetensors")).items()):
+        data = np.array(tensor.astype(mx.float32))
+        projection = name.split(".")[-2]
+        if architecture == "llama" and projection in heads:
+            data = llama_cpp_row_order(data, heads[projection])
+        kind = tensor_type
+        if dequantized and data.ndim == 2:
+            data = gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)
+            kind = gguf.GGMLQuantizationType.F32
+        add_tensor(writer, names.get_name(name, try_suffixes=(".weight", ".bias")), data, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dest
+
+
+def add_tensor(
+    writer: gguf.GGUFWriter, name: str, data: np.ndarray, kind: gguf.GGMLQuantizationType
+) -> None:
+    if data.ndim < 2 or kind == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, data.astype(np.float32))
+    elif kind == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Path) -> None:
+    """The tiny checkpoint's byte-level BPE tokenizer as llama.cpp's ``gpt2`` tokenizer."""
+    spec = json.loads((checkpoint / "tokenizer.json").read_text())
+    settings = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["content"] for t in spec["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([CONTROL if t in special else NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(vocab[settings["eos_token"]])
+    if settings.get("bos_token"):
+        writer.add_bos_token_id(vocab[settings["bos_token"]])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(settings["chat_template"])
