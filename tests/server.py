@@ -42,6 +42,22 @@ def write_config(tmp_path: Path, text: str) -> Config:
     return load_config(path, env={})
 
 
+def every_family_config(
+    tmp: Path, checkpoints: dict[str, Path], default: str, aliases: str = "", extra: str = ""
+) -> str:
+    """A config serving each tiny family's checkpoint under the family's name; ``aliases``
+    (a TOML list's items) go to the default model, ``extra`` is appended."""
+    models = "".join(
+        f'[models.{family}]\nsource = "{path}"\n'
+        + (f"aliases = [{aliases}]\n" if family == default and aliases else "")
+        for family, path in checkpoints.items()
+    )
+    return (
+        f'[registry]\ndefault_model = "{default}"\ncache_dir = "{tmp / "cache"}"\n'
+        f"max_loaded_models = {len(checkpoints)}\n{models}{extra}"
+    )
+
+
 @contextmanager
 def running_server(config: Config, plugins: Plugins | None = None) -> Iterator[RunningServer]:
     app = create_app(config, plugins=plugins)

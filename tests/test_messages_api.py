@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -12,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from .server import RunningServer, post, running_server, write_config
+from .server import RunningServer, every_family_config, post, running_server, write_config
 
 WEATHER = {
     "name": "get_weather",
@@ -32,25 +33,18 @@ KEY = "sk-test-key"
 GREEDY = {"temperature": 0}  # this client no longer has sampling arguments; the API still does
 
 
-def config_text(tmp: object, checkpoints: dict, server: str = "") -> str:
-    return f"""
-{server}
-[registry]
-default_model = "qwen"
-cache_dir = "{tmp}/cache"
-max_loaded_models = 4
-[models.qwen]
-source = "{checkpoints["qwen"]}"
-aliases = ["claude-test-1"]
-[models.llama]
-source = "{checkpoints["llama"]}"
-[models.mistral]
-source = "{checkpoints["mistral"]}"
-[models.deepseek]
-source = "{checkpoints["deepseek"]}"
-[kv_cache]
-max_sequence_length = 4096
-"""
+def config_text(tmp: Path, checkpoints: dict[str, Path], server: str = "") -> str:
+    return (
+        server
+        + "\n"
+        + every_family_config(
+            tmp,
+            checkpoints,
+            "qwen",
+            aliases='"claude-test-1"',
+            extra="[kv_cache]\nmax_sequence_length = 4096\n",
+        )
+    )
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from mlxserve.server.conversation import TextDelta
 from mlxserve.server.responses_protocol import ResponseObject
 from mlxserve.server.routes.responses import ResponseWriter
 
-from .server import RunningServer, post, running_server, write_config
+from .server import RunningServer, every_family_config, post, running_server, write_config
 
 WEATHER = {
     "type": "function",
@@ -48,23 +48,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Iterat
     tmp = tmp_path_factory.mktemp("responses")
     config = write_config(
         tmp,
-        f"""
-[registry]
-default_model = "qwen"
-cache_dir = "{tmp / "cache"}"
-max_loaded_models = 4
-[models.qwen]
-source = "{tiny_checkpoints["qwen"]}"
-aliases = ["gpt-4o-mini"]
-[models.llama]
-source = "{tiny_checkpoints["llama"]}"
-[models.mistral]
-source = "{tiny_checkpoints["mistral"]}"
-[models.deepseek]
-source = "{tiny_checkpoints["deepseek"]}"
-[kv_cache]
-max_sequence_length = 4096
-""",
+        every_family_config(
+            tmp,
+            tiny_checkpoints,
+            "qwen",
+            aliases='"gpt-4o-mini"',
+            extra="[kv_cache]\nmax_sequence_length = 4096\n",
+        ),
     )
     with running_server(config) as running:
         yield running

@@ -14,7 +14,15 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from .server import RunningServer, get, post, running_server, wait_until, write_config
+from .server import (
+    RunningServer,
+    every_family_config,
+    get,
+    post,
+    running_server,
+    wait_until,
+    write_config,
+)
 
 HELLO = [{"role": "user", "content": "Hello there! How are you today?"}]
 
@@ -24,26 +32,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Iterat
     tmp = tmp_path_factory.mktemp("server")
     config = write_config(
         tmp,
-        f"""
-[registry]
-default_model = "llama"
-cache_dir = "{tmp / "cache"}"
-max_loaded_models = 4
-[models.llama]
-source = "{tiny_checkpoints["llama"]}"
-aliases = ["tiny"]
-[models.qwen]
-source = "{tiny_checkpoints["qwen"]}"
-[models.mistral]
-source = "{tiny_checkpoints["mistral"]}"
-[models.deepseek]
-source = "{tiny_checkpoints["deepseek"]}"
-[performance]
-max_batch_size = 8
-prefill_step_size = 32
-[kv_cache]
-max_sequence_length = 256
-""",
+        every_family_config(
+            tmp,
+            tiny_checkpoints,
+            "llama",
+            aliases='"tiny"',
+            extra="[performance]\nmax_batch_size = 8\nprefill_step_size = 32\n"
+            "[kv_cache]\nmax_sequence_length = 256\n",
+        ),
     )
     with running_server(config) as running:
         yield running
