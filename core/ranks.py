@@ -76,14 +76,9 @@ class Link:
         parts = [head.ljust(FRAME_BYTES, b"\0")]
         if len(message) > FRAME_BYTES - 8:
             parts.append(message[FRAME_BYTES - 8 :])
-        mx.eval(
-            [
-                mx.distributed.send(
-                    mx.array(np.frombuffer(part, np.uint8)), self.downstream, group=self.group
-                )
-                for part in parts
-            ]
-        )
+        for part in parts:  # one at a time: two sends in one eval may go out in either order
+            array = mx.array(np.frombuffer(part, np.uint8))
+            mx.eval(mx.distributed.send(array, self.downstream, group=self.group))
 
     def receive(self) -> bytes:
         frame = self._receive(FRAME_BYTES)

@@ -224,10 +224,16 @@ def test_unequal_memory_gives_an_uneven_split(tmp_path: Path, tiny_checkpoints) 
     text = config_text(
         tmp_path, tiny_checkpoints["llama"], 'split = "memory"\nmemory_limit_mb = [3, 1]\n'
     )
-    with launched(tmp_path, text) as (url, _):
-        stages = httpx.get(url + "/health").json()["placement"]["m"]["stages"]
+    with launched(tmp_path, text) as (url, process):
+        placement = httpx.get(url + "/health").json()["placement"]["m"]
+        stages = placement["stages"]
         assert [s["layers"] for s in stages] == [[1, 3], [0, 0]]
         assert stages[0]["bytes"] == 3 * stages[1]["bytes"]
+    # strategy "auto" (the default) measured the link: splitting a 4-layer model that reads in
+    # microseconds never pays for its all-reduces, so it chose the pipeline and said why.
+    assert placement["strategy"] == "pipeline"
+    log = process.stdout.read()
+    assert 'strategy "auto": pipeline. An all-reduce over this link takes' in log, log[-2000:]
 
 
 def rank_pids(rank: int, tmp: Path) -> list[int]:
@@ -413,3 +419,36 @@ def test_a_load_is_not_capped_while_the_ranks_beat() -> None:
         ranks.cluster.gather = lambda value: [value, 1]  # type: ignore[method-assign]
         ranks.load("m", lambda name: time.sleep(1.5) or done.set())
         assert done.is_set() and not lost, lost
+
+
+LINK_PROBE = """
+import sys
+from mlxserve.core.distributed import Cluster
+from mlxserve.core.ranks import Link
+cluster = Cluster.join()
+link = Link(cluster)
+sizes = [0, 5, 1016, 1017, 40_000]
+if cluster.rank == 0:
+    for size in sizes:
+        link.send(bytes(i % 251 for i in range(size)))
+else:
+    got = [link.receive() for _ in sizes]
+    ok = all(m == bytes(i % 251 for i in range(n)) for m, n in zip(got, sizes))
+    open(sys.argv[1], "w").write("whole" if ok else repr([len(m) for m in got]))
+cluster.gather(1)  # neither rank leaves while the other still reads
+"""
+
+
+def test_messages_of_any_length_cross_the_ring_whole(tmp_path: Path) -> None:
+    """Rank 0 → rank 1 framing over the real ring: empty, under, at and past one frame."""
+    script, verdict = tmp_path / "probe.py", tmp_path / "verdict"
+    script.write_text(LINK_PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
+    launch = Path(sys.executable).parent / "mlx.launch"
+    done = subprocess.run(
+        [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
+         sys.executable, str(script), str(verdict)],
+        capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert verdict.exists(), done.stderr[-2000:]
+    assert verdict.read_text() == "whole"

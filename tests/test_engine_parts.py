@@ -12,11 +12,12 @@ from mlx_lm.utils import load_tokenizer
 
 from mlxserve.core.detokenizer import IncrementalDetokenizer, TextStream
 from mlxserve.core.parallel_linear import parallelize_linears
-from mlxserve.core.plan import StepPlan
+from mlxserve.core.plan import PrefillChunk, StepPlan
 from mlxserve.core.sampler import sample
 from mlxserve.core.sampling import InvalidParameterError, SamplingParams
 from mlxserve.core.scheduler import Scheduler
 from mlxserve.core.sequence import Sequence
+from mlxserve.core.wire import Reader, Writer
 
 TEXT = "Ünïcödé 東京 🙂 naïve café — mixed text, and some ASCII too."
 
@@ -216,3 +217,24 @@ def test_a_parallel_linear_equals_the_linear_it_replaces() -> None:
     assert [type(m).__name__ for m in model.layers] == ["ParallelLinear"] * 2 + ["Linear"]
     assert [p.shape[0] for p in model.layers[0].parts] == [12, 12, 13]
     assert mx.allclose(model(x), expected, atol=1e-5).item()
+
+
+def test_a_step_plan_survives_the_wire() -> None:
+    plan = StepPlan(
+        lane=1,
+        release=("gone",),
+        save=(("done", ((0, "ab12"), (3, "cd34"))),),
+        evict=("ef56",),
+        decode_ids=("a", "b"),
+        decode_tokens=(5, 70_000),  # past one varint byte
+        prefill=(
+            (PrefillChunk("c", (1, 2, 3), 0, True, ("ab12",)), PrefillChunk("d", (4,), 0, True)),
+            (PrefillChunk("é", tuple(range(300)), 16, False),),
+        ),
+    )
+    assert StepPlan.decode(plan.encode()) == plan
+    assert StepPlan.decode(StepPlan().encode()) == StepPlan()
+    with pytest.raises(ValueError):
+        Writer().uint(-1)
+    with pytest.raises(ValueError, match="truncated"):
+        Reader(Writer().text("a long request id").data[:5]).text()
