@@ -157,7 +157,8 @@ class Engine:
 
     def placements(self) -> dict[str, Any]:
         """Each loaded model's share among the ranks (when it has one)."""
-        shares = {n: getattr(w.model, "placement", None) for n, w in self.workers.items()}
+        workers = list(self.workers.items())  # the engine thread may add or drop one meanwhile
+        shares = {n: getattr(w.model, "placement", None) for n, w in workers}
         return {name: share for name, share in shares.items() if share is not None}
 
     async def model(self, name: str) -> ServedModel:

@@ -81,11 +81,11 @@ class WeightHashes:
             return {}
         return entries if isinstance(entries, dict) else {}
 
-    def of(self, path: Path) -> str:
-        """The content hash of ``path``, from the cache if its size and mtime match."""
-        key = str(path.resolve())
+    def known(self, path: Path) -> str | None:
+        """The remembered content hash of ``path`` if its size and mtime still match, else None
+        (reads no more than the file's metadata)."""
         stat = path.stat()
-        known = self.entries.get(key)
+        known = self.entries.get(str(path.resolve()))
         if (
             isinstance(known, dict)
             and known.get("size") == stat.st_size
@@ -93,6 +93,14 @@ class WeightHashes:
             and isinstance(known.get("blake2b"), str)
         ):
             return known["blake2b"]
+        return None
+
+    def of(self, path: Path) -> str:
+        """The content hash of ``path``, from the cache if its size and mtime match."""
+        remembered = self.known(path)
+        if remembered is not None:
+            return remembered
+        key, stat = str(path.resolve()), path.stat()
         value = content_hash(path)
         self.entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "blake2b": value}
         self.changed = True

@@ -137,9 +137,13 @@ class ModelStore:
             )
         return path
 
-    def _gguf_dir(self, gguf_path: Path, family: str | None) -> Path:
+    def _gguf_dir(self, gguf_path: Path, family: str | None, hash_it: bool = True) -> Path | None:
+        """The converted folder of a GGUF file; without ``hash_it``, None unless its content
+        hash is remembered already (listing models must never read a whole file)."""
         hashes = WeightHashes(self.cache_dir / WEIGHT_HASHES_FILE)
-        contents = hashes.of(gguf_path)
+        contents = hashes.of(gguf_path) if hash_it else hashes.known(gguf_path)
+        if contents is None:
+            return None
         hashes.save()
         key = hashlib.blake2b(f"{contents} {family} {GGUF_CONVERSION}".encode(), digest_size=6)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:64]
@@ -235,8 +239,9 @@ class ModelStore:
         try:
             gguf = self.gguf_file(source)
             if gguf is not None:
-                converted = self._gguf_dir(gguf, family)
-                path = converted if (converted / "config.json").is_file() else gguf
+                converted = self._gguf_dir(gguf, family, hash_it=False)
+                done = converted is not None and (converted / "config.json").is_file()
+                path = converted if done else gguf
             elif source_kind(source) == "builtin":
                 path = _checkpoint_folder(self._builtin_dir(source), source)
             else:

@@ -136,7 +136,7 @@ def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    message = f"internal error: {type(exc).__name__}: {exc}"
+    message = f"internal error ({type(exc).__name__}); the server's log has the details"
     return _rejected(request, 500, message, "server_error")
 
 

@@ -83,6 +83,8 @@ def _prompt_ids(
     """Tokenize and check a prompt; runs in a worker thread, never on the event loop."""
     with lock:
         prompt = make_prompt(model)
+    if not prompt:
+        raise InvalidParameterError("prompt", "must not be empty")
     if len(prompt) > limit:
         raise _context_error(limit, f"{len(prompt)} tokens")
     if prompt and not (min(prompt) >= 0 and max(prompt) < vocab):

@@ -74,7 +74,9 @@ InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
-    Discriminator(lambda v: v.get("type", "message") if isinstance(v, dict) else v.type),
+    Discriminator(
+        lambda v: v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", None)
+    ),
 ]
 
 

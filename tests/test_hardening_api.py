@@ -370,3 +370,16 @@ def test_a_family_stop_token_ends_generation(
     stopped = client.completions.create(model="stopper", **request)
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens <= 1
+
+
+def test_odd_inputs_are_4xx_naming_the_problem(http: httpx.Client) -> None:
+    """Found in review: each of these was a 500 or a misleading error."""
+    empty = http.post("/v1/completions", json={"prompt": "", "max_tokens": 2})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+    for items in (["hi"], [5], [None]):
+        response = http.post("/v1/responses", json={"input": items})
+        assert response.status_code == 400, (items, response.text)
+    for name in ("a%00.js", "x" * 5000 + ".js", "..%2Fapp.py"):
+        page_file = http.get(f"/ui/static/{name}")
+        assert page_file.status_code == 404, (name, page_file.text)
+        assert "/work" not in page_file.text and "static" not in page_file.text
