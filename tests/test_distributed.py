@@ -253,7 +253,9 @@ def rank_pids(rank: int, tmp: Path) -> list[int]:
 
 def test_a_killed_rank_is_reported_not_hung_on(tmp_path: Path, tiny_checkpoints) -> None:
     text = config_text(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 5\n")
-    with launched(tmp_path, text) as (url, process):
+    # Rank 1 steps slowly (60 s for the whole request), so that a loaded machine's late first
+    # line never lets the request finish before the kill.
+    with launched(tmp_path, text, {SLOW_STEP_ENV: "0.02"}) as (url, process):
         [pid] = rank_pids(1, tmp_path)
         body = {"prompt": [5] * 8, "max_tokens": 3000, "ignore_eos": True, "stream": True}
         started = time.monotonic()
@@ -445,10 +447,17 @@ def test_messages_of_any_length_cross_the_ring_whole(tmp_path: Path) -> None:
     script.write_text(LINK_PROBE)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
     launch = Path(sys.executable).parent / "mlx.launch"
-    done = subprocess.run(
+    ranks = subprocess.Popen(
         [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
          sys.executable, str(script), str(verdict)],
-        capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env,
+        start_new_session=True,
     )  # fmt: skip
-    assert verdict.exists(), done.stderr[-2000:]
+    try:
+        _, stderr = ranks.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a hung rank: end the whole group, never leave it
+        os.killpg(ranks.pid, signal.SIGKILL)
+        _, stderr = ranks.communicate()
+    assert verdict.exists(), stderr[-2000:]
     assert verdict.read_text() == "whole"
