@@ -63,6 +63,21 @@ class RequestStream:
             yield await self.get()
 
 
+class QueueSlot:
+    """A request's place in the engine's queue while it is prepared (see Engine.reserve)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.taken = False
+        self._released = False
+
+    def release(self) -> None:
+        """Give the place back (the request was refused or failed before it was queued)."""
+        if not self.taken and not self._released:
+            self._released = True
+            self._engine._release()
+
+
 def _resolve(future: asyncio.Future, value: Any = None, error: BaseException | None = None) -> None:
     def settle() -> None:
         if future.done():
@@ -180,10 +195,13 @@ class Engine:
         request_id: str | None = None,
         *,
         constraint: Constraint | None = None,
+        slot: QueueSlot | None = None,
     ) -> RequestStream:
         """Queue a request; its stream yields outputs until one has a finish_reason.
 
         ``constraint`` (compiled off the event loop) is the grammar its output must follow.
+        ``slot`` is the place in the queue :meth:`reserve` gave it before it was prepared
+        (without one, a place is taken now).
 
         Raises:
             ContextLengthError: the prompt (and max_tokens) cannot fit the context or the
@@ -191,7 +209,42 @@ class Engine:
             QueueFullError: ``queue_size`` requests are already waiting.
             EngineUnavailableError: the engine has failed or is stopping.
         """
+        slot = slot or self.reserve()
+        try:
+            self._check_alive()
+            self._check_fits(model, prompt_ids, params)
+        except BaseException:
+            slot.release()
+            raise
+        slot.taken = True
+        return self._queue(model, prompt_ids, params, request_id, constraint)
+
+    def reserve(self) -> QueueSlot:
+        """A place in the queue, taken before a request does any work that grows with its
+        size (tokenizing, compiling its grammar); :meth:`submit` uses it, or
+        :meth:`QueueSlot.release` gives it back.
+
+        Raises:
+            QueueFullError: ``queue_size`` requests are already waiting.
+            EngineUnavailableError: the engine has failed or is stopping.
+        """
         self._check_alive()
+        with self._lock:
+            if self.queue_depth() >= self.settings.queue_size:
+                raise QueueFullError(
+                    f"{self.queue_depth()} requests are already waiting (queue_size "
+                    f"{self.settings.queue_size}); retry later"
+                )
+            self._in_flight += 1
+        return QueueSlot(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _check_fits(
+        self, model: ServedModel, prompt_ids: list[int], params: SamplingParams
+    ) -> None:
         limit = self._longest_sequence(model)
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if not prompt_ids or wanted > limit:
@@ -205,13 +258,16 @@ class Engine:
                 )
                 + (" (an empty prompt is not allowed)" if not prompt_ids else "")
             )
-        with self._lock:
-            if self.queue_depth() >= self.settings.queue_size:
-                raise QueueFullError(
-                    f"{self.queue_depth()} requests are already waiting (queue_size "
-                    f"{self.settings.queue_size}); retry later"
-                )
-            self._in_flight += 1
+
+    def _queue(
+        self,
+        model: ServedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None,
+        constraint: Constraint | None,
+    ) -> RequestStream:
+        limit = self._longest_sequence(model)
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, asyncio.get_running_loop())
         seq = Sequence(

@@ -17,7 +17,17 @@ from mlxserve.core.sampling import (
     SamplingParams,
 )
 
-from .protocol import Float, Int, OpenAIBaseModel, Text, printable, resolve_sampling_params
+from .protocol import (
+    MAX_MESSAGES,
+    MAX_PARTS,
+    Float,
+    Int,
+    OpenAIBaseModel,
+    Text,
+    at_most,
+    printable,
+    resolve_sampling_params,
+)
 
 # HTTP status -> Anthropic's error type
 ERROR_TYPES = {
@@ -72,7 +82,7 @@ class ToolUseBlock(OpenAIBaseModel):
 class ToolResultBlock(OpenAIBaseModel):
     type: Literal["tool_result"]
     tool_use_id: Text
-    content: Text | list[TextBlock] = ""
+    content: Annotated[Text | list[TextBlock], at_most(MAX_PARTS)] = ""
     is_error: bool = False
 
     @field_validator("content", mode="before")
@@ -98,7 +108,7 @@ class InputMessage(OpenAIBaseModel):
     """One turn of the conversation."""
 
     role: Literal["user", "assistant"]
-    content: Text | list[Block]
+    content: Annotated[Text | list[Block], at_most(MAX_PARTS)]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -146,8 +156,8 @@ class MessagesRequest(OpenAIBaseModel):
 
     model: Text
     max_tokens: Int = Field(ge=1, le=INT32_MAX)
-    messages: list[InputMessage] = Field(min_length=1)
-    system: Text | list[TextBlock] | None = None
+    messages: Annotated[list[InputMessage], at_most(MAX_MESSAGES)] = Field(min_length=1)
+    system: Annotated[Text | list[TextBlock] | None, at_most(MAX_PARTS)] = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
     stop_sequences: Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None

@@ -32,7 +32,14 @@ from mlxserve.plugins.tool_calls import (
     marker_token_ids,
 )
 
-from .generation import Admitted, admit, outputs, stop_watching, watch_disconnect
+from .generation import (
+    MAX_CHARS_PER_TOKEN,
+    Admitted,
+    admit,
+    outputs,
+    stop_watching,
+    watch_disconnect,
+)
 from .structured import grammar_for_response_format
 
 ParamsFactory = Callable[[ModelEntry | None, Mapping[str, float] | None], SamplingParams]
@@ -106,6 +113,29 @@ class Finished:
 Event = TextDelta | ToolCallEvent | Finished
 
 
+# Every message costs the template at least a token of its own (its role, its markers).
+MESSAGE_OVERHEAD_CHARS = MAX_CHARS_PER_TOKEN
+
+
+def template_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
+    """How many characters reach the chat template: every string (and key) of the messages
+    and tools, plus an overhead per message; counted without walking any string itself."""
+    total = MESSAGE_OVERHEAD_CHARS * len(messages)
+    pending: list[Any] = [messages, tools]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, Mapping):
+            total += sum(len(key) for key in item if isinstance(key, str))
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif item is not None:
+            total += 8  # a number or a boolean, written out
+    return total
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -143,7 +173,7 @@ class Reply:
 
     async def events(self, engine: Engine) -> AsyncGenerator[Event, None]:
         """The reply as events, ending with :class:`Finished`; aborts it if not read to the
-        end, or when its client goes away.
+        end, or when its client goes away (then the events just stop, with no Finished).
 
         Raises:
             GenerationError, RequestTimeoutError, EngineUnavailableError: as ``outputs``.
@@ -152,6 +182,8 @@ class Reply:
         calls = 0
         try:
             async for output in outputs(engine, self.admitted):
+                if output.finish_reason == "abort":  # its client went away: no one to tell
+                    continue  # (and no Finished: "abort" is none of its reasons)
                 pieces = self._parse(output.text, final=output.finish_reason is not None)
                 logprobs = output.logprobs
                 for piece in pieces:
@@ -191,12 +223,12 @@ async def start(
     """Render the conversation with the model's chat template and tool format, and submit it."""
     fmt: ToolCallFormat | None = None
 
-    def prompt(model: ServedModel) -> list[int]:
+    def prompt(model: ServedModel, tokenizer: Any) -> list[int]:
         nonlocal fmt
         fmt = tool_call_format(model)
         try:
             return render_chat_prompt(
-                model.tokenizer,
+                tokenizer,
                 getattr(model, "family", None),
                 fmt,
                 conversation.messages,
@@ -209,10 +241,10 @@ async def start(
                 "messages", f"the chat template rejected the messages: {exc}"
             ) from exc
 
-    def grammar(model: ServedModel) -> str | None:  # called after prompt(), same thread
-        return _grammar(conversation, fmt, model.tokenizer)
+    def grammar(model: ServedModel, tokenizer: Any) -> str | None:  # after prompt(), same thread
+        return _grammar(conversation, fmt, tokenizer)
 
-    chars = sum(len(m.get("content") or "") for m in conversation.messages)
+    chars = template_chars(conversation.messages, conversation.tools)
     admitted = await admit(
         engine,
         config,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,13 +22,15 @@ from mlxserve.core.worker import ServedModel
 
 from .errors import GenerationError, RequestTimeoutError
 from .protocol import PromptTokensDetails, Timings, UsageInfo
+from .tokenizing import with_own_tokenizer
 
 # No text averages more characters per token than this: a longer prompt cannot fit.
 MAX_CHARS_PER_TOKEN = 32
 
 ParamsFactory = Callable[[ModelEntry | None, Mapping[str, float] | None], SamplingParams]
-PromptFactory = Callable[[ServedModel], list[int]]
-GrammarFactory = Callable[[ServedModel], str | None]
+# (model, the tokenizing thread's copy of its tokenizer) -> prompt ids / grammar
+PromptFactory = Callable[[ServedModel, Any], list[int]]
+GrammarFactory = Callable[[ServedModel, Any], str | None]
 
 
 @dataclass
@@ -61,64 +61,39 @@ class Collected:
     usage: Usage | None = None
 
 
-# HF tokenizers must not be used from two threads at once: one lock per tokenizer.
-_tokenizer_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_shared_lock = threading.Lock()
-
-
-def _tokenizer_lock(tokenizer: Any) -> threading.Lock:
-    try:
-        return _tokenizer_locks.setdefault(tokenizer, threading.Lock())
-    except TypeError:  # not weak-referenceable: share one lock
-        return _shared_lock
-
-
 def _context_error(limit: int, what: str) -> ContextLengthError:
     return ContextLengthError(f"this model's context is {limit} tokens, but the prompt has {what}")
 
 
-def _prompt_ids(
-    model: ServedModel, make_prompt: PromptFactory, lock: threading.Lock, limit: int, vocab: int
-) -> list[int]:
-    """Tokenize and check a prompt; runs in a worker thread, never on the event loop."""
-    with lock:
-        prompt = make_prompt(model)
+def _prepare(
+    model: ServedModel,
+    tokenizer: Any,
+    make_prompt: PromptFactory,
+    grammar: str | GrammarFactory | None,
+    limit: int,
+    vocab: int,
+) -> tuple[list[int], str | None]:
+    """Tokenize and check a prompt, and say its grammar; on a tokenizing thread, with that
+    thread's own copy of the tokenizer."""
+    prompt = make_prompt(model, tokenizer)
     if not prompt:
         raise InvalidParameterError("prompt", "must not be empty")
     if len(prompt) > limit:
         raise _context_error(limit, f"{len(prompt)} tokens")
-    if prompt and not (min(prompt) >= 0 and max(prompt) < vocab):
+    if not (min(prompt) >= 0 and max(prompt) < vocab):
         raise InvalidParameterError("prompt", f"token ids must be below {vocab}")
-    return prompt
+    if callable(grammar):
+        grammar = grammar(model, tokenizer)
+    return prompt, grammar
 
 
-def _constraint(
-    model: ServedModel, grammar: str, lock: threading.Lock, vocab: int, param: str
-) -> Constraint:
+def _constraint(model: ServedModel, grammar: str, vocab: int, param: str) -> Constraint:
     """Compile a grammar for this model; runs in a worker thread, never on the event loop."""
     try:
-        with lock:
-            ll_tokenizer = grammar_tokenizer(model.tokenizer, vocab)
+        ll_tokenizer = grammar_tokenizer(model.tokenizer, vocab)
         return Constraint(ll_tokenizer, grammar)
     except GrammarError as exc:
         raise InvalidParameterError(param, f"cannot be compiled: {exc}") from exc
-
-
-def _prepare(
-    model: ServedModel,
-    make_prompt: PromptFactory,
-    lock: threading.Lock,
-    limit: int,
-    vocab: int,
-    grammar: str | GrammarFactory | None,
-    grammar_param: str,
-) -> tuple[list[int], Constraint | None]:
-    prompt = _prompt_ids(model, make_prompt, lock, limit, vocab)
-    if callable(grammar):
-        grammar = grammar(model)
-    if grammar is None:
-        return prompt, None
-    return prompt, _constraint(model, grammar, lock, vocab, grammar_param)
 
 
 def _checked_params(params: SamplingParams, vocab: int) -> SamplingParams:
@@ -146,10 +121,11 @@ async def admit(
     """Resolve the model, load it if needed, tokenize (off the event loop) and submit.
 
     ``prompt_chars`` is the length of the text ``make_prompt`` tokenizes: a text far longer
-    than the context is refused before any tokenizing. ``grammar`` (llguidance Lark text, or
-    a function of the model giving it, called after ``make_prompt``) is compiled in the same
-    worker thread and constrains the output; one that cannot be compiled is an
-    InvalidParameterError naming ``grammar_param``.
+    than the context is refused before any tokenizing. A place in the queue is taken before
+    any work that grows with the request (a full queue is refused at once). ``grammar``
+    (llguidance Lark text, or a function giving it, called after ``make_prompt`` with the
+    same tokenizer) is compiled off the event loop and constrains the output; one that
+    cannot be compiled is an InvalidParameterError naming ``grammar_param``.
     """
     found = config.resolve_model(model_name or config.registry.default_model)
     if found is None:
@@ -166,11 +142,20 @@ async def admit(
     limit = min(config.kv_cache_for(name).max_sequence_length, model.context_length)
     if prompt_chars > limit * MAX_CHARS_PER_TOKEN:
         raise _context_error(limit, f"{prompt_chars} characters, far more than fit")
-    lock = _tokenizer_lock(model.tokenizer)
-    prompt, constraint = await asyncio.to_thread(
-        _prepare, model, make_prompt, lock, limit, vocab, grammar, grammar_param
-    )
-    stream = engine.submit(model, prompt, params, constraint=constraint)
+    slot = engine.reserve()  # before any work that grows with the request
+    try:
+        prompt, grammar_text = await with_own_tokenizer(
+            model.tokenizer,
+            lambda tokenizer: _prepare(model, tokenizer, make_prompt, grammar, limit, vocab),
+        )
+        constraint = None
+        if grammar_text is not None:
+            constraint = await asyncio.to_thread(
+                _constraint, model, grammar_text, vocab, grammar_param
+            )
+        stream = engine.submit(model, prompt, params, constraint=constraint, slot=slot)
+    finally:
+        slot.release()  # a no-op once the request is queued
     deadline = time.monotonic() + config.server.request_timeout_s
     return Admitted(name, model, stream, params, deadline, metrics, len(prompt))
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -114,6 +115,27 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+# Lists are checked for length before their items are: the event loop validates bodies, and
+# must not spend time in proportion to a request's size on one it refuses.
+MAX_MESSAGES = 16_384
+MAX_PARTS = 4_096
+
+
+def at_most(limit: int) -> BeforeValidator:
+    """A field check that a list value has at most ``limit`` items, before they are read."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) > limit:
+            raise PydanticCustomError(
+                "too_long",
+                "must have at most {limit} items, not {count}",
+                {"limit": limit, "count": len(value)},
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
 # JSON allows unpaired surrogate escapes; no tokenizer or UTF-8 encoder takes them.
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 # Strict: JSON true is not 1, and "5" is not 5 (a float field still takes an integer).
@@ -178,9 +200,9 @@ class ChatMessage(OpenAIBaseModel):
     """One message of a chat conversation."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text | list[TextContentPart] | None = None
+    content: Annotated[Text | list[TextContentPart] | None, at_most(MAX_PARTS)] = None
     name: Text | None = None
-    tool_calls: list[ToolCallIn] | None = None
+    tool_calls: Annotated[list[ToolCallIn] | None, at_most(MAX_PARTS)] = None
     tool_call_id: Text | None = None
 
     @field_validator("content", mode="before")
@@ -348,7 +370,7 @@ def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
 class ChatCompletionRequest(_SamplingRequest):
     """A ``POST /v1/chat/completions`` body."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], at_most(MAX_MESSAGES)] = Field(min_length=1)
     max_completion_tokens: Int | None = None
     logprobs: bool | None = False
     top_logprobs: Int | None = None

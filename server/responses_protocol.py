@@ -12,7 +12,17 @@ from pydantic_core import PydanticCustomError
 from mlxserve.core.config import ModelEntry
 from mlxserve.core.sampling import InvalidParameterError, SamplingParams
 
-from .protocol import Float, Int, OpenAIBaseModel, Text, printable, resolve_sampling_params
+from .protocol import (
+    MAX_MESSAGES,
+    MAX_PARTS,
+    Float,
+    Int,
+    OpenAIBaseModel,
+    Text,
+    at_most,
+    printable,
+    resolve_sampling_params,
+)
 
 STATELESS = "mlxserve keeps no state; send the whole conversation in input"
 ITEM_TYPES = ("message", "function_call", "function_call_output")
@@ -42,7 +52,7 @@ def _joined(content: str | list[InputText]) -> str:
 class MessageItem(OpenAIBaseModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: Text | list[InputText]
+    content: Annotated[Text | list[InputText], at_most(MAX_PARTS)]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -61,7 +71,7 @@ class FunctionCallItem(OpenAIBaseModel):
 class FunctionCallOutputItem(OpenAIBaseModel):
     type: Literal["function_call_output"]
     call_id: Text
-    output: Text | list[InputText]
+    output: Annotated[Text | list[InputText], at_most(MAX_PARTS)]
 
     @field_validator("output", mode="before")
     @classmethod
@@ -115,7 +125,7 @@ class ResponsesRequest(OpenAIBaseModel):
     """A ``POST /v1/responses`` body."""
 
     model: Text | None = None
-    input: Text | list[InputItem]
+    input: Annotated[Text | list[InputItem], at_most(MAX_MESSAGES)]
     instructions: Text | None = None
     tools: list[FunctionTool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None

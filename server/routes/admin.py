@@ -6,11 +6,17 @@ from fastapi import APIRouter, Depends
 
 from mlxserve.core.errors import ModelNotFoundError
 
+from ..body import OffLoopJsonRoute
 from ..deps import ConfigDep, EngineDep, RegistryDep, require_api_key
 from ..protocol import ModelCard, ModelList
 from .models import model_card
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_api_key)],
+    route_class=OffLoopJsonRoute,
+)
 
 
 def _canonical(config: ConfigDep, name: str) -> str:

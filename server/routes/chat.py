@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from mlxserve.core.sequence import TokenLogprob, Usage
 from mlxserve.core.worker import ServedModel
 
+from ..body import OffLoopJsonRoute
 from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent, start
 from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from ..generation import timings, token_text, usage_info
@@ -31,7 +32,12 @@ from ..protocol import (
 )
 from ..streaming import sse_response
 
-router = APIRouter(prefix="/v1", tags=["chat"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["chat"],
+    dependencies=[Depends(require_api_key)],
+    route_class=OffLoopJsonRoute,
+)
 
 
 def _chat_logprobs(model: ServedModel, logprobs: list[TokenLogprob]) -> ChoiceLogprobs | None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from mlxserve.core.sequence import RequestOutput, TokenLogprob
 from mlxserve.core.worker import ServedModel
 
+from ..body import OffLoopJsonRoute
 from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from ..generation import admit, collect, finish_reason, timings, token_text, usage_info
 from ..protocol import (
@@ -22,7 +23,12 @@ from ..protocol import (
 from ..streaming import event_stream
 from ..structured import grammar_for_response_format
 
-router = APIRouter(prefix="/v1", tags=["completions"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["completions"],
+    dependencies=[Depends(require_api_key)],
+    route_class=OffLoopJsonRoute,
+)
 
 
 def _legacy_logprobs(
@@ -53,9 +59,9 @@ async def completions(
 ) -> Any:
     """Continue a prompt (text or token ids), at once or streamed as server-sent events."""
 
-    def prompt(model: ServedModel) -> list[int]:
+    def prompt(model: ServedModel, tokenizer: Any) -> list[int]:
         if isinstance(body.prompt, str):
-            return list(model.tokenizer.encode(body.prompt))
+            return list(tokenizer.encode(body.prompt))
         return body.prompt
 
     chars = len(body.prompt) if isinstance(body.prompt, str) else 0

@@ -19,12 +19,18 @@ from ..anthropic_protocol import (
     ToolUseOut,
     anthropic_error_body,
 )
+from ..body import OffLoopJsonRoute
 from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
 from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from ..errors import GenerationError, RequestTimeoutError
 from ..streaming import sse_response, typed_event
 
-router = APIRouter(prefix="/v1", tags=["messages"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["messages"],
+    dependencies=[Depends(require_api_key)],
+    route_class=OffLoopJsonRoute,
+)
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 STREAM_ERRORS = {GenerationError: 500, RequestTimeoutError: 504, EngineUnavailableError: 503}

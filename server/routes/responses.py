@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from .. import conversation
+from ..body import OffLoopJsonRoute
 from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
 from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from ..errors import renamed_params
@@ -24,7 +25,12 @@ from ..responses_protocol import (
 )
 from ..streaming import sse_response, stream_error_code, typed_event
 
-router = APIRouter(prefix="/v1", tags=["responses"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["responses"],
+    dependencies=[Depends(require_api_key)],
+    route_class=OffLoopJsonRoute,
+)
 
 # what the shared pipeline calls a field -> what this API calls it
 RENAMES = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
