@@ -7,7 +7,12 @@ needs; anything else is deleted and ignored.
 
 The tier is an optimisation: a disk fault never fails a request or a model load. A folder
 that cannot be opened turns the tier off; a disk that will not take writes (full, read-only,
-no permission) turns its writes off; each is logged once and counted in ``failures``.
+no permission) turns its writes off; each is logged and counted in ``failures``. Neither is for
+good: once ``retry_first_s`` has passed, the next block to write tries again (opening the
+folder first, if that had failed), and every try that fails doubles the wait, up to
+``retry_max_s``; the first that works turns the tier back on (logged too). Tries are counted
+in ``write_retries``; the wait starts over from ``retry_first_s`` only once writes have held
+for ``retry_max_s``, so a disk that keeps filling up is not tried every second.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import zlib
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -32,6 +38,10 @@ MAX_QUEUED_BYTES = 256 * 2**20
 MAX_FAILURES_IN_A_ROW = 3
 # Failures that will repeat for every later write: stop writing at the first one.
 STOP_WRITING = frozenset({"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"})
+# Writes (or the whole tier) turned off by a fault are tried again after this long, the wait
+# doubling after each try that fails, up to the most.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 300.0
 
 BlockData = list[tuple[mx.array, mx.array]]
 ArraySpec = tuple[tuple[int, ...], mx.Dtype]
@@ -54,6 +64,10 @@ def block_spec(data: BlockData) -> BlockSpec:
     return [((tuple(k.shape), k.dtype), (tuple(v.shape), v.dtype)) for k, v in data]
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.3g} s"
+
+
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, "OSError")
@@ -66,6 +80,9 @@ class DiskTier:
     Blocks are written by a thread of their own, so the engine never waits for the disk; a
     writer more than ``max_queued_bytes`` behind drops blocks (counted in ``dropped_writes``)
     rather than holding them all in memory.
+
+    A fault that turns the tier or its writes off is retried: see the module's docstring
+    (``retry_first_s``, ``retry_max_s``).
     """
 
     def __init__(
@@ -76,6 +93,8 @@ class DiskTier:
         block_size: int,
         max_bytes: int,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
+        retry_first_s: float = RETRY_FIRST_S,
+        retry_max_s: float = RETRY_MAX_S,
     ) -> None:
         self.folder = Path(root).expanduser() / model_key
         self.meta = {
@@ -89,8 +108,17 @@ class DiskTier:
         self.max_bytes = max_bytes
         self.max_queued_bytes = max_queued_bytes
         self.reads = self.writes = self.dropped_writes = self.rejected = 0
+        self.write_retries = 0
         self.failures: Counter[str] = Counter()
         self.reading = self.writing = True
+        self.retry_first_s = retry_first_s
+        self.retry_max_s = max(retry_max_s, retry_first_s)
+        self._retry_delay = retry_first_s  # the wait before the next try, while off
+        self._retry_at: float | None = None  # when a block may try again, while off
+        self._probing = False  # a block that tries again is on its way
+        self._off_since = 0.0
+        self._retries_while_off = 0
+        self._resumed_at: float | None = None
         self.index: OrderedDict[str, int] = OrderedDict()
         self.total_bytes = 0
         self._lock = threading.Lock()
@@ -99,9 +127,10 @@ class DiskTier:
         self._failures_in_a_row = 0
         self._unwritten = 0
         self._unwritten_at_close: int | None = None
-        self._queue: queue.SimpleQueue[tuple[str, BlockData, int] | None] = queue.SimpleQueue()
-        with self._lock:
-            self._open()
+        self._queue: queue.SimpleQueue[tuple[str, BlockData, int, bool] | None] = (
+            queue.SimpleQueue()
+        )
+        self._open()
         self._writer = threading.Thread(
             target=self._write_forever, name="mlxserve-kv-disk", daemon=True
         )
@@ -109,20 +138,33 @@ class DiskTier:
 
     def _open(self) -> None:
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            found = [(p.stat(), p) for p in self.folder.glob("*.safetensors")]
+            found = self._scan()
         except OSError as exc:
-            self._fail(_error_kind(exc), exc, reads_too=True)
+            with self._lock:
+                self._fail(_error_kind(exc), exc, reads_too=True)
             return
-        stored = sorted((s.st_mtime, p.stem, s.st_size) for s, p in found)
-        self.index.update((stem, size) for _, stem, size in stored if not stem.endswith(".tmp"))
-        self.total_bytes = sum(self.index.values())
-        for leftover in (p for _, p in found if p.name.endswith(STAGING)):  # a write cut short
+        with self._lock:
+            leftovers = self._index_found(found)
+        for leftover in leftovers:
             try:
                 leftover.unlink(missing_ok=True)
             except OSError as exc:
-                self._fail(_error_kind(exc), exc)
+                with self._lock:
+                    self._fail(_error_kind(exc), exc)
                 return
+
+    def _scan(self) -> list[tuple[os.stat_result, Path]]:
+        """Make the folder and list its block files (no lock needed: touches no state)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return [(p.stat(), p) for p in self.folder.glob("*.safetensors")]
+
+    def _index_found(self, found: list[tuple[os.stat_result, Path]]) -> list[Path]:
+        """Index the blocks found, oldest first; the files of writes cut short. Lock held."""
+        stored = sorted((s.st_mtime, p.stem, s.st_size) for s, p in found)
+        self.index.clear()
+        self.index.update((stem, size) for _, stem, size in stored if not stem.endswith(".tmp"))
+        self.total_bytes = sum(self.index.values())
+        return [p for _, p in found if p.name.endswith(STAGING)]
 
     @property
     def enabled(self) -> bool:
@@ -138,13 +180,74 @@ class DiskTier:
         self._failures_in_a_row += 1
         stop = kind in STOP_WRITING or self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW
         if reads_too and self.reading:
-            self.reading = self.writing = False
-            log.warning("KV disk tier %s is off: %s", self.folder, exc)
+            self.reading = False
+            delay = self._turn_writes_off()
+            log.warning(
+                "KV disk tier %s is off: %s; trying again in %s (then backing off up to %s)",
+                self.folder,
+                exc,
+                _seconds(delay),
+                _seconds(self.retry_max_s),
+            )
         elif stop and self.writing:
-            self.writing = False
-            log.warning("KV disk tier %s: writes are off (%s: %s)", self.folder, kind, exc)
+            delay = self._turn_writes_off()
+            log.warning(
+                "KV disk tier %s: writes are off (%s: %s); trying again in %s "
+                "(then backing off up to %s)",
+                self.folder,
+                kind,
+                exc,
+                _seconds(delay),
+                _seconds(self.retry_max_s),
+            )
         elif self.failures[kind] == 1:
             log.warning("KV disk tier %s: %s: %s", self.folder, kind, exc)
+
+    def _turn_writes_off(self) -> float:
+        """Turn writes off until a later try; the wait before it. Lock held."""
+        now = time.monotonic()
+        if self._resumed_at is not None and now - self._resumed_at < self.retry_max_s:
+            self._retry_delay = min(self._retry_delay * 2, self.retry_max_s)  # it came back
+        else:
+            self._retry_delay = self.retry_first_s
+        self.writing = False
+        self._off_since, self._retries_while_off = now, 0
+        self._retry_at = now + self._retry_delay
+        return self._retry_delay
+
+    def _retry_failed(self, kind: str, exc: BaseException) -> None:
+        """A try while off failed: wait twice as long (up to the most). Lock held."""
+        self._probing = False
+        self._retry_delay = min(self._retry_delay * 2, self.retry_max_s)
+        self._retry_at = time.monotonic() + self._retry_delay
+        log.debug(
+            "KV disk tier %s: still failing (%s: %s); trying again in %s",
+            self.folder,
+            kind,
+            exc,
+            _seconds(self._retry_delay),
+        )
+
+    def _resume(self) -> None:
+        """A try while off worked: writes are back on. Lock held."""
+        now = time.monotonic()
+        self.writing, self._probing, self._retry_at = True, False, None
+        self._failures_in_a_row = 0
+        self._resumed_at = now
+        tries = self._retries_while_off
+        log.info(
+            "KV disk tier %s: writes are back on (off for %s, %d %s)",
+            self.folder,
+            _seconds(now - self._off_since),
+            tries,
+            "try" if tries == 1 else "tries",
+        )
+
+    def _may_retry(self) -> bool:
+        """Whether a block may try writing while writes are off. Lock held."""
+        return (
+            not self._probing and self._retry_at is not None and time.monotonic() >= self._retry_at
+        )
 
     def has(self, block_hash: str) -> bool:
         with self._lock:
@@ -152,25 +255,31 @@ class DiskTier:
 
     def write(self, block_hash: str, data: BlockData, *, even_if_behind: bool = False) -> bool:
         """Queue a block (evaluated arrays) to be written; returns at once. Whether it was
-        queued: not if it is on disk or queued already, if writes are off or closed, or if the
-        writer is ``max_queued_bytes`` behind (unless ``even_if_behind``: for blocks the caller
-        holds in memory anyway)."""
+        queued: not if it is on disk or queued already, if writes are off (unless it is time to
+        try them again: then this block is the try) or closed, or if the writer is
+        ``max_queued_bytes`` behind (unless ``even_if_behind``: for blocks the caller holds in
+        memory anyway)."""
         size = sum(k.nbytes + v.nbytes for k, v in data)
         with self._lock:
             if block_hash in self.index:
                 self.index.move_to_end(block_hash)
                 return False
-            if block_hash in self._pending or not self.writing:
+            if block_hash in self._pending or self._unwritten_at_close is not None:
                 return False
-            if self._unwritten_at_close is not None:
+            retry = not self.writing
+            if retry and not self._may_retry():
                 return False
             behind = self._queued_bytes and self._queued_bytes + size > self.max_queued_bytes
             if behind and not even_if_behind:
                 self.dropped_writes += 1
                 return False
+            if retry:
+                self._probing = True
+                self.write_retries += 1
+                self._retries_while_off += 1
             self._pending.add(block_hash)
             self._queued_bytes += size
-        self._queue.put((block_hash, data, size))
+        self._queue.put((block_hash, data, size, retry))
         return True
 
     def close(self, timeout_s: float) -> bool:
@@ -189,8 +298,12 @@ class DiskTier:
 
     def _write_forever(self) -> None:
         while (item := self._queue.get()) is not None:
-            block_hash, data, size = item
-            written = self._write_file(block_hash, data, size) if self.writing else None
+            block_hash, data, size, retry = item
+            written = None
+            if retry:
+                written = self._retry(block_hash, data, size)
+            elif self.writing:
+                written = self._write_file(block_hash, data, size)
             with self._lock:
                 self._pending.discard(block_hash)
                 self._queued_bytes -= size
@@ -203,7 +316,32 @@ class DiskTier:
                     self._failures_in_a_row = 0
                     self._shrink()
 
-    def _write_file(self, block_hash: str, data: BlockData, size: int) -> int | None:
+    def _retry(self, block_hash: str, data: BlockData, size: int) -> int | None:
+        """Try whether the disk takes this block now that writes are off (opening the folder
+        first if that had failed); on the writer thread."""
+        if not self.reading:
+            try:
+                found = self._scan()
+            except OSError as exc:
+                with self._lock:
+                    self._retry_failed(_error_kind(exc), exc)
+                return None
+            with self._lock:
+                leftovers = self._index_found(found)
+                self.reading = True
+                log.info("KV disk tier %s: reads are back on", self.folder)
+            for leftover in leftovers:  # a failure here shows in the write below
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+        written = self._write_file(block_hash, data, size, retry=True)
+        if written is not None:
+            with self._lock:
+                self._resume()
+        return written
+
+    def _write_file(
+        self, block_hash: str, data: BlockData, size: int, retry: bool = False
+    ) -> int | None:
         path = self._path(block_hash)
         staging = path.with_name(block_hash + STAGING)
         try:
@@ -221,7 +359,10 @@ class DiskTier:
             with contextlib.suppress(OSError):  # left for the next start to remove
                 staging.unlink(missing_ok=True)
             with self._lock:
-                self._fail(kind, exc)
+                if retry:
+                    self._retry_failed(kind, exc)
+                else:
+                    self._fail(kind, exc)
             return None
 
     def _diagnose(self, exc: Exception, size: int) -> str:

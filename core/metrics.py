@@ -38,6 +38,11 @@ def _disk_enabled(worker: ModelWorker) -> float | None:
     return None if enabled is None else float(enabled)
 
 
+def _disk_writable(worker: ModelWorker) -> float | None:
+    writable = getattr(worker.runner, "disk_writable", None)
+    return None if writable is None else float(writable)
+
+
 GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
     ("requests_running", "Requests in the batch (prefilling or decoding).", _running),
     ("requests_waiting", "Requests waiting for a batch slot.", lambda w: len(w.scheduler.waiting)),
@@ -54,15 +59,31 @@ GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
     ),
     (
         "disk_tier_enabled",
-        "1 while the KV disk tier reads and writes; 0 once a disk fault turned it (or its "
+        "1 while the KV disk tier reads and writes; 0 while a disk fault keeps it (or its "
         "writes) off. Absent for models without one.",
         _disk_enabled,
+    ),
+    (
+        "disk_tier_writable",
+        "1 while the KV disk tier writes blocks; 0 while a disk fault keeps its writes off "
+        "(they are tried again, less and less often). Absent for models without one.",
+        _disk_writable,
     ),
 )
 RUNNER_COUNTERS = (
     ("disk_tier_reads", "KV blocks read back from the disk tier.", "disk_reads"),
     ("disk_tier_writes", "KV blocks written to the disk tier.", "disk_writes"),
-    ("disk_tier_failures", "Disk errors met by the disk tier.", "disk_failures"),
+    (
+        "disk_tier_failures",
+        "Disk errors met by the disk tier (not those of tries while its writes were off).",
+        "disk_failures",
+    ),
+    (
+        "disk_tier_write_retries",
+        "Blocks the disk tier tried to write while a fault kept its writes off, to see "
+        "whether the disk takes them again.",
+        "disk_write_retries",
+    ),
     (
         "disk_tier_dropped_writes",
         "KV blocks not written because the disk tier's writer was too far behind.",

@@ -209,9 +209,19 @@ class ModelRunner:
         return self.disk.rejected if self.disk is not None else 0
 
     @property
+    def disk_write_retries(self) -> int:
+        return self.disk.write_retries if self.disk is not None else 0
+
+    @property
     def disk_enabled(self) -> bool | None:
         """Whether the disk tier reads and writes; None without one."""
         return self.disk.enabled if self.disk is not None else None
+
+    @property
+    def disk_writable(self) -> bool | None:
+        """Whether the disk tier writes (a disk fault turns its writes off for a while); None
+        without one."""
+        return self.disk.writing if self.disk is not None else None
 
     def _restore(self, reused: Sequence[str]) -> Cache:
         """Fresh caches that already hold the KV of the cached blocks ``reused``."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import array
 import json
+import logging
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -329,3 +331,185 @@ def test_the_disk_folder_is_named_by_the_fingerprint_not_the_model_name(
 ) -> None:
     fingerprint = checkpoint_fingerprint("../../outside", tiny_checkpoints["llama"])
     assert fingerprint.isalnum() and "outside" not in fingerprint
+
+
+# ---- a fault is not for good: writes come back when the disk does ------------------------
+
+
+@pytest.fixture
+def tier_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """What the disk tier logs (caught at its own logger, whatever the root's set-up)."""
+    logger = logging.getLogger("mlxserve.core.disk_tier")
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # caplog's handler may be on the root too: each line once
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """A file that leaves only ``leave`` bytes free on the file system of ``folder``."""
+    stats = os.statvfs(folder)
+    filler = folder / "filler"
+    filler.write_bytes(b"\1" * max(stats.f_bavail * stats.f_frsize - leave, 0))
+    return filler
+
+
+def remount(folder: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(folder)], check=True)
+
+
+def logged(log: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in log.records if text in r.getMessage()]
+
+
+def offer_until(tier: DiskTier, condition: Callable[[], bool], timeout: float = 5) -> bool:
+    """Offer the tier a new block every 50 ms until ``condition()`` holds (then no more)."""
+    offered = iter(range(1000, 10**6))
+
+    def offer() -> bool:
+        if condition():
+            return True
+        number = next(offered)
+        tier.write(f"offered{number}", block(number))
+        return False
+
+    return wait_until(offer, timeout)
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_writes_come_back_with_a_backoff_once_the_disk_takes_them(
+    tmp_path: Path, tmpfs, tier_log: pytest.LogCaptureFixture, fault: str
+) -> None:
+    root = tmpfs(tmp_path / "kv", "size=1m")
+    tier = DiskTier(root, "m", range(2), 16, 2**30, retry_first_s=0.5, retry_max_s=2)
+    for i in range(4):
+        assert tier.write(f"before{i}", block(i))
+    assert wait_until(lambda: tier.writes == 4)
+    kind = "ENOSPC" if fault == "full" else "EROFS"
+    if fault == "full":
+        filler = fill(root)
+    else:
+        remount(root, "ro")
+
+    assert tier.write("first", block(10))  # this one meets the fault: writes are off
+    assert wait_until(lambda: not tier.writing)
+    assert tier.failures == {kind: 1} and tier.writes == 4
+    [off] = logged(tier_log, "writes are off")
+    assert kind in off and "trying again in 0.5 s" in off and "up to 2 s" in off
+    assert not tier.write("soon", block(11))  # within the wait: not even tried
+    assert tier.write_retries == 0
+
+    time.sleep(0.55)
+    assert tier.write("try", block(12))  # the wait is over: this block tries
+    assert not tier.write("meanwhile", block(13))  # one try at a time
+    assert wait_until(lambda: not tier._pending)
+    assert not tier.writing and tier.write_retries == 1
+    assert tier._retry_delay == 1.0  # the try failed: it waits twice as long
+    assert tier.failures == {kind: 1}  # tries are counted apart
+    assert tier.read("before1") is not None  # reads go on all along
+
+    if fault == "full":
+        filler.unlink()
+    else:
+        remount(root, "rw")
+    freed = time.monotonic()
+    assert offer_until(tier, lambda: tier.writing)
+    assert time.monotonic() - freed < 1.0 + 0.5  # within the wait it had reached
+    assert wait_until(lambda: tier.writes == 5) and tier.write_retries == 2
+    [back] = logged(tier_log, "writes are back on")
+    assert "2 tries" in back
+
+    for i in range(4):
+        assert tier.write(f"after{i}", block(20 + i))
+    assert wait_until(lambda: tier.writes == 9)  # four blocks before, and four after again
+    [(keys, _), _] = tier.read("after3")
+    assert keys.tolist() == block(23)[0][0].tolist()
+    [(keys, _), _] = tier.read("before3")
+    assert keys.tolist() == block(3)[0][0].tolist()
+    assert tier.close(10)
+
+
+def test_the_wait_doubles_up_to_the_most_and_starts_over_only_after_a_good_while(
+    tmp_path: Path, tmpfs
+) -> None:
+    root = tmpfs(tmp_path / "kv", "size=1m")
+    tier = DiskTier(root, "m", range(2), 16, 2**30, retry_first_s=0.05, retry_max_s=0.8)
+    filler = fill(root)
+    waits = []
+    for i in range(6):  # the first meets the fault, the others are tries
+        assert wait_until(lambda i=i: tier.write(f"b{i}", block(i)), timeout=5)
+        assert wait_until(lambda: not tier._pending)
+        waits.append(tier._retry_delay)
+    assert waits == [0.05, 0.1, 0.2, 0.4, 0.8, 0.8] and tier.write_retries == 5
+    filler.unlink()
+    assert offer_until(tier, lambda: tier.writing)
+    filler = fill(root)
+    assert offer_until(tier, lambda: not tier.writing)
+    assert tier._retry_delay == 0.8  # the fault came back soon: no hurry to try again
+    assert tier.failures == {"ENOSPC": 2}
+    filler.unlink()
+    assert offer_until(tier, lambda: tier.writing)
+    time.sleep(0.85)  # writes held for the longest wait: a new fault waits the least again
+    filler = fill(root)
+    assert offer_until(tier, lambda: not tier.writing)
+    assert tier._retry_delay == 0.05
+
+
+def test_a_folder_that_could_not_be_opened_is_tried_again(tmp_path: Path, tmpfs) -> None:
+    root = tmpfs(tmp_path / "kv", "size=1m")
+    remount(root, "ro")  # the model's folder cannot be made
+    tier = DiskTier(root, "m", range(2), 16, 2**30, retry_first_s=0.05, retry_max_s=0.2)
+    assert not tier.reading and not tier.writing and tier.failures == {"EROFS": 1}
+    remount(root, "rw")
+    assert offer_until(tier, lambda: tier.enabled)
+    assert tier.write("b", block(1))
+    assert wait_until(lambda: tier.has("b"))
+    [(keys, _), _] = tier.read("b")
+    assert keys.tolist() == block(1)[0][0].tolist()
+
+
+def test_a_server_whose_disk_was_full_writes_again_once_there_is_room(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path], tmpfs, tier_log
+) -> None:
+    kv = tmpfs(tmp_path / "kv", "size=2m")
+    filler = fill(kv, leave=160 * 1024)  # room for two blocks of 64 KiB and a bit
+    config = disk_config(tmp_path, tiny_checkpoints["llama"], 'disk_write = "all"\n')
+    with running_server(config) as server:
+        runner = server.engine.workers["m"].runner
+        disk = runner.disk
+        cold = complete(server, PROMPT)
+        assert wait_until(lambda: not disk.writing)
+        assert runner.disk_writes == 2 and disk.failures == {"ENOSPC": 1}
+        assert metric(server, "disk_tier_enabled") == 0
+        while_off = get(server, "/metrics").text
+        complete(server, [5] * 100)
+        assert runner.disk_writes == 2  # the disk is full: nothing more is written
+        filler.unlink()
+
+        sent = []
+
+        def one_more_request() -> bool:
+            sent.append(complete(server, [7 + len(sent)] * 40, 1))
+            return disk.writing
+
+        assert wait_until(one_more_request, timeout=15)  # the first wait is 1 s
+        assert 'mlxserve_disk_tier_writable{model="m"} 0.0' in while_off
+        assert metric(server, "disk_tier_writable") == 1
+        assert metric(server, "disk_tier_enabled") == 1
+        assert metric(server, "disk_tier_write_retries_total") >= 1
+        assert metric(server, "disk_tier_failures_total") == 1
+        fresh = [(i * 7) % 200 + 3 for i in range(100)]
+        complete(server, fresh)
+        hashes = block_hashes(fresh, 16, server.engine.workers["m"].key)
+        assert len(hashes) == 6
+        assert wait_until(lambda: all(disk.has(h) for h in hashes))  # every block again
+        assert text_and_cached(complete(server, PROMPT)) == (cold["choices"][0]["text"], 96)
+        [off] = logged(tier_log, "writes are off")
+        assert "ENOSPC" in off and "trying again in 1 s (then backing off up to 300 s)" in off
+        assert len(logged(tier_log, "writes are back on")) == 1
