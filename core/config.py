@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import math
 import os
@@ -137,6 +138,25 @@ def _check_api_key(key: str) -> str:
 
 
 ApiKey = Annotated[str, AfterValidator(_check_api_key)]
+_HOST_NAME = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _check_allowed_host(host: str) -> str:
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+        return host
+    except ValueError:
+        pass
+    if host == "*" or (len(host) <= 255 and _HOST_NAME.fullmatch(host)):
+        return host
+    raise ValueError(
+        f"{_show(host)} must be a host name such as 'example.com' or '*.example.com', an IP "
+        "address, or '*' (no scheme, port or path)"
+    )
+
+
+AllowedHost = Annotated[str, AfterValidator(_check_allowed_host)]
 
 
 def valid_model_name(name: str) -> bool:
@@ -237,9 +257,13 @@ class ServerConfig(_Section):
     port: Port = 8100
     api_keys: list[ApiKey] = []
     cors_origins: list[str] = []
+    allowed_hosts: list[AllowedHost] = []
     request_timeout_s: PositiveFloat = 600.0
     max_request_bytes: PositiveInt = 8 * 2**20
     shutdown_grace_s: PositiveFloat = 30.0
+    header_timeout_s: PositiveFloat = 10.0
+    body_timeout_s: PositiveFloat = 60.0
+    max_connections: PositiveInt | None = None
 
 
 class RegistryConfig(_Section):

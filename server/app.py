@@ -18,6 +18,7 @@ from mlxserve.core.settings import EngineSettings
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins, load_plugins
 
+from .edge import EdgeMiddleware
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .routes import (
@@ -84,6 +85,13 @@ def create_app(
     app.add_middleware(  # inside CORS, so a 413 still carries CORS headers
         BodyLimitMiddleware,
         max_bytes=config.server.max_request_bytes,
+        rejected=app.state.metrics.http_error,
+    )
+    app.add_middleware(  # inside CORS too; outside the body limit: refused before reading
+        EdgeMiddleware,
+        bind_host=config.server.host,
+        allowed_hosts=config.server.allowed_hosts,
+        cors_origins=config.server.cors_origins,
         rejected=app.state.metrics.http_error,
     )
     if config.server.cors_origins:
