@@ -163,8 +163,9 @@ class EngineMetrics:
         )
         self.request_errors = self._counter(
             "request_errors",
-            "Admitted requests that ended without finishing: generation_failed, timeout "
-            "or client_disconnected.",
+            "Admitted requests that ended without finishing: generation_failed, "
+            "output_format_failed (the request's grammar could not go on), timeout or "
+            "client_disconnected.",
             "kind",
         )
         self._models: dict[str, _ModelMetrics] = {}

@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 
 from .block_manager import BlockManager, block_hashes
+from .constraint import GrammarError
 from .plan import PrefillChunk, StepPlan
 from .sequence import RequestOutput, Sequence, Status, TokenLogprob
 
@@ -186,6 +187,17 @@ class Scheduler:
             if isinstance(token, Exception):
                 raise token
             return self._advance(seq, token, logprob)
+        except GrammarError as exc:  # the request's own grammar: its fault, no traceback
+            log.warning("request %s ended: %s", seq.request_id, exc)
+            if seq.status != Status.FINISHED:
+                self.finish(seq, "error")
+            return RequestOutput(
+                seq.request_id,
+                finish_reason="error",
+                error=str(exc),
+                usage=seq.usage(),
+                error_kind="grammar",
+            )
         except Exception as exc:
             log.exception("request %s failed; the others go on", seq.request_id)
             if seq.status != Status.FINISHED:

@@ -39,8 +39,9 @@ class RequestOutput:
     """What one engine step produced for one request: new text, and whether it is done.
 
     ``finish_reason`` is "stop", "length", "abort" or "error" on the last output
-    (``error`` then says what went wrong), None before; ``stop_sequence`` is the stop string
-    that ended it, if one did.
+    (``error`` then says what went wrong; ``error_kind`` "grammar" if the request's own
+    grammar could not go on), None before; ``stop_sequence`` is the stop string that ended
+    it, if one did.
     """
 
     request_id: str
@@ -51,6 +52,7 @@ class RequestOutput:
     error: str | None = None
     usage: Usage | None = None
     stop_sequence: str | None = None
+    error_kind: str | None = None
 
 
 @dataclass(eq=False)

@@ -248,7 +248,10 @@ def lark_marker(marker: str, special: Mapping[str, int]) -> str:
 def lark_json(schema: Mapping[str, Any] | None) -> str:
     """A JSON value matching ``schema``, written compactly (``{"a": 1, "b": 2}``)."""
     schema = dict(schema or {"type": "object"})
-    schema["x-guidance"] = {**JSON_STYLE, **schema.get("x-guidance", {})}
+    options = schema.get("x-guidance", {})
+    if not isinstance(options, Mapping):  # checked before (grammar_limits): never a 500
+        raise ValueError("x-guidance must be an object (of llguidance's JSON options)")
+    schema["x-guidance"] = {**JSON_STYLE, **options}
     return f"%json{dumps(schema)}"
 
 

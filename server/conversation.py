@@ -40,7 +40,7 @@ from .generation import (
     stop_watching,
     watch_disconnect,
 )
-from .structured import grammar_for_response_format
+from .structured import check_tool_schemas, grammar_for_response_format
 
 ParamsFactory = Callable[[ModelEntry | None, Mapping[str, float] | None], SamplingParams]
 
@@ -151,8 +151,10 @@ def _grammar(conversation: Conversation, fmt: ToolCallFormat | None, tokenizer: 
             raise InvalidParameterError("tool_choice", "this model's family has no tool calls")
         special = marker_token_ids(fmt, tokenizer)
         if conversation.tool_choice == "required":
+            check_tool_schemas(conversation.tools)
             parallel = conversation.parallel_tool_calls
             return fmt.grammar(conversation.tools, parallel=parallel, special=special)
+        check_tool_schemas(conversation.tools, [conversation.tool_choice])
         named = [t for t in conversation.tools if t["function"]["name"] == conversation.tool_choice]
         return fmt.grammar(named, parallel=False, special=special)
     return grammar_for_response_format(conversation.response_format)

@@ -38,6 +38,11 @@ class GenerationError(Exception):
     """The engine ended a request with an error (the server goes on serving the others)."""
 
 
+class OutputFormatError(GenerationError):
+    """The request's own grammar (response_format, forced tool call) could not go on while
+    decoding, e.g. past llguidance's limits on a step's work: the request's fault, a 400."""
+
+
 class AuthError(Exception):
     """Missing or wrong API key."""
 
@@ -74,6 +79,7 @@ _MAPPED: dict[type[Exception], tuple[int, str, str | None]] = {
     UnsupportedModelError: (422, "invalid_request_error", "model_unsupported"),
     ModelBusyError: (409, "invalid_request_error", "model_busy"),
     RequestTimeoutError: (504, "server_error", "timeout"),
+    OutputFormatError: (400, "invalid_request_error", "output_format_failed"),
     GenerationError: (500, "server_error", "generation_failed"),
     AuthError: (401, "invalid_request_error", "invalid_api_key"),
 }

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from mlxserve.core.config import Config, ModelEntry
-from mlxserve.core.constraint import Constraint, GrammarError, grammar_tokenizer
+from mlxserve.core.constraint import Constraint, GrammarError, compile_constraint
 from mlxserve.core.engine import Engine, RequestStream
 from mlxserve.core.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError
 from mlxserve.core.metrics import EngineMetrics
@@ -20,7 +20,7 @@ from mlxserve.core.sampling import InvalidParameterError, SamplingParams
 from mlxserve.core.sequence import RequestOutput, TokenLogprob, Usage
 from mlxserve.core.worker import ServedModel
 
-from .errors import GenerationError, RequestTimeoutError
+from .errors import GenerationError, OutputFormatError, RequestTimeoutError
 from .protocol import PromptTokensDetails, Timings, UsageInfo
 from .tokenizing import with_own_tokenizer
 
@@ -87,11 +87,11 @@ def _prepare(
     return prompt, grammar
 
 
-def _constraint(model: ServedModel, grammar: str, vocab: int, param: str) -> Constraint:
-    """Compile a grammar for this model; runs in a worker thread, never on the event loop."""
+async def _constraint(model: ServedModel, grammar: str, vocab: int, param: str) -> Constraint:
+    """Compile a grammar for this model on the grammar compile threads (large stacks, a time
+    limit), never on the event loop."""
     try:
-        ll_tokenizer = grammar_tokenizer(model.tokenizer, vocab)
-        return Constraint(ll_tokenizer, grammar)
+        return await compile_constraint(model.tokenizer, vocab, grammar)
     except GrammarError as exc:
         raise InvalidParameterError(param, f"cannot be compiled: {exc}") from exc
 
@@ -150,9 +150,7 @@ async def admit(
         )
         constraint = None
         if grammar_text is not None:
-            constraint = await asyncio.to_thread(
-                _constraint, model, grammar_text, vocab, grammar_param
-            )
+            constraint = await _constraint(model, grammar_text, vocab, grammar_param)
         stream = engine.submit(model, prompt, params, constraint=constraint, slot=slot)
     finally:
         slot.release()  # a no-op once the request is queued
@@ -201,6 +199,9 @@ async def outputs(engine: Engine, admitted: Admitted) -> AsyncIterator[RequestOu
                 if engine.shutting_down or engine.error is not None:  # not this request's fault
                     admitted.ended_early("engine_unavailable")
                     raise EngineUnavailableError(message)
+                if output.error_kind == "grammar":  # the request's own grammar gave up
+                    admitted.ended_early("output_format_failed")
+                    raise OutputFormatError(message)
                 admitted.ended_early("generation_failed")
                 raise GenerationError(message)
             finished = output.finish_reason is not None

@@ -14,7 +14,7 @@ from mlxserve.core.engine import Engine
 from mlxserve.core.errors import EngineUnavailableError
 from mlxserve.core.sequence import RequestOutput
 
-from .errors import GenerationError, RequestTimeoutError
+from .errors import GenerationError, OutputFormatError, RequestTimeoutError
 from .generation import Admitted, outputs, stop_watching, timings, usage_info, watch_disconnect
 from .protocol import error_body, sse
 
@@ -23,6 +23,7 @@ Payload = BaseModel | dict[str, Any] | str
 
 # What ends a stream that has begun, and the error code its last event carries.
 STREAM_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (OutputFormatError, "output_format_failed"),
     (GenerationError, "generation_failed"),
     (RequestTimeoutError, "timeout"),
     (EngineUnavailableError, "engine_unavailable"),
@@ -37,7 +38,8 @@ def stream_error_code(exc: Exception) -> str | None:
 def stream_error(exc: Exception) -> dict[str, Any] | None:
     """The error event for an exception that ends a stream (None: not one of those)."""
     code = stream_error_code(exc)
-    return None if code is None else error_body(str(exc), "server_error", code=code)
+    kind = "invalid_request_error" if isinstance(exc, OutputFormatError) else "server_error"
+    return None if code is None else error_body(str(exc), kind, code=code)
 
 
 def typed_event(event: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlxserve.core.constraint import json_grammar
+from mlxserve.core.grammar_limits import SchemaBudget, SchemaError, check_schema
 from mlxserve.core.sampling import InvalidParameterError
 
 FORMATS = ("text", "json_object", "json_schema")
@@ -26,18 +27,55 @@ def _schema(spec: Any) -> dict[str, Any] | None:
     schema = spec.get("schema")
     if schema is not None and not isinstance(schema, Mapping):
         raise _invalid("json_schema.schema must be a JSON Schema object")
-    return None if schema is None else dict(schema)
+    if schema is None:
+        return None
+    try:
+        check_schema(schema)
+    except SchemaError as exc:
+        raise _invalid(f"json_schema.schema: {exc}") from None
+    return dict(schema)
+
+
+def check_tool_schemas(tools: list[dict[str, Any]], names: list[str] | None = None) -> None:
+    """Check the ``parameters`` of the function tools whose calls a grammar will force
+    (``names``: only those tools; all by default) against the schema limits, all of them
+    sharing one budget.
+
+    Raises:
+        InvalidParameterError: (param ``tools[i].function.parameters``) the first that fails;
+            the message names the tool.
+    """
+    budget = SchemaBudget()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(function, Mapping):
+            continue
+        name = function.get("name")
+        if names is not None and name not in names:
+            continue
+        parameters = function.get("parameters")
+        if parameters is None:
+            continue
+        param = f"tools[{i}].function.parameters"
+        if not isinstance(parameters, Mapping):
+            raise InvalidParameterError(param, f"tool {name!r}: must be a JSON Schema object")
+        try:
+            check_schema(parameters, budget)
+        except SchemaError as exc:
+            raise InvalidParameterError(param, f"tool {name!r}: {exc}") from None
 
 
 def grammar_for_response_format(response_format: Mapping[str, Any] | None) -> str | None:
     """The Lark grammar a ``response_format`` asks for; None for plain text.
 
     ``json_object`` is any JSON object; ``json_schema`` is one JSON value conforming to its
-    ``schema`` (any JSON object if it has none). Whether the schema compiles is found out
-    when the grammar is compiled (``admit``), off the event loop.
+    ``schema`` (any JSON object if it has none). The schema is checked against the limits
+    of :mod:`mlxserve.core.grammar_limits` here; whether it compiles is found out when the
+    grammar is compiled (``admit``), off the event loop.
 
     Raises:
-        InvalidParameterError: (param ``response_format``) it is not one of the three forms.
+        InvalidParameterError: (param ``response_format``) it is not one of the three forms,
+            or its schema passes a limit (the message says which).
     """
     if response_format is None:
         return None

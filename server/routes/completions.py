@@ -73,7 +73,7 @@ async def completions(
         prompt,
         prompt_chars=chars,
         metrics=metrics,
-        grammar=grammar_for_response_format(body.response_format),
+        grammar=lambda model, tokenizer: grammar_for_response_format(body.response_format),
     )
     response_id = new_id("cmpl")
     if body.stream:

@@ -22,7 +22,7 @@ from ..anthropic_protocol import (
 from ..body import OffLoopJsonRoute
 from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
 from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from ..errors import GenerationError, RequestTimeoutError
+from ..errors import GenerationError, OutputFormatError, RequestTimeoutError
 from ..streaming import sse_response, typed_event
 
 router = APIRouter(
@@ -33,7 +33,12 @@ router = APIRouter(
 )
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-STREAM_ERRORS = {GenerationError: 500, RequestTimeoutError: 504, EngineUnavailableError: 503}
+STREAM_ERRORS = {
+    OutputFormatError: 400,
+    GenerationError: 500,
+    RequestTimeoutError: 504,
+    EngineUnavailableError: 503,
+}
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
