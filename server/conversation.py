@@ -160,6 +160,19 @@ def _grammar(conversation: Conversation, fmt: ToolCallFormat | None, tokenizer: 
     return grammar_for_response_format(conversation.response_format)
 
 
+def _grammar_param(conversation: Conversation) -> str:
+    """The field a grammar that cannot be compiled is blamed on: the forced tool's
+    parameters (all the tools', when any may be called), or the response format."""
+    if not conversation.forces_a_call:
+        return "response_format"
+    forced = [
+        i
+        for i, tool in enumerate(conversation.tools)
+        if conversation.tool_choice in ("required", tool["function"]["name"])
+    ]
+    return f"tools[{forced[0]}].function.parameters" if len(forced) == 1 else "tools"
+
+
 @dataclass
 class Reply:
     """A conversation the engine has accepted; :meth:`events` reads its answer."""
@@ -256,7 +269,7 @@ async def start(
         prompt_chars=chars,
         metrics=metrics,
         grammar=grammar,
-        grammar_param="tool_choice" if conversation.forces_a_call else "response_format",
+        grammar_param=_grammar_param(conversation),
     )
     parser = fmt.parser() if fmt is not None and conversation.calls_tools else None
     return Reply(admitted, conversation, parser, request)

@@ -227,3 +227,17 @@ def test_bad_tool_choices_are_400(server: RunningServer) -> None:
     assert no_tools.status_code == 400
     bad_tool = post(server, "/v1/chat/completions", json={**body, "tools": [{"type": "retrieval"}]})
     assert bad_tool.status_code == 400
+
+
+def test_a_forced_tool_whose_schema_cannot_compile_is_named(server: RunningServer) -> None:
+    broken = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    body = {"model": "llama", "messages": ASK, "tools": [*TOOLS, broken]}
+    named = post(
+        server,
+        "/v1/chat/completions",
+        json={**body, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+    )
+    assert named.status_code == 400, named.text
+    assert named.json()["error"]["param"] == f"tools[{len(TOOLS)}].function.parameters"
+    required = post(server, "/v1/chat/completions", json={**body, "tool_choice": "required"})
+    assert required.status_code == 400 and required.json()["error"]["param"] == "tools"
