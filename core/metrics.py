@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .sequence import RequestOutput, Sequence
+from mlxserve.core.engine.sequence import RequestOutput, Sequence
 
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .worker import ModelWorker
+    from mlxserve.core.engine.engine import Engine
+    from mlxserve.core.engine.worker import ModelWorker
 
 PREFIX = "mlxserve_"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)

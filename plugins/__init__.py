@@ -1,14 +1,18 @@
 """The plugin contract: hook markers, the ModelFamily base class, and the built-in families."""
 
 import mlxserve.core  # noqa: F401  (first: it puts a fast BLAS under MLX before MLX loads)
-
-from .family import ModelFamily
-from .gguf_mapping import GGUFModel
-from .hookspecs import hookimpl, hookspec
-from .tool_calls import TextPiece, ToolCall, ToolCallFormat, ToolCallParser
+from mlxserve.core.kv.caches import CacheKind, KVCacheOptions
+from mlxserve.core.model.layout import DecoderLayout
+from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.gguf_mapping import GGUFModel
+from mlxserve.plugins.hookspecs import hookimpl, hookspec
+from mlxserve.plugins.tool_calls import TextPiece, ToolCall, ToolCallFormat, ToolCallParser
 
 __all__ = [
+    "CacheKind",
+    "DecoderLayout",
     "GGUFModel",
+    "KVCacheOptions",
     "ModelFamily",
     "TextPiece",
     "ToolCall",

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .tool_calls import ToolCall, ToolCallFormat, arguments_value, dumps
+from mlxserve.plugins.tool_calls import ToolCall, ToolCallFormat, arguments_value, dumps
 
 if TYPE_CHECKING:
-    from .family import ModelFamily
+    from mlxserve.plugins.family import ModelFamily
 
 DICT_ARGUMENTS = re.compile(
     r"arguments\s*(\|\s*(tojson|items)|is\s+(not\s+)?(string|mapping)|\.items\(\))"

@@ -7,12 +7,11 @@ from typing import Any
 
 import mlx.nn as nn
 
-from mlxserve.core.kv_cache import KVCacheOptions
-from mlxserve.core.layout import DecoderLayout
-
-from .family import ModelFamily
-from .hookspecs import hookimpl
-from .tool_calls import ToolCallFormat
+from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.model.layout import DecoderLayout
+from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.tool_calls import ToolCallFormat
 
 
 @hookimpl(trylast=True)

@@ -9,11 +9,10 @@ from typing import Any, ClassVar
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxserve.core.kv_cache import CacheKind, KVCacheOptions, make_layer_cache, warn_unquantizable
-from mlxserve.core.layout import DecoderLayout
-
-from .gguf_mapping import GGUFModel, decoder_config, decoder_weights
-from .tool_calls import HermesToolCalls, ToolCallFormat
+from mlxserve.core.kv.caches import CacheKind, KVCacheOptions, make_layer_cache, warn_unquantizable
+from mlxserve.core.model.layout import DecoderLayout
+from mlxserve.plugins.gguf_mapping import GGUFModel, decoder_config, decoder_weights
+from mlxserve.plugins.tool_calls import HermesToolCalls, ToolCallFormat
 
 
 class ModelFamily:
@@ -36,7 +35,7 @@ class ModelFamily:
             tokens; tiny checkpoints make the first one their eos token.
         control_tokens: other special tokens the chat template writes.
         sampling_defaults: sampling parameters the family recommends, e.g.
-            ``{"temperature": 0.6}``; keys among ``mlxserve.core.sampling.DEFAULTABLE_PARAMS``
+            ``{"temperature": 0.6}``; keys among ``sampling.params.DEFAULTABLE_PARAMS``
             (temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
             frequency_penalty), values in their valid ranges. A request's value wins, then the
             model's ``[models.NAME]`` entry, then these, then mlxserve's defaults.

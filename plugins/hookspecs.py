@@ -17,11 +17,10 @@ import pluggy
 if TYPE_CHECKING:
     import mlx.nn as nn
 
-    from mlxserve.core.kv_cache import KVCacheOptions
-    from mlxserve.core.layout import DecoderLayout
-
-    from .family import ModelFamily
-    from .tool_calls import ToolCallFormat
+    from mlxserve.core.kv.caches import KVCacheOptions
+    from mlxserve.core.model.layout import DecoderLayout
+    from mlxserve.plugins.family import ModelFamily
+    from mlxserve.plugins.tool_calls import ToolCallFormat
 
 PROJECT = "mlxserve"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -52,7 +51,7 @@ def mlxserve_sharding_rule(family: ModelFamily, model: nn.Module) -> DecoderLayo
 
     :param family: the family that built ``model``.
     :param model: the model, built but not necessarily loaded.
-    :return: a :class:`~mlxserve.core.layout.DecoderLayout`, or None to leave it to others.
+    :return: a :class:`~mlxserve.core.model.layout.DecoderLayout`, or None to leave it to others.
 
     First non-None result wins; the default is ``family.layout(model)``.
     """

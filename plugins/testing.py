@@ -29,13 +29,18 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.utils import load_model
 
-from mlxserve.core.kv_cache import KVCacheOptions
-from mlxserve.core.loader import load_stage
-from mlxserve.core.pipeline import PipelineStage, split_even, stage_ranges
-
-from .family import ModelFamily
-from .tiny import write_tiny_checkpoint
-from .tool_calls import ParsedPiece, TextPiece, ToolCall, ToolCallFormat, marker_token_ids
+from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.model.loader import load_stage
+from mlxserve.core.model.stages import PipelineStage, split_even, stage_ranges
+from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.tiny import write_tiny_checkpoint
+from mlxserve.plugins.tool_calls import (
+    ParsedPiece,
+    TextPiece,
+    ToolCall,
+    ToolCallFormat,
+    marker_token_ids,
+)
 
 PROMPT = [3, 17, 42, 7, 99, 5, 61, 23, 11, 8, 150, 77, 19, 4, 200, 31, 2, 90, 13, 66] * 3
 ATOL = 1e-4

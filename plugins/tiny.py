@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .family import ModelFamily
+from mlxserve.plugins.family import ModelFamily
 
 RANDOM_WEIGHTS_NOTE = "random weights: for tests and demos, its output is gibberish"
 VOCAB_SIZE = 512

@@ -20,9 +20,8 @@ import numpy as np
 from mlxserve.core.errors import ModelNotFoundError, UnsupportedModelError
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.gguf_mapping import GGUFModel, listed
-
-from .gguf_tokenizer import save_gguf_tokenizer
-from .plugins import Plugins
+from mlxserve.registry.gguf_tokenizer import save_gguf_tokenizer
+from mlxserve.registry.plugins import Plugins
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 QUANT_GROUP_SIZE = 32  # the block of Q4_0, Q4_1 and Q8_0, which MLX keeps as its group

@@ -8,23 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlxserve.core.distributed import Cluster
-from mlxserve.core.dtype import settle_compute_dtype
+from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.core.errors import ModelNotFoundError
-from mlxserve.core.kv_cache import KVCacheOptions
-from mlxserve.core.loader import build_lazy, build_skeleton, materialize
-from mlxserve.core.pipeline import PipelineStage
+from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.model.dtype import settle_compute_dtype
+from mlxserve.core.model.loader import build_lazy, build_skeleton, materialize
+from mlxserve.core.model.stages import PipelineStage
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import is_tiny_checkpoint
 from mlxserve.plugins.tool_calls import ToolCallFormat, marker_token_ids
-
-from .fingerprint import WEIGHT_HASHES_FILE, checkpoint_fingerprint
-from .placement import Placement, plan_placement
-from .plugins import Plugins
-from .store import ModelStore
+from mlxserve.registry.fingerprint import WEIGHT_HASHES_FILE, checkpoint_fingerprint
+from mlxserve.registry.placement import Placement, plan_placement
+from mlxserve.registry.plugins import Plugins
+from mlxserve.registry.store import ModelStore
 
 if TYPE_CHECKING:
-    from mlxserve.core.config import Config, ModelEntry
+    from mlxserve.core.config.schema import Config, ModelEntry
 
 
 @dataclass

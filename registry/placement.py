@@ -12,10 +12,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxserve.core.config import DistributedConfig
-from mlxserve.core.distributed import Cluster, available_memory
+from mlxserve.core.config.schema import DistributedConfig
+from mlxserve.core.distributed.cluster import Cluster, available_memory
 from mlxserve.core.errors import MlxserveError
-from mlxserve.core.pipeline import check_counts, split_by_memory, split_even, stage_ranges
+from mlxserve.core.model.stages import check_counts, split_by_memory, split_even, stage_ranges
 from mlxserve.plugins.family import ModelFamily
 
 log = logging.getLogger(__name__)

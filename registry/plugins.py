@@ -12,7 +12,7 @@ from types import ModuleType
 import pluggy
 
 from mlxserve.core.errors import UnknownModelTypeError, UnsupportedModelError
-from mlxserve.core.sampling import DEFAULTABLE_PARAMS, InvalidParameterError, SamplingParams
+from mlxserve.core.sampling.params import DEFAULTABLE_PARAMS, InvalidParameterError, SamplingParams
 from mlxserve.plugins import defaults, hookspecs
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tool_calls import ToolCallFormat

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxserve.core.config import source_kind
+from mlxserve.core.config.schema import source_kind
 from mlxserve.core.errors import HubUnavailableError, MlxserveError, ModelNotFoundError
 from mlxserve.plugins.tiny import RANDOM_WEIGHTS_NOTE, is_tiny_checkpoint, write_tiny_checkpoint
-
-from .fingerprint import WEIGHT_HASHES_FILE, WeightHashes
-from .gguf_checkpoint import gguf_file_of, write_gguf_checkpoint
-from .packaged import PACKAGED_MODELS
-from .plugins import Plugins
+from mlxserve.registry.fingerprint import WEIGHT_HASHES_FILE, WeightHashes
+from mlxserve.registry.gguf_checkpoint import gguf_file_of, write_gguf_checkpoint
+from mlxserve.registry.packaged import PACKAGED_MODELS
+from mlxserve.registry.plugins import Plugins
 
 BUILTIN_PREFIX = "builtin:"
 TINY_PREFIX = "tiny-"

@@ -10,18 +10,17 @@ from importlib.metadata import version
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from mlxserve.core.config import Config
-from mlxserve.core.distributed import Cluster
-from mlxserve.core.engine import Engine
+from mlxserve.core.config.schema import Config
+from mlxserve.core.distributed.cluster import Cluster
+from mlxserve.core.engine.engine import Engine
+from mlxserve.core.engine.settings import EngineSettings
 from mlxserve.core.metrics import EngineMetrics
-from mlxserve.core.settings import EngineSettings
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins, load_plugins
-
-from .edge import EdgeMiddleware
-from .errors import install_error_handlers
-from .limits import BodyLimitMiddleware
-from .routes import (
+from mlxserve.server.errors import install_error_handlers
+from mlxserve.server.http.edge import EdgeMiddleware
+from mlxserve.server.http.limits import BodyLimitMiddleware
+from mlxserve.server.routes import (
     admin,
     chat,
     completions,

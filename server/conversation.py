@@ -17,12 +17,12 @@ from typing import Any, Literal
 
 from fastapi import Request
 
-from mlxserve.core.config import Config, ModelEntry
-from mlxserve.core.engine import Engine
+from mlxserve.core.config.schema import Config, ModelEntry
+from mlxserve.core.engine.engine import Engine
+from mlxserve.core.engine.sequence import TokenLogprob, Usage
+from mlxserve.core.engine.worker import ServedModel
 from mlxserve.core.metrics import EngineMetrics
-from mlxserve.core.sampling import InvalidParameterError, SamplingParams
-from mlxserve.core.sequence import TokenLogprob, Usage
-from mlxserve.core.worker import ServedModel
+from mlxserve.core.sampling.params import InvalidParameterError, SamplingParams
 from mlxserve.plugins.chat_prompt import render_chat_prompt
 from mlxserve.plugins.tool_calls import (
     TextPiece,
@@ -31,8 +31,7 @@ from mlxserve.plugins.tool_calls import (
     ToolCallParser,
     marker_token_ids,
 )
-
-from .generation import (
+from mlxserve.server.generation import (
     MAX_CHARS_PER_TOKEN,
     Admitted,
     admit,
@@ -40,7 +39,7 @@ from .generation import (
     stop_watching,
     watch_disconnect,
 )
-from .structured import check_tool_schemas, grammar_for_response_format
+from mlxserve.server.structured import check_tool_schemas, grammar_for_response_format
 
 ParamsFactory = Callable[[ModelEntry | None, Mapping[str, float] | None], SamplingParams]
 

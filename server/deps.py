@@ -7,12 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from mlxserve.core.config import Config
-from mlxserve.core.engine import Engine
+from mlxserve.core.config.schema import Config
+from mlxserve.core.engine.engine import Engine
 from mlxserve.core.metrics import EngineMetrics
 from mlxserve.registry.models import ModelRegistry
-
-from .errors import AuthError
+from mlxserve.server.errors import AuthError
 
 
 def get_config(request: Request) -> Config:

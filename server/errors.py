@@ -22,10 +22,9 @@ from mlxserve.core.errors import (
     UnknownModelTypeError,
     UnsupportedModelError,
 )
-from mlxserve.core.sampling import InvalidParameterError
-
-from .anthropic_protocol import anthropic_error_body
-from .protocol import error_body
+from mlxserve.core.sampling.params import InvalidParameterError
+from mlxserve.server.protocol.anthropic import anthropic_error_body
+from mlxserve.server.protocol.openai import error_body
 
 log = logging.getLogger(__name__)
 

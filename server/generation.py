@@ -11,18 +11,17 @@ from typing import Any
 
 from fastapi import Request
 
-from mlxserve.core.config import Config, ModelEntry
-from mlxserve.core.constraint import Constraint, GrammarError, compile_constraint
-from mlxserve.core.engine import Engine, RequestStream
+from mlxserve.core.config.schema import Config, ModelEntry
+from mlxserve.core.engine.engine import Engine, RequestStream
+from mlxserve.core.engine.sequence import RequestOutput, TokenLogprob, Usage
+from mlxserve.core.engine.worker import ServedModel
 from mlxserve.core.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError
 from mlxserve.core.metrics import EngineMetrics
-from mlxserve.core.sampling import InvalidParameterError, SamplingParams
-from mlxserve.core.sequence import RequestOutput, TokenLogprob, Usage
-from mlxserve.core.worker import ServedModel
-
-from .errors import GenerationError, OutputFormatError, RequestTimeoutError
-from .protocol import PromptTokensDetails, Timings, UsageInfo
-from .tokenizing import with_own_tokenizer
+from mlxserve.core.sampling.constraint import Constraint, GrammarError, compile_constraint
+from mlxserve.core.sampling.params import InvalidParameterError, SamplingParams
+from mlxserve.server.errors import GenerationError, OutputFormatError, RequestTimeoutError
+from mlxserve.server.protocol.openai import PromptTokensDetails, Timings, UsageInfo
+from mlxserve.server.tokenizing import with_own_tokenizer
 
 # No text averages more characters per token than this: a longer prompt cannot fit.
 MAX_CHARS_PER_TOKEN = 32

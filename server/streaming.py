@@ -10,13 +10,19 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from mlxserve.core.engine import Engine
+from mlxserve.core.engine.engine import Engine
+from mlxserve.core.engine.sequence import RequestOutput
 from mlxserve.core.errors import EngineUnavailableError
-from mlxserve.core.sequence import RequestOutput
-
-from .errors import GenerationError, OutputFormatError, RequestTimeoutError
-from .generation import Admitted, outputs, stop_watching, timings, usage_info, watch_disconnect
-from .protocol import error_body, sse
+from mlxserve.server.errors import GenerationError, OutputFormatError, RequestTimeoutError
+from mlxserve.server.generation import (
+    Admitted,
+    outputs,
+    stop_watching,
+    timings,
+    usage_info,
+    watch_disconnect,
+)
+from mlxserve.server.protocol.openai import error_body, sse
 
 Item = TypeVar("Item")
 Payload = BaseModel | dict[str, Any] | str

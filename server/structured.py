@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mlxserve.core.constraint import json_grammar
-from mlxserve.core.grammar_limits import SchemaBudget, SchemaError, check_schema
-from mlxserve.core.sampling import InvalidParameterError
+from mlxserve.core.sampling.constraint import json_grammar
+from mlxserve.core.sampling.grammar_limits import SchemaBudget, SchemaError, check_schema
+from mlxserve.core.sampling.params import InvalidParameterError
 
 FORMATS = ("text", "json_object", "json_schema")
 
@@ -70,7 +70,7 @@ def grammar_for_response_format(response_format: Mapping[str, Any] | None) -> st
 
     ``json_object`` is any JSON object; ``json_schema`` is one JSON value conforming to its
     ``schema`` (any JSON object if it has none). The schema is checked against the limits
-    of :mod:`mlxserve.core.grammar_limits` here; whether it compiles is found out when the
+    of :mod:`mlxserve.core.sampling.grammar_limits` here; whether it compiles is found out when the
     grammar is compiled (``admit``), off the event loop.
 
     Raises:

@@ -15,7 +15,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from mlxserve.core.config import Config, load_config
+from mlxserve.core.config.schema import Config, load_config
 from mlxserve.registry.plugins import Plugins
 from mlxserve.server.app import create_app
 

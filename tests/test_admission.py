@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mlxserve.core import constraint as constraint_module
+from mlxserve.core.sampling import constraint as constraint_module
 from mlxserve.server.tokenizing import TOKENIZER_THREADS, own_copy, with_own_tokenizer
 
 from .server import RunningServer, running_server, write_config

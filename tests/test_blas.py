@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from mlxserve.core.blas import AUTO_THREADS_MARK, THREAD_VARIABLES, ranks_on_this_host
+from mlxserve.core.cpu.blas import AUTO_THREADS_MARK, THREAD_VARIABLES, ranks_on_this_host
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the loader acts on Linux only")
 
 PROBE = """
 import json, os, sys
 {before}
-from mlxserve.core.blas import cpu_split, load_fast_blas
+from mlxserve.core.cpu.blas import cpu_split, load_fast_blas
 info = load_fast_blas()
 assert load_fast_blas() is info
 import mlx.core as mx
@@ -71,7 +71,7 @@ def cores() -> int:
 
 @pytest.mark.skipif(not has_mkl(), reason="the mkl wheel is not installed")
 def test_the_mkl_wheel_is_found_and_used_by_the_server_cli() -> None:
-    found = probe(before="import mlxserve.server.cli")
+    found = probe(before="import mlxserve.server.cli.main")
     assert found["name"] == "mkl"
     assert "libmkl_rt" in found["path"]
     assert found["mkl_mapped"]

@@ -17,8 +17,8 @@ from mlx_lm.models.mla import MultiLinear
 from mlx_lm.models.switch_layers import SwitchLinear
 from mlx_lm.utils import dequantize_model, load, quantize_model
 
-from mlxserve.core import dtype as compute_dtype
-from mlxserve.core.config import Config, ConfigError
+from mlxserve.core.config.schema import Config, ConfigError
+from mlxserve.core.model import dtype as compute_dtype
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins
 
@@ -128,7 +128,7 @@ def test_bfloat16_checkpoint_computes_in_float32_like_mlx_lm(
 ) -> None:
     assert _param_dtypes(load(str(bf16_checkpoint))[0]) == {mx.bfloat16}
     expected = _decode(bf16_checkpoint, _mlx_lm_float32_greedy(bf16_checkpoint))
-    logs = caplog.at_level(logging.INFO, "mlxserve.core.dtype")
+    logs = caplog.at_level(logging.INFO, "mlxserve.core.model.dtype")
     with logs, running_server(_config(tmp_path, bf16_checkpoint)) as server:
         assert _served_text(server) == expected
         assert _param_dtypes(_served_model(server)) == {mx.float32}
@@ -141,7 +141,7 @@ def test_4bit_checkpoint_is_dequantized_like_mlx_lm(
 ) -> None:
     assert _quantized_modules(load(str(q4_checkpoint))[0])
     expected = _decode(q4_checkpoint, _mlx_lm_float32_greedy(q4_checkpoint, dequantize_model))
-    logs = caplog.at_level(logging.INFO, "mlxserve.core.dtype")
+    logs = caplog.at_level(logging.INFO, "mlxserve.core.model.dtype")
     with logs, running_server(_config(tmp_path, q4_checkpoint)) as server:
         assert _served_text(server) == expected
         model = _served_model(server)
@@ -169,7 +169,7 @@ def test_float32_that_does_not_fit_keeps_the_stored_dtype(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(compute_dtype, "available_memory", lambda: 2**20)
-    with caplog.at_level(logging.INFO, "mlxserve.core.dtype"):
+    with caplog.at_level(logging.INFO, "mlxserve.core.model.dtype"):
         loaded = ModelRegistry(_config(tmp_path, bf16_checkpoint), plugins).load("m")
     assert _param_dtypes(loaded.stage.layout.model) == {mx.bfloat16}
     assert loaded.stage.layout.hidden_dtype == mx.bfloat16

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxserve.core.config import (
+from mlxserve.core.config.schema import (
     Config,
     ConfigError,
     KVBudget,

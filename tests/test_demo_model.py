@@ -14,7 +14,7 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from mlxserve.core.config import Config, load_config
+from mlxserve.core.config.schema import Config, load_config
 from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from mlxserve.core.engine import RequestStream
-from mlxserve.core.sampling import SamplingParams
-from mlxserve.core.sequence import RequestOutput, Usage
+from mlxserve.core.engine.engine import RequestStream
+from mlxserve.core.engine.sequence import RequestOutput, Usage
+from mlxserve.core.sampling.params import SamplingParams
 from mlxserve.server.conversation import Conversation, Reply, TextDelta
 from mlxserve.server.generation import Admitted
 

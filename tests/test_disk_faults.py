@@ -15,8 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxserve.core.block_manager import block_hashes
-from mlxserve.core.disk_tier import DiskTier, checksum
+from mlxserve.core.kv.blocks import block_hashes
+from mlxserve.core.kv.disk_tier import DiskTier, checksum
 from mlxserve.registry.fingerprint import WEIGHT_HASHES_FILE, checkpoint_fingerprint
 
 from .server import RunningServer, get, running_server, wait_until
@@ -339,7 +339,7 @@ def test_the_disk_folder_is_named_by_the_fingerprint_not_the_model_name(
 @pytest.fixture
 def tier_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """What the disk tier logs (caught at its own logger, whatever the root's set-up)."""
-    logger = logging.getLogger("mlxserve.core.disk_tier")
+    logger = logging.getLogger("mlxserve.core.kv.disk_tier")
     level, propagate = logger.level, logger.propagate
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.INFO)

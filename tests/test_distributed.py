@@ -21,9 +21,9 @@ import httpx
 import mlx.core as mx
 import pytest
 
-from mlxserve.core.distributed import Cluster
-from mlxserve.core.heartbeat import HeartbeatSender, beat_interval
-from mlxserve.core.ranks import SLOW_STEP_ENV, RankZero
+from mlxserve.core.distributed.cluster import Cluster
+from mlxserve.core.distributed.heartbeat import HeartbeatSender, beat_interval
+from mlxserve.core.distributed.ranks import SLOW_STEP_ENV, RankZero
 
 from .server import free_port, running_server, wait_until_healthy, write_config
 
@@ -245,7 +245,7 @@ def rank_pids(rank: int, tmp: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        ours = str(tmp).encode() in cmdline and b"mlxserve.server.cli" in cmdline
+        ours = str(tmp).encode() in cmdline and b"mlxserve.server.cli.main" in cmdline
         if ours and f"MLX_RANK={rank}".encode() in environ:
             pids.append(int(proc.name))
     return pids
@@ -307,11 +307,11 @@ def test_a_failing_follower_exits_non_zero_with_the_traceback(tmp_path: Path) ->
     (tmp_path / "mlxserve.toml").write_text(f'[registry]\ncache_dir = "{tmp_path / "c"}"\n')
     script = f"""
 import sys
-from mlxserve.core import ranks
-from mlxserve.core.distributed import Cluster
-from mlxserve.core.config import load_config
+from mlxserve.core.distributed import ranks
+from mlxserve.core.distributed.cluster import Cluster
+from mlxserve.core.config.schema import load_config
 from mlxserve.core.logs import setup_logging
-from mlxserve.server.cli import follow_rank_zero
+from mlxserve.server.cli.main import follow_rank_zero
 
 ranks.Link.receive = lambda self: ranks.encode(ranks.Op.RESET, "never-loaded")
 setup_logging()
@@ -425,8 +425,8 @@ def test_a_load_is_not_capped_while_the_ranks_beat() -> None:
 
 LINK_PROBE = """
 import sys
-from mlxserve.core.distributed import Cluster
-from mlxserve.core.ranks import Link
+from mlxserve.core.distributed.cluster import Cluster
+from mlxserve.core.distributed.ranks import Link
 cluster = Cluster.join()
 link = Link(cluster)
 sizes = [0, 5, 1016, 1017, 40_000]

@@ -10,14 +10,14 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from mlxserve.core.detokenizer import IncrementalDetokenizer, TextStream
-from mlxserve.core.parallel_linear import parallelize_linears
-from mlxserve.core.plan import PrefillChunk, StepPlan
-from mlxserve.core.sampler import sample
-from mlxserve.core.sampling import InvalidParameterError, SamplingParams
-from mlxserve.core.scheduler import Scheduler
-from mlxserve.core.sequence import Sequence
-from mlxserve.core.wire import Reader, Writer
+from mlxserve.core.cpu.parallel_linear import parallelize_linears
+from mlxserve.core.distributed.wire import Reader, Writer
+from mlxserve.core.engine.detokenizer import IncrementalDetokenizer, TextStream
+from mlxserve.core.engine.plan import PrefillChunk, StepPlan
+from mlxserve.core.engine.scheduler import Scheduler
+from mlxserve.core.engine.sequence import Sequence
+from mlxserve.core.sampling.params import InvalidParameterError, SamplingParams
+from mlxserve.core.sampling.sampler import sample
 
 TEXT = "Ünïcödé 東京 🙂 naïve café — mixed text, and some ASCII too."
 
@@ -182,7 +182,7 @@ def test_invalid_bytes_never_grow_the_decoded_window(tokenizer) -> None:  # noqa
 
 @pytest.mark.parametrize("peak", [8.0, 0.1], ids=["peaked", "flat"])
 def test_filters_ranking_few_candidates_equal_a_full_sort(peak: float) -> None:
-    from mlxserve.core.sampler import _filter, _keep
+    from mlxserve.core.sampling.sampler import _filter, _keep
 
     vocab = 4096
     logits = mx.random.normal((6, vocab), key=mx.random.key(5)) * peak

@@ -7,8 +7,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxserve.core.kv_cache import KVCacheOptions
-from mlxserve.core.layout import DecoderLayout
+from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.testing import (
     check_family,

@@ -12,12 +12,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxserve.core.config import load_config
+from mlxserve.core.config.schema import load_config
 from mlxserve.core.errors import ModelNotFoundError, UnsupportedModelError
-from mlxserve.core.kv_cache import KVCacheOptions
+from mlxserve.core.kv.caches import KVCacheOptions
 from mlxserve.plugins import hookimpl
+from mlxserve.plugins.families.llama import Llama
 from mlxserve.plugins.family import ModelFamily
-from mlxserve.plugins.llama import Llama
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 from mlxserve.registry.models import LoadedModel, ModelRegistry
 from mlxserve.registry.plugins import Plugins, load_plugins

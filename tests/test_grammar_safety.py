@@ -26,9 +26,9 @@ import httpx
 import openai
 import pytest
 
-from mlxserve.core.constraint import CompilePool, GrammarTimeoutError
 from mlxserve.core.errors import QueueFullError
-from mlxserve.core.grammar_limits import SchemaError, check_schema
+from mlxserve.core.sampling.constraint import CompilePool, GrammarTimeoutError
+from mlxserve.core.sampling.grammar_limits import SchemaError, check_schema
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 
 from .server import free_port, wait_until_healthy
@@ -560,7 +560,7 @@ def test_the_compile_threads_survive_the_crash_case_even_past_the_limits(
         f"""
         import asyncio, json
         from mlx_lm.utils import load_tokenizer
-        from mlxserve.core.constraint import compile_constraint, json_grammar
+        from mlxserve.core.sampling.constraint import compile_constraint, json_grammar
         defs = {{f"d{{i}}": {{"$ref": f"#/$defs/d{{i + 1}}"}} for i in range(3000)}}
         defs["d3000"] = {{"type": "integer"}}
         grammar = json_grammar({{"$ref": "#/$defs/d0", "$defs": defs}})
@@ -583,9 +583,11 @@ def test_the_deepest_schemas_allowed_compile_and_decode_on_small_stacks(
         import json, threading
         import numpy as np
         from mlx_lm.utils import load_tokenizer
-        from mlxserve.core.constraint import Constraint, compute_masks, grammar_tokenizer
-        from mlxserve.core.constraint import json_grammar
-        from mlxserve.core.grammar_limits import MAX_SCHEMA_DEPTH, check_schema, SchemaError
+        from mlxserve.core.sampling.constraint import Constraint, compute_masks, grammar_tokenizer
+        from mlxserve.core.sampling.constraint import json_grammar
+        from mlxserve.core.sampling.grammar_limits import (
+            MAX_SCHEMA_DEPTH, check_schema, SchemaError,
+        )
 
         def deepest(shape):
             best = None

@@ -16,7 +16,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from mlxserve.plugins import ModelFamily, hookimpl
-from mlxserve.plugins.llama import Llama
+from mlxserve.plugins.families.llama import Llama
 from mlxserve.registry.plugins import load_plugins
 
 from .server import RunningServer, running_server, wait_until, write_config

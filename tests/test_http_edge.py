@@ -22,8 +22,8 @@ import httpx
 import pytest
 import uvicorn
 
-from mlxserve.core.config import ConfigError, load_config
-from mlxserve.server.connections import (
+from mlxserve.core.config.schema import ConfigError, load_config
+from mlxserve.server.http.connections import (
     ConnectionGuard,
     RepeatFilter,
     connection_plan,

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from mlxserve.core.block_manager import BlockManager, block_hashes
-from mlxserve.core.engine import Engine, RequestStream
-from mlxserve.core.sampling import SamplingParams
-from mlxserve.core.scheduler import Scheduler
-from mlxserve.core.settings import EngineSettings
+from mlxserve.core.engine.engine import Engine, RequestStream
+from mlxserve.core.engine.scheduler import Scheduler
+from mlxserve.core.engine.settings import EngineSettings
+from mlxserve.core.kv.blocks import BlockManager, block_hashes
+from mlxserve.core.sampling.params import SamplingParams
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxserve.core.block_manager import BlockManager, block_hashes
+from mlxserve.core.kv.blocks import BlockManager, block_hashes
 
 from .server import post, running_server, wait_until, write_config
 

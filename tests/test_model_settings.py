@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlxserve.core.quantized_cache import QuantizedCache
+from mlxserve.core.kv.quantized import QuantizedCache
 
 from .server import post, running_server, write_config
 

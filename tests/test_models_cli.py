@@ -16,7 +16,7 @@ import pytest
 from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.registry.plugins import Plugins
 from mlxserve.registry.store import ModelStatus, ModelStore
-from mlxserve.server.cli_models import human_size
+from mlxserve.server.cli.models import human_size
 
 from .fake_hub import FakeHub, commit_of
 from .test_cli import MLXSERVE

@@ -19,8 +19,8 @@ FILES = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 LOAD_AS_RANK = """
 import json, sys
 import mlx.core as mx
-from mlxserve.core.config import load_config
-from mlxserve.core.distributed import Cluster
+from mlxserve.core.config.schema import load_config
+from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from mlxserve.core.config import DistributedConfig
-from mlxserve.core.distributed import Cluster
+from mlxserve.core.config.schema import DistributedConfig
+from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.core.errors import ModelDoesNotFitError
-from mlxserve.core.loader import build_lazy
-from mlxserve.core.pipeline import check_counts, split_by_memory, split_even, stage_ranges
+from mlxserve.core.model.loader import build_lazy
+from mlxserve.core.model.stages import check_counts, split_by_memory, split_even, stage_ranges
 from mlxserve.registry import placement
 from mlxserve.registry.plugins import load_plugins
 

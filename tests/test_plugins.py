@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from mlx_lm.models.cache import RotatingKVCache
 
-from mlxserve.core.config import load_config
+from mlxserve.core.config.schema import load_config
 from mlxserve.core.errors import UnknownModelTypeError
-from mlxserve.core.kv_cache import KVCacheOptions
-from mlxserve.core.layout import DecoderLayout
+from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins import ModelFamily, hookimpl, hookspecs
-from mlxserve.plugins.llama import Llama
+from mlxserve.plugins.families.llama import Llama
 from mlxserve.plugins.tool_calls import HermesToolCalls, ToolCallFormat
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins
@@ -52,7 +52,7 @@ def test_builtins_are_found_through_the_entry_point_group() -> None:
     for entry in plugins.families:
         if entry.plugin.builtin:
             assert entry.plugin.package == "mlxserve"
-            assert entry.plugin.module == f"mlxserve.plugins.{entry.family.name}"
+            assert entry.plugin.module == f"mlxserve.plugins.families.{entry.family.name}"
 
 
 def test_external_example_plugin_is_discovered() -> None:

@@ -10,9 +10,9 @@ import openai.types.chat
 import pytest
 from pydantic import ValidationError
 
-from mlxserve.core.config import ModelEntry
-from mlxserve.core.sampling import InvalidParameterError, SamplingParams
-from mlxserve.server.protocol import (
+from mlxserve.core.config.schema import ModelEntry
+from mlxserve.core.sampling.params import InvalidParameterError, SamplingParams
+from mlxserve.server.protocol.openai import (
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionLogprob,

@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxserve.core.config import load_config
+from mlxserve.core.config.schema import load_config
 from mlxserve.core.errors import ModelNotFoundError, UnknownModelTypeError
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins

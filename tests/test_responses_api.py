@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from mlxserve.server.conversation import TextDelta
-from mlxserve.server.responses_protocol import ResponseObject
+from mlxserve.server.protocol.responses import ResponseObject
 from mlxserve.server.routes.responses import ResponseWriter
 
 from .server import RunningServer, every_family_config, post, running_server, write_config

@@ -24,8 +24,8 @@ LONG_PROMPT = [(i * 37) % 250 + 3 for i in range(40)]
 # Runs `mlxserve serve` with a fault injected into the engine loop once a flag file exists.
 FAULTY_SERVE = """
 import pathlib, sys
-from mlxserve.core.engine import Engine
-from mlxserve.server.cli import main
+from mlxserve.core.engine.engine import Engine
+from mlxserve.server.cli.main import main
 
 flag, count_waiting = pathlib.Path(sys.argv[1]), Engine._count_waiting
 

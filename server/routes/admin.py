@@ -5,11 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from mlxserve.core.errors import ModelNotFoundError
-
-from ..body import OffLoopJsonRoute
-from ..deps import ConfigDep, EngineDep, RegistryDep, require_api_key
-from ..protocol import ModelCard, ModelList
-from .models import model_card
+from mlxserve.server.deps import ConfigDep, EngineDep, RegistryDep, require_api_key
+from mlxserve.server.http.body import OffLoopJsonRoute
+from mlxserve.server.protocol.openai import ModelCard, ModelList
+from mlxserve.server.routes.models import model_card
 
 router = APIRouter(
     prefix="/admin",

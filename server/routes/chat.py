@@ -7,14 +7,20 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from mlxserve.core.sequence import TokenLogprob, Usage
-from mlxserve.core.worker import ServedModel
-
-from ..body import OffLoopJsonRoute
-from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent, start
-from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from ..generation import timings, token_text, usage_info
-from ..protocol import (
+from mlxserve.core.engine.sequence import TokenLogprob, Usage
+from mlxserve.core.engine.worker import ServedModel
+from mlxserve.server.conversation import (
+    Conversation,
+    Event,
+    Finished,
+    TextDelta,
+    ToolCallEvent,
+    start,
+)
+from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
+from mlxserve.server.generation import timings, token_text, usage_info
+from mlxserve.server.http.body import OffLoopJsonRoute
+from mlxserve.server.protocol.openai import (
     ChatCompletionChoice,
     ChatCompletionChunk,
     ChatCompletionLogprob,
@@ -30,7 +36,7 @@ from ..protocol import (
     TopLogprob,
     new_id,
 )
-from ..streaming import sse_response
+from mlxserve.server.streaming import sse_response
 
 router = APIRouter(
     prefix="/v1",

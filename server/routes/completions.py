@@ -6,13 +6,19 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from mlxserve.core.sequence import RequestOutput, TokenLogprob
-from mlxserve.core.worker import ServedModel
-
-from ..body import OffLoopJsonRoute
-from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from ..generation import admit, collect, finish_reason, timings, token_text, usage_info
-from ..protocol import (
+from mlxserve.core.engine.sequence import RequestOutput, TokenLogprob
+from mlxserve.core.engine.worker import ServedModel
+from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
+from mlxserve.server.generation import (
+    admit,
+    collect,
+    finish_reason,
+    timings,
+    token_text,
+    usage_info,
+)
+from mlxserve.server.http.body import OffLoopJsonRoute
+from mlxserve.server.protocol.openai import (
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
@@ -20,8 +26,8 @@ from ..protocol import (
     CompletionResponse,
     new_id,
 )
-from ..streaming import event_stream
-from ..structured import grammar_for_response_format
+from mlxserve.server.streaming import event_stream
+from mlxserve.server.structured import grammar_for_response_format
 
 router = APIRouter(
     prefix="/v1",

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from ..deps import require_api_key
+from mlxserve.server.deps import require_api_key
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_api_key)])
 

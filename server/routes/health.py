@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from ..deps import ConfigDep, EngineDep, require_api_key
-from .ui import page_redirect, prefers_html
+from mlxserve.server.deps import ConfigDep, EngineDep, require_api_key
+from mlxserve.server.routes.ui import page_redirect, prefers_html
 
 router = APIRouter(tags=["health"])
 

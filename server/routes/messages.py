@@ -9,9 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from mlxserve.core.errors import EngineUnavailableError
-
-from .. import conversation
-from ..anthropic_protocol import (
+from mlxserve.server import conversation
+from mlxserve.server.conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
+from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
+from mlxserve.server.errors import GenerationError, OutputFormatError, RequestTimeoutError
+from mlxserve.server.http.body import OffLoopJsonRoute
+from mlxserve.server.protocol.anthropic import (
     MessageResponse,
     MessagesRequest,
     MessageUsage,
@@ -19,11 +22,7 @@ from ..anthropic_protocol import (
     ToolUseOut,
     anthropic_error_body,
 )
-from ..body import OffLoopJsonRoute
-from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
-from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from ..errors import GenerationError, OutputFormatError, RequestTimeoutError
-from ..streaming import sse_response, typed_event
+from mlxserve.server.streaming import sse_response, typed_event
 
 router = APIRouter(
     prefix="/v1",

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from mlxserve.core.config import Config
-from mlxserve.core.engine import Engine
+from mlxserve.core.config.schema import Config
+from mlxserve.core.engine.engine import Engine
 from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.registry.store import ModelStore
-
-from ..deps import ConfigDep, EngineDep, RegistryDep, require_api_key
-from ..protocol import ModelCard, ModelList
+from mlxserve.server.deps import ConfigDep, EngineDep, RegistryDep, require_api_key
+from mlxserve.server.protocol.openai import ModelCard, ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
 

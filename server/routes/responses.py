@@ -8,12 +8,12 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from .. import conversation
-from ..body import OffLoopJsonRoute
-from ..conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
-from ..deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from ..errors import renamed_params
-from ..responses_protocol import (
+from mlxserve.server import conversation
+from mlxserve.server.conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
+from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
+from mlxserve.server.errors import renamed_params
+from mlxserve.server.http.body import OffLoopJsonRoute
+from mlxserve.server.protocol.responses import (
     IncompleteDetails,
     OutputFunctionCall,
     OutputMessage,
@@ -23,7 +23,7 @@ from ..responses_protocol import (
     ResponsesRequest,
     ResponseUsage,
 )
-from ..streaming import sse_response, stream_error_code, typed_event
+from mlxserve.server.streaming import sse_response, stream_error_code, typed_event
 
 router = APIRouter(
     prefix="/v1",

@@ -27,7 +27,7 @@ MATVECS_PER_SAMPLE = 20
 
 
 def measure(rows: int, runs: int) -> dict[str, object]:
-    from mlxserve.core.blas import load_fast_blas
+    from mlxserve.core.cpu.blas import load_fast_blas
 
     info = load_fast_blas()
     import mlx.core as mx

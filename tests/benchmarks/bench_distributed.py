@@ -93,7 +93,7 @@ PROBE_WAYS = {
     "json": "step plan, JSON broadcast (2 x all_sum): before",
 }
 # mlxserve's own launcher: mlx.launch without its busy wait on the ranks' stdin.
-LAUNCHER = "from mlxserve.server.launch import LAUNCHER; exec(LAUNCHER)"
+LAUNCHER = "from mlxserve.server.cli.launch import LAUNCHER; exec(LAUNCHER)"
 WRAPPER = """#!/bin/bash
 # [distributed] python of the pinned mode: rank r runs on the r-th of these cores.
 cores=({cores})
@@ -223,7 +223,7 @@ def rank_pids(config: Path, ranks: int, root: int) -> dict[int, int]:
         return {0: root}
     found: dict[int, int] = {}
     for pid in processes_with(config):
-        if b"mlxserve.server.cli" not in read_proc(pid, "cmdline"):
+        if b"mlxserve.server.cli.main" not in read_proc(pid, "cmdline"):
             continue
         for entry in read_proc(pid, "environ").split(b"\0"):
             if entry.startswith(b"MLX_RANK="):

@@ -120,8 +120,8 @@ import statistics, sys, time
 import mlxserve.core
 import mlx.core as mx
 import mlx.nn as nn
-from mlxserve.core.blas import cpu_split
-from mlxserve.core.parallel_linear import parallelize_linears
+from mlxserve.core.cpu.blas import cpu_split
+from mlxserve.core.cpu.parallel_linear import parallelize_linears
 
 count, rows, cols, repeats = map(int, sys.argv[1:])
 model = nn.Sequential(*[nn.Linear(cols, rows, bias=False) for _ in range(count)])
@@ -802,7 +802,7 @@ def mlxserve_blas(log: Path) -> str:
 
 
 def mlxserve_compute(log: Path) -> str:
-    """The dtype mlxserve's log says the model computes in (core/dtype.py's line)."""
+    """The dtype mlxserve's log says the model computes in (core/model/dtype.py's line)."""
     for line in log_lines(log):
         _, found, rest = line.partition("model bench: ")
         if found and rest.startswith("computing in "):

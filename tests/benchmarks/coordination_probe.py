@@ -35,9 +35,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxserve.core.distributed import Cluster
-from mlxserve.core.plan import StepPlan
-from mlxserve.core.ranks import Link, Op, decode, encode
+from mlxserve.core.distributed.cluster import Cluster
+from mlxserve.core.distributed.ranks import Link, Op, decode, encode
+from mlxserve.core.engine.plan import StepPlan
 
 MODEL = "bench"
 ROWS = 8

@@ -11,8 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxserve.core.layout import DecoderLayout
-from mlxserve.plugins import ModelFamily, hookimpl
+from mlxserve.plugins import DecoderLayout, ModelFamily, hookimpl
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"

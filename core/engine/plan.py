@@ -1,0 +1,87 @@
+"""The step plan: what one engine step computes, decided by the scheduler, run by every rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlxserve.core.distributed.wire import Reader, Writer
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """Prompt tokens ``tokens`` of one sequence, starting at position ``start``.
+
+    ``last`` means the chunk completes the prompt: the sequence then samples its first token
+    and joins the decode batch. ``reused`` names the cached KV blocks (by hash) that hold the
+    first ``start`` tokens, on a sequence's first chunk.
+    """
+
+    request_id: str
+    tokens: tuple[int, ...]
+    start: int
+    last: bool
+    reused: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One step: keep full blocks, free finished sequences, decode the batch, prefill chunks.
+
+    ``save`` lists, per finished sequence, the (block index, hash) of the full KV blocks to
+    keep in the prefix cache before its caches are freed; ``evict`` the cached blocks to drop.
+
+    ``decode_ids`` is the decode batch in row order; ``prefill`` holds groups of chunks,
+    each group run as one forward pass (several whole fresh prompts, or one chunk).
+    Sequences whose prompt completes join the batch after the decode rows, in plan order.
+
+    ``lane`` names the micro-batch: on a pipeline, each lane is a batch of its own, and
+    the ranks work on different lanes at once (see worker.py).
+    """
+
+    lane: int = 0
+    release: tuple[str, ...] = ()
+    save: tuple[tuple[str, tuple[tuple[int, str], ...]], ...] = ()
+    evict: tuple[str, ...] = ()
+    decode_ids: tuple[str, ...] = ()
+    decode_tokens: tuple[int, ...] = ()
+    prefill: tuple[tuple[PrefillChunk, ...], ...] = ()
+
+    @property
+    def joining_ids(self) -> tuple[str, ...]:
+        return tuple(c.request_id for group in self.prefill for c in group if c.last)
+
+    @property
+    def sample_ids(self) -> tuple[str, ...]:
+        """Whose next token this step samples, in the order of the logits rows."""
+        return self.decode_ids + self.joining_ids
+
+    def encode(self) -> bytes:
+        out = Writer().uint(self.lane).texts(self.release).uint(len(self.save))
+        for request_id, blocks in self.save:
+            out.text(request_id).uints(i for i, _ in blocks).texts(h for _, h in blocks)
+        out.texts(self.evict).texts(self.decode_ids).uints(self.decode_tokens)
+        out.uint(len(self.prefill))
+        for group in self.prefill:
+            out.uint(len(group))
+            for c in group:
+                out.text(c.request_id).uints(c.tokens).uint(c.start).uint(c.last)
+                out.texts(c.reused)
+        return bytes(out.data)
+
+    @classmethod
+    def decode(cls, data: bytes) -> StepPlan:
+        read = Reader(data)
+        lane, release = read.uint(), read.texts()
+        save = []
+        for _ in range(read.uint()):
+            request_id, indices, hashes = read.text(), read.uints(), read.texts()
+            save.append((request_id, tuple(zip(indices, hashes, strict=True))))
+        evict, decode_ids, decode_tokens = read.texts(), read.texts(), read.uints()
+        prefill = tuple(
+            tuple(_read_chunk(read) for _ in range(read.uint())) for _ in range(read.uint())
+        )
+        return cls(lane, release, tuple(save), evict, decode_ids, decode_tokens, prefill)
+
+
+def _read_chunk(read: Reader) -> PrefillChunk:
+    return PrefillChunk(read.text(), read.uints(), read.uint(), bool(read.uint()), read.texts())

@@ -1,0 +1,275 @@
+"""Continuous batching: who waits, who prefills which chunk, who decodes, who is done."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Collection
+
+from mlxserve.core.engine.plan import PrefillChunk, StepPlan
+from mlxserve.core.engine.sequence import RequestOutput, Sequence, Status, TokenLogprob
+from mlxserve.core.kv.blocks import BlockManager, block_hashes
+from mlxserve.core.sampling.constraint import GrammarError
+
+log = logging.getLogger(__name__)
+Save = tuple[str, tuple[tuple[int, str], ...]]  # a finished sequence's full blocks to keep
+
+
+class Scheduler:
+    """Admits waiting sequences as batch slots free up and plans each step.
+
+    Each step decodes every running sequence and prefills prompt chunks of up to
+    ``prefill_step_size`` tokens in all, so a long prompt never stalls running streams for
+    more than one chunk. Whole short prompts that arrive together are prefilled as one batch.
+
+    With ``lanes`` > 1 the sequences are split into that many micro-batches (lanes), each
+    planned on its own by :meth:`schedule`; a new sequence joins the least busy lane.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        prefill_step_size: int,
+        blocks: BlockManager | None = None,
+        prefix_salt: str | None = None,
+        from_disk: Callable[[str, Collection[str]], bool] | None = None,
+        lanes: int = 1,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.blocks = blocks
+        self.prefix_salt = prefix_salt  # None: no prefix caching
+        self.from_disk = from_disk
+        self.lanes = lanes
+        self.to_save: list[list[Save]] = [[] for _ in range(lanes)]
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.to_release: list[list[str]] = [[] for _ in range(lanes)]
+        self.admitting = True
+
+    @property
+    def num_active(self) -> int:
+        return len(self.prefilling) + len(self.running)
+
+    def has_work(self, lane: int | None = None) -> bool:
+        """Whether there is anything to plan (in ``lane``, or in any lane)."""
+        if lane is None:
+            return any(self.has_work(lane) for lane in range(self.lanes))
+        return (
+            bool(self.to_release[lane])
+            or any(s.lane == lane for s in (*self.running, *self.prefilling))
+            or (self.admitting and bool(self.waiting) and self._may_admit(lane))
+        )
+
+    def _active(self, lane: int) -> int:
+        return sum(s.lane == lane for s in (*self.running, *self.prefilling))
+
+    def _may_admit(self, lane: int) -> bool:
+        """Room in the batch, and ``lane`` is (one of) the least busy."""
+        if self.num_active >= self.max_batch_size:
+            return False
+        mine = self._active(lane)
+        return all(mine <= self._active(other) for other in range(self.lanes))
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.prefilling, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    return seq
+        return None
+
+    def schedule(self, lane: int = 0) -> StepPlan:
+        """The next step of ``lane``: call again only once its results are in."""
+        release, self.to_release[lane] = tuple(self.to_release[lane]), []
+        save, self.to_save[lane] = tuple(self.to_save[lane]), []
+        while self.admitting and self.waiting and self._may_admit(lane):
+            if not self._reserve(self.waiting[0]):
+                break
+            seq = self.waiting.popleft()
+            seq.status, seq.lane = Status.PREFILLING, lane
+            self.prefilling.append(seq)
+        running = [s for s in self.running if s.lane == lane]
+        return StepPlan(
+            lane=lane,
+            release=release,
+            save=save,
+            evict=tuple(self.blocks.take_evicted()) if self.blocks else (),
+            decode_ids=tuple(s.request_id for s in running),
+            decode_tokens=tuple(s.last_token for s in running),
+            prefill=self._prefill_groups(lane),
+        )
+
+    def _reserve(self, seq: Sequence) -> bool:
+        """Take the KV blocks ``seq`` may need, reusing cached ones; False if they don't fit."""
+        if self.blocks is None:
+            return True
+        reused: list[str] = []
+        if self.prefix_salt is not None:
+            hashes = block_hashes(seq.prompt_ids, self.blocks.block_size, self.prefix_salt)
+            at_most = (len(seq.prompt_ids) - 1) // self.blocks.block_size  # one must be run
+            reused = self.blocks.cached_prefix(hashes)[:at_most]
+            for block_hash in hashes[len(reused) : at_most] if self.from_disk else ():
+                if not self.from_disk(block_hash, frozenset(reused)):
+                    break
+                reused.append(block_hash)
+        total = len(seq.prompt_ids) + seq.max_tokens
+        if not self.blocks.can_reserve(total, reused):
+            return False
+        seq.reservation = self.blocks.reserve(total, reused)
+        seq.reused = tuple(reused)
+        seq.cached_tokens = seq.num_prefilled = len(reused) * self.blocks.block_size
+        return True
+
+    def _prefill_groups(self, lane: int) -> tuple[tuple[PrefillChunk, ...], ...]:
+        budget = self.prefill_step_size
+        fresh: list[PrefillChunk] = []
+        singles: list[tuple[PrefillChunk, ...]] = []
+        for seq in self.prefilling:
+            if seq.lane != lane:
+                continue
+            if budget <= 0:
+                break
+            size = min(seq.prompt_remaining, budget)
+            start = seq.num_prefilled
+            chunk = PrefillChunk(
+                seq.request_id,
+                tuple(seq.prompt_ids[start : start + size]),
+                start,
+                last=size == seq.prompt_remaining,
+                reused=seq.reused if start == seq.cached_tokens else (),
+            )
+            budget -= size
+            longest = max([size, *(len(c.tokens) for c in fresh)])
+            if start == 0 and chunk.last and (len(fresh) + 1) * longest <= self.prefill_step_size:
+                fresh.append(chunk)
+            else:
+                singles.append((chunk,))
+        return ((tuple(fresh),) if fresh else ()) + tuple(singles)
+
+    def postprocess(
+        self,
+        plan: StepPlan,
+        seqs: list[Sequence],
+        tokens: list[int | Exception],
+        logprobs: list[TokenLogprob | None],
+    ) -> list[tuple[Sequence, RequestOutput]]:
+        """Account for a step's results; the output of every sequence that sampled a token.
+
+        ``seqs`` are those of ``plan.sample_ids`` still alive (one may have been aborted
+        while its step ran), in that order. A sequence whose token could not be sampled (an
+        exception in ``tokens``), or whose token could not be turned into text, ends with
+        an error; the others go on.
+        """
+        by_id = {s.request_id: s for s in self.prefilling}
+        for group in plan.prefill:
+            for chunk in group:
+                seq = by_id.get(chunk.request_id)
+                if seq is None:
+                    continue
+                seq.num_prefilled += len(chunk.tokens)
+                if chunk.last:
+                    self.prefilling.remove(seq)
+                    seq.status = Status.RUNNING
+                    self.running.append(seq)
+        return [
+            (seq, self._advance_or_fail(seq, token, logprob))
+            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True)
+        ]
+
+    def _advance_or_fail(
+        self, seq: Sequence, token: int | Exception, logprob: TokenLogprob | None
+    ) -> RequestOutput:
+        try:
+            if isinstance(token, Exception):
+                raise token
+            return self._advance(seq, token, logprob)
+        except GrammarError as exc:  # the request's own grammar: its fault, no traceback
+            log.warning("request %s ended: %s", seq.request_id, exc)
+            if seq.status != Status.FINISHED:
+                self.finish(seq, "error")
+            return RequestOutput(
+                seq.request_id,
+                finish_reason="error",
+                error=str(exc),
+                usage=seq.usage(),
+                error_kind="grammar",
+            )
+        except Exception as exc:
+            log.exception("request %s failed; the others go on", seq.request_id)
+            if seq.status != Status.FINISHED:
+                self.finish(seq, "error")
+            return RequestOutput(
+                seq.request_id,
+                finish_reason="error",
+                error=f"{type(exc).__name__}: {exc}",
+                usage=seq.usage(),
+            )
+
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq.append(token)
+        if seq.constraint is not None:
+            seq.constraint.consume(token)
+        params = seq.params
+        if token in params.stop_token_ids or (token in seq.eos_ids and not params.ignore_eos):
+            text, reason = seq.text.finish(), "stop"
+        else:
+            text = seq.text.add(token)
+            complete = seq.constraint is not None and seq.constraint.done
+            if complete:  # only end-of-sequence may follow: no need to sample it
+                text += seq.text.finish()
+            reason = "stop" if seq.text.stopped or complete else None
+            if reason is None and len(seq.output_ids) >= seq.max_tokens:
+                text, reason = text + seq.text.finish(), "length"
+        if reason:
+            self.finish(seq, reason)
+        return RequestOutput(
+            seq.request_id,
+            text=text,
+            token_ids=(token,),
+            logprobs=(logprob,) if logprob else (),
+            finish_reason=reason,
+            usage=seq.usage() if reason else None,
+            stop_sequence=seq.text.stopped_by,
+        )
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence wherever it is; its caches are released at the next step.
+
+        A sequence that was decoding leaves its full KV blocks in the prefix cache.
+        """
+        if seq.reservation is not None:
+            full: list[str] = []
+            if seq.status == Status.RUNNING and self.prefix_salt is not None:
+                computed = (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1]
+                full = block_hashes(computed, self.blocks.block_size, self.prefix_salt)
+            added = set(self.blocks.release(seq.reservation, full))
+            if added:
+                blocks = tuple((i, h) for i, h in enumerate(full) if h in added)
+                self.to_save[seq.lane].append((seq.request_id, blocks))
+            seq.reservation = None
+        if seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            queue = self.running if seq.status == Status.RUNNING else self.prefilling
+            queue.remove(seq)
+            self.to_release[seq.lane].append(seq.request_id)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def drain(self) -> list[Sequence]:
+        """Every sequence, ended or not, for when the model goes away or fails."""
+        seqs = [*self.running, *self.prefilling, *self.waiting]
+        if self.blocks is not None:
+            for seq in seqs:
+                if seq.reservation is not None:
+                    self.blocks.release(seq.reservation, [])
+                    seq.reservation, seq.reused = None, ()
+                    seq.num_prefilled = seq.cached_tokens = 0
+        self.running, self.prefilling, self.waiting = [], [], deque()
+        self.to_release = [[] for _ in range(self.lanes)]
+        self.to_save = [[] for _ in range(self.lanes)]
+        return seqs

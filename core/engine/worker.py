@@ -1,0 +1,216 @@
+"""One loaded model in the engine: its scheduler, its runner, and the step that joins them."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from mlxserve.core.engine.plan import StepPlan
+from mlxserve.core.engine.runner import ModelRunner, check_batchable
+from mlxserve.core.engine.scheduler import Scheduler
+from mlxserve.core.engine.sequence import RequestOutput, Sequence
+from mlxserve.core.kv.blocks import BlockManager
+from mlxserve.core.kv.caches import KVCacheOptions, budget_tokens, bytes_per_token
+from mlxserve.core.kv.disk_tier import DiskTier
+from mlxserve.core.model.stages import PipelineStage
+from mlxserve.core.sampling.constraint import join_masks, start_masks
+from mlxserve.core.sampling.sampler import sample_each
+
+if TYPE_CHECKING:
+    from mlxserve.core.engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+class ServedModel(Protocol):
+    """What the engine needs of a loaded model (the registry's LoadedModel is one)."""
+
+    name: str
+    stage: PipelineStage
+    tokenizer: Any
+    random_weights: bool
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]: ...
+
+    @property
+    def hidden_special_tokens(self) -> frozenset[int] | None: ...
+
+    def make_cache(self, options: KVCacheOptions) -> list[Any]: ...
+
+
+class ModelWorker:
+    """One loaded model: its scheduler and runner, its KV budget and prefix cache.
+
+    On a pipeline of N stages the running sequences are split into N lanes (micro-batches)
+    and up to N steps are in flight: rank 0 announces a lane's next step as soon as that
+    lane's tokens are sampled, so while it runs its own stage of one lane, the other ranks
+    run theirs on the others. With one lane this is a plain step: plan, run, sample.
+    """
+
+    def __init__(
+        self,
+        model: ServedModel,
+        settings: EngineSettings,
+        announce: Callable[[StepPlan], None] | None = None,
+        can_measure: bool = True,
+        can_use_disk: bool = True,
+        lanes: int = 1,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.kv = kv = settings.kv_for(model.name)
+        self.announce = announce
+        self.lanes = lanes
+        self.in_flight: deque[StepPlan] = deque()
+        self._next_lane = 0
+        self.steps = self.overlapped_steps = 0
+        self.runner = make_runner(model, settings, lockstep=announce is not None)
+        # Whole blocks only: a sequence is admitted only if all of its blocks can be.
+        self.capacity_tokens = self._capacity(can_measure) // kv.block_size * kv.block_size
+        self.prefix_caching = kv.prefix_cache and shares_blocks(model.make_cache(kv.options))
+        if kv.prefix_cache and not self.prefix_caching:
+            log.warning(
+                "%s: its KV caches cannot share blocks (sliding window or quantized); "
+                "prefix caching is off for it",
+                model.name,
+            )
+        self.key = getattr(model, "fingerprint", model.name)
+        if kv.disk_dir and self.prefix_caching:
+            if can_use_disk:
+                self.runner.disk = DiskTier(
+                    Path(kv.disk_dir),
+                    self.key,
+                    model.stage.layers,
+                    kv.block_size,
+                    kv.disk_max_bytes,
+                )
+                self.runner.write_all_to_disk = kv.disk_write == "all"
+            else:
+                log.warning("%s: the KV disk tier is off with several ranks", model.name)
+        self.scheduler = self._new_scheduler()
+
+    def _capacity(self, can_measure: bool) -> int:
+        kv = self.kv
+        if kv.budget_kind != "tokens" and not can_measure:
+            return self.settings.max_batch_size * kv.max_sequence_length
+        per_token = bytes_per_token(self.model.stage, self.model.make_cache(kv.options))
+        tokens = budget_tokens(kv.budget_kind, kv.budget_value, kv.reserved_memory_mb, per_token)
+        log.info(
+            "%s: KV budget %d tokens (%.1f MiB, %d bytes a token)",
+            self.model.name,
+            tokens,
+            tokens * per_token / 2**20,
+            per_token,
+        )
+        return tokens
+
+    def _new_scheduler(self) -> Scheduler:
+        s, block_size = self.settings, self.kv.block_size
+        blocks = BlockManager(self.capacity_tokens // block_size, block_size)
+        salt = self.key if self.prefix_caching else None
+        from_disk = self._from_disk if self.runner.disk is not None else None
+        return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt, from_disk, self.lanes)
+
+    def _from_disk(self, block_hash: str, keep: Collection[str]) -> bool:
+        if not self.runner.load_from_disk(block_hash):
+            return False
+        if self.scheduler.blocks.adopt(block_hash, keep):
+            return True
+        self.runner.blocks.pop(block_hash, None)
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.in_flight) or self.scheduler.has_work()
+
+    def step(self) -> list[tuple[Sequence, RequestOutput]]:
+        """Announce the next step of every lane that has none in flight; finish the oldest."""
+        while len(self.in_flight) < self.lanes:
+            lane = self._ready_lane()
+            if lane is None:
+                break
+            plan = self.scheduler.schedule(lane)
+            if self.announce is not None:
+                self.announce(plan)
+            self.in_flight.append(plan)
+        return self.finish_oldest() if self.in_flight else []
+
+    def settle(self) -> list[tuple[Sequence, RequestOutput]]:
+        """Finish every step in flight, announcing none (before the ranks do anything else)."""
+        results = []
+        while self.in_flight:
+            results += self.finish_oldest()
+        return results
+
+    def finish_oldest(self) -> list[tuple[Sequence, RequestOutput]]:
+        plan = self.in_flight.popleft()
+        self.steps += 1
+        self.overlapped_steps += bool(self.in_flight)
+        found = [self.scheduler.find(rid) for rid in plan.sample_ids]
+        alive = [i for i, seq in enumerate(found) if seq is not None]  # none aborted meanwhile
+        seqs = [found[i] for i in alive]
+        pending = start_masks([s.constraint for s in seqs])  # computed during the forward pass
+        try:
+            logits = self.runner.run(plan)
+        finally:
+            masks = join_masks(pending)
+        if logits is not None and len(alive) < len(found):
+            logits = logits[mx.array(alive, dtype=mx.int32)]
+        tokens, logprobs = sample_each(logits, seqs, masks) if seqs else ([], [])
+        return self.scheduler.postprocess(plan, seqs, tokens, logprobs)
+
+    def _ready_lane(self) -> int | None:
+        """The next lane, in turn, with work and no step in flight."""
+        busy = {plan.lane for plan in self.in_flight}
+        for offset in range(self.lanes):
+            lane = (self._next_lane + offset) % self.lanes
+            if lane not in busy and self.scheduler.has_work(lane):
+                self._next_lane = (lane + 1) % self.lanes
+                return lane
+        return None
+
+    def close(self, timeout_s: float) -> None:
+        """Keep the prefix cache for a restart: every cached block goes to the disk tier."""
+        self.settle()
+        while any(self.scheduler.to_save) or any(self.scheduler.to_release):
+            self.step()  # copies the blocks of sequences that just ended out of the batch
+            self.settle()
+        disk = self.runner.disk
+        if disk is None:
+            return
+        queued = self.runner.spill_to_disk()
+        if disk.close(timeout_s):
+            log.info("%s: %d KV blocks kept on the disk tier", self.model.name, queued)
+        else:
+            log.warning(
+                "%s: the disk tier did not finish writing within %g s", self.model.name, timeout_s
+            )
+
+    def fail(self) -> list[Sequence]:
+        """Forget every sequence and cache (after an error); the sequences that were here."""
+        self.in_flight.clear()
+        self.runner.reset()
+        seqs = self.scheduler.drain()
+        self.scheduler = self._new_scheduler()
+        return seqs
+
+
+def make_runner(model: ServedModel, settings: EngineSettings, lockstep: bool) -> ModelRunner:
+    """A runner for ``model`` whose caches come from its family's cache factory."""
+    kv = settings.kv_for(model.name)
+    check_batchable(model.make_cache(kv.options))
+    return ModelRunner(model.stage, lambda: model.make_cache(kv.options), lockstep, kv.block_size)
+
+
+def shares_blocks(cache: list[Any]) -> bool:
+    """Whether KV blocks of these caches can be copied out and back in (plain caches only)."""
+    return all(type(layer_cache) is KVCache for layer_cache in cache)

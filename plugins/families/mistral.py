@@ -1,0 +1,172 @@
+"""Mistral: Mistral 7B and its kin, including checkpoints with sliding-window attention."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import mlx.nn as nn
+from mlx_lm.models import llama
+
+from mlxserve.plugins.families.llama import Llama
+from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.tool_calls import (
+    MarkerParser,
+    Region,
+    TextPiece,
+    ToolCall,
+    ToolCallFormat,
+    ToolCallParser,
+    arguments_value,
+    call_from_object,
+    calls_grammar,
+    dumps,
+    lark_json_call,
+    lark_marker,
+)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% else %}[INST] {{ message['content'] }} [/INST]{% endif %}{% endfor %}"
+)
+
+
+TOOL_CALLS, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+NAMED_CALL = re.compile(rf"([\w.\-]+)(?:{re.escape(CALL_ID)}\w+)?{re.escape(ARGS)}\s*")
+NAME_CHARS = re.compile(r"[\w.\-]*")
+
+
+def could_become_named_call(text: str) -> bool:
+    """Whether more text could still make ``text`` a ``name[CALL_ID]id[ARGS]`` head."""
+    name = NAME_CHARS.match(text).group()  # type: ignore[union-attr]
+    rest = text[len(name) :]
+    if not rest or not name:
+        return not rest
+    if ARGS.startswith(rest) or CALL_ID.startswith(rest):
+        return True
+    if not rest.startswith(CALL_ID):
+        return False
+    after = rest[len(CALL_ID) :]
+    call_id = re.match(r"\w*", after).group()  # type: ignore[union-attr]
+    return ARGS.startswith(after[len(call_id) :])
+
+
+class MistralParser(MarkerParser):
+    """``[TOOL_CALLS][{...}, ...]`` and the newer ``[TOOL_CALLS]name[ARGS]{...}``."""
+
+    openers = (TOOL_CALLS,)
+
+    def take(self, region: str, final: bool) -> Region | None:
+        start = len(region) - len(region[len(TOOL_CALLS) :].lstrip())
+        if start == len(region):
+            return None
+        if region[start] == "[":
+            return self._json_value(region, start, list)
+        head = NAMED_CALL.match(region, start)
+        if head is not None:
+            return self._json_value(region, head.end(), dict, head.group(1))
+        if could_become_named_call(region[start:]):
+            return None
+        return [TextPiece(TOOL_CALLS)], len(TOOL_CALLS)
+
+    def _json_value(self, region: str, at: int, kind: type, name: str = "") -> Region | None:
+        try:
+            value, end = json.JSONDecoder().raw_decode(region, at)
+        except ValueError:
+            return None
+        if not isinstance(value, kind) or not value and kind is list:
+            return [TextPiece(region[:end])], end
+        objects = value if kind is list else [{"name": name, "arguments": value}]
+        calls = [call_from_object(item) for item in objects]
+        if not all(calls):
+            return [TextPiece(region[:end])], end
+        return list(calls), end  # type: ignore[arg-type]
+
+
+class MistralToolCalls(ToolCallFormat):
+    """Mistral's ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``."""
+
+    name = "mistral"
+    markers = (TOOL_CALLS, ARGS, CALL_ID)
+
+    def parser(self) -> ToolCallParser:
+        return MistralParser()
+
+    def grammar(
+        self, tools: list[dict[str, Any]], *, parallel: bool, special: Mapping[str, int] = {}
+    ) -> str:
+        def one_call(name: str, parameters: Mapping[str, Any] | None) -> str:
+            return lark_json_call(name, parameters, "arguments")
+
+        before = f'{lark_marker(TOOL_CALLS, special)} "["'
+        return calls_grammar(
+            tools, one_call, parallel=parallel, separator='", "', before=before, after='"]"'
+        )
+
+    def render_calls(self, calls: list[ToolCall]) -> str:
+        objects = [{"name": call.name, "arguments": arguments_value(call)} for call in calls]
+        return TOOL_CALLS + dumps(objects)
+
+    def tools_prompt(self, tools: list[dict[str, Any]]) -> str:
+        return (
+            f"[AVAILABLE_TOOLS]{dumps(tools)}[/AVAILABLE_TOOLS]\n"
+            "To call tools, answer with [TOOL_CALLS] followed by a JSON list of "
+            '{"name": <function name>, "arguments": <arguments object>} and nothing else.'
+        )
+
+    def render_result(self, name: str | None, content: str) -> str:
+        return f"[TOOL_RESULTS]{dumps({'content': content})}[/TOOL_RESULTS]"
+
+    def prompt_call_id(self, call_id: str) -> str:
+        if len(call_id) == 9 and call_id.isalnum():
+            return call_id
+        return hashlib.sha256(call_id.encode()).hexdigest()[:9]
+
+
+class SlidingWindowModel(llama.Model):
+    """Llama's model with every layer windowed, as config.json's ``sliding_window`` asks.
+
+    mlx-lm's llama file ignores ``sliding_window`` unless ``layer_types`` says which
+    layers slide; Mistral's configs mean all of them.
+    """
+
+    def __init__(self, args: llama.ModelArgs) -> None:
+        super().__init__(args)
+        args.layer_types = ["sliding_attention"] * args.num_hidden_layers
+        self.model.layer_types = args.layer_types
+        for layer in self.model.layers:
+            layer.use_sliding = True
+        self.model.swa_idx = 0
+
+
+class Mistral(Llama):
+    name = "mistral"
+    model_types = ("mistral",)
+    chat_template = CHAT_TEMPLATE
+    bos_token = "<s>"
+    stop_tokens = ("</s>",)
+    control_tokens = ("[INST]", "[/INST]")
+    tool_call_format = MistralToolCalls()
+    gguf_architectures = ()  # llama.cpp writes Mistral as "llama": the Llama family converts it
+
+    def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type]:
+        windowed = config.get("sliding_window") and not config.get("layer_types")
+        return (SlidingWindowModel if windowed else llama.Model), llama.ModelArgs
+
+    def tiny_config(self, model_type: str) -> dict[str, Any]:
+        return {
+            **super().tiny_config(model_type),
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "sliding_window": 32,
+            "head_dim": 64,
+        }
+
+
+@hookimpl
+def mlxserve_families() -> list[Mistral]:
+    return [Mistral()]
