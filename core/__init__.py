@@ -1,5 +1,3 @@
-"""The engine. Importing it first puts the fastest BLAS available under MLX (see blas.py)."""
+"""The engine, the KV cache, sampling, models, the CPU backend, ranks and configuration.
 
-from mlxserve.core.cpu.blas import load_fast_blas
-
-load_fast_blas()
+Importing it does no work: the entry points load the BLAS first (core/cpu/startup.py)."""

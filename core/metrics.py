@@ -16,6 +16,7 @@ from mlxserve.core.engine.sequence import RequestOutput, Sequence
 if TYPE_CHECKING:
     from mlxserve.core.engine.engine import Engine
     from mlxserve.core.engine.worker import ModelWorker
+    from mlxserve.core.kv.disk_tier import DiskTier
 
 PREFIX = "mlxserve_"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
@@ -33,14 +34,18 @@ def _kv_usage(worker: ModelWorker) -> float | None:
     return min(1.0, blocks.used_blocks / blocks.num_blocks)
 
 
+def _disk(worker: ModelWorker) -> DiskTier | None:
+    return worker.runner.prefix_store.disk
+
+
 def _disk_enabled(worker: ModelWorker) -> float | None:
-    enabled = getattr(worker.runner, "disk_enabled", None)
-    return None if enabled is None else float(enabled)
+    disk = _disk(worker)
+    return None if disk is None else float(disk.enabled)
 
 
 def _disk_writable(worker: ModelWorker) -> float | None:
-    writable = getattr(worker.runner, "disk_writable", None)
-    return None if writable is None else float(writable)
+    disk = _disk(worker)
+    return None if disk is None else float(disk.writing)
 
 
 GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
@@ -70,29 +75,30 @@ GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
         _disk_writable,
     ),
 )
-RUNNER_COUNTERS = (
-    ("disk_tier_reads", "KV blocks read back from the disk tier.", "disk_reads"),
-    ("disk_tier_writes", "KV blocks written to the disk tier.", "disk_writes"),
+# The disk tier's counters (0 for models without one).
+DISK_COUNTERS: tuple[tuple[str, str, Callable[[DiskTier], int]], ...] = (
+    ("disk_tier_reads", "KV blocks read back from the disk tier.", lambda d: d.reads),
+    ("disk_tier_writes", "KV blocks written to the disk tier.", lambda d: d.writes),
     (
         "disk_tier_failures",
         "Disk errors met by the disk tier (not those of tries while its writes were off).",
-        "disk_failures",
+        lambda d: sum(d.failures.values()),
     ),
     (
         "disk_tier_write_retries",
         "Blocks the disk tier tried to write while a fault kept its writes off, to see "
         "whether the disk takes them again.",
-        "disk_write_retries",
+        lambda d: d.write_retries,
     ),
     (
         "disk_tier_dropped_writes",
         "KV blocks not written because the disk tier's writer was too far behind.",
-        "disk_dropped_writes",
+        lambda d: d.dropped_writes,
     ),
     (
         "disk_tier_rejected_blocks",
         "Disk tier files dropped because they did not hold a valid block for the model.",
-        "disk_rejected_blocks",
+        lambda d: d.rejected,
     ),
 )
 
@@ -238,10 +244,11 @@ class EngineMetrics:
                 if value is not None:
                     gauge.add_metric([model], value)
             yield gauge
-        for name, doc, attribute in RUNNER_COUNTERS:
+        disks = [(model, _disk(worker)) for model, worker in workers]
+        for name, doc, read_disk in DISK_COUNTERS:
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model"])
-            for model, worker in workers:
-                counter.add_metric([model], getattr(worker.runner, attribute, 0))
+            for model, disk in disks:
+                counter.add_metric([model], 0 if disk is None else read_disk(disk))
             yield counter
         for name, doc, attribute in WORKER_COUNTERS:
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model"])

@@ -1,6 +1,5 @@
 """The plugin contract: hook markers, the ModelFamily base class, and the built-in families."""
 
-import mlxserve.core  # noqa: F401  (first: it puts a fast BLAS under MLX before MLX loads)
 from mlxserve.core.kv.caches import CacheKind, KVCacheOptions
 from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.family import ModelFamily

@@ -61,7 +61,7 @@ class ModelFamily:
 
     # ---- building the model ----
 
-    def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type]:
+    def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type[Any]]:
         """The (Model, ModelArgs) classes for a checkpoint's config.json."""
         model_type = config["model_type"]
         module_name = self.mlx_lm_modules.get(model_type, model_type)

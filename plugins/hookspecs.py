@@ -40,6 +40,7 @@ def mlxserve_families() -> Sequence[ModelFamily]:
     third-party family wins over a built-in one; two third-party families claiming it are a
     conflict that a ``[models.NAME] family`` entry must settle.
     """
+    raise NotImplementedError  # a specification: pluggy calls the plugins' implementations
 
 
 # ---- Sharding rules and KV caches -----------------------------------------------------

@@ -52,7 +52,7 @@ def _tokens(n: int = len(PROMPT)) -> mx.array:
 
 def _assert_close(actual: mx.array, expected: mx.array, what: str, atol: float = ATOL) -> None:
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    diff = mx.abs(actual.astype(mx.float32) - expected.astype(mx.float32)).max().item()
+    diff = float(mx.abs(actual.astype(mx.float32) - expected.astype(mx.float32)).max())
     assert diff <= atol, f"{what}: logits differ by up to {diff:.2e} (allowed {atol:.0e})"
 
 
@@ -80,7 +80,7 @@ def check_loads(family: ModelFamily, path: Path) -> None:
     ours = stage.forward(_tokens(), [None] * len(stage.layers))
     reference, _ = load_model(path, get_model_classes=family.model_classes)
     _assert_close(ours, reference(_tokens()), "layout forward vs the model's own forward")
-    assert ours.shape[-1] == stage.layout.model.args.vocab_size, "logits are not vocab-sized"
+    assert ours.shape[-1] == stage.layout.vocab_size, "logits are not vocab-sized"
 
 
 def check_kv_cache(family: ModelFamily, path: Path, bits: int | None = None) -> None:
@@ -222,7 +222,8 @@ def constrained_walk(grammar: str, tokenizer: Any, seed: int, max_tokens: int = 
     matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar))
     assert not matcher.is_error(), matcher.get_error()
     mask = allocate_token_bitmask(1, ll_tokenizer.vocab_size)
-    rng, ids = random.Random(seed), []
+    rng = random.Random(seed)
+    ids: list[int] = []
     while not matcher.is_stopped():
         assert len(ids) < max_tokens, f"the walk did not end in {max_tokens} tokens"
         fill_next_token_bitmask(matcher, mask, 0)

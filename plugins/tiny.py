@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mlxserve.core.model.loader import build_model
 from mlxserve.plugins.family import ModelFamily
 
 RANDOM_WEIGHTS_NOTE = "random weights: for tests and demos, its output is gibberish"
@@ -103,8 +104,7 @@ def write_tiny_checkpoint(
         config["bos_token_id"] = tokenizer.token_to_id(family.bos_token)
 
     mx.random.seed(seed)
-    model_class, args_class = family.model_classes(config)
-    model = model_class(args_class.from_dict(config))
+    model = build_model(family.model_classes, config)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
 

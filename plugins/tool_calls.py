@@ -9,7 +9,7 @@ forces a call.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,8 @@ class TextPiece:
 
 
 ParsedPiece = TextPiece | ToolCall
-Region = tuple[list[ParsedPiece], int]
+# What MarkerParser.take gives: a region's pieces (a list of calls will do) and its length.
+Region = tuple[Sequence[ParsedPiece], int]
 
 
 class ToolCallParser:
@@ -208,7 +209,8 @@ def call_from_object(value: Any) -> ToolCall | None:
 
 def json_calls(text: str) -> list[ToolCall] | None:
     """Calls written as JSON objects one after another (apart by whitespace or ``;``)."""
-    decoder, calls, at = json.JSONDecoder(), [], 0
+    decoder, at = json.JSONDecoder(), 0
+    calls: list[ToolCall] = []
     while True:
         while at < len(text) and (text[at].isspace() or text[at] == ";"):
             at += 1

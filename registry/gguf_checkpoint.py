@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -80,9 +80,11 @@ def read_gguf(path: Path) -> GGUFModel:
         raise UnsupportedModelError(f"{path}: not a GGUF file mlxserve can read ({exc})") from exc
     _check_tensor_types(path, reader)
     try:
-        tensors, raw_metadata = mx.load(str(path), return_metadata=True)
+        loaded = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as exc:
         raise UnsupportedModelError(f"{path}: MLX cannot read it ({exc})") from exc
+    # With return_metadata, mx.load gives (the tensors by name, the metadata).
+    tensors, raw_metadata = cast("tuple[dict[str, mx.array], dict[str, Any]]", loaded)
     metadata = {key: _python(value) for key, value in raw_metadata.items()}
     if int(metadata.get("split.count", 1)) > 1:
         raise UnsupportedModelError(
@@ -124,7 +126,7 @@ def _python(value: Any) -> Any:
     if value.ndim:
         return value.tolist()
     if value.dtype == mx.float32:  # the shortest decimal that is this float32: 1e-05, not 9.99e-06
-        return float(str(np.float32(value.item())))
+        return float(str(np.float32(float(value))))
     return value.item()
 
 

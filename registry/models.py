@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,16 @@ class LoadedModel:
         """The longest sequence the model was trained for (its max_position_embeddings)."""
         return int(self.config.get("max_position_embeddings") or 2**31)
 
+    @property
+    def vocab_size(self) -> int:
+        """The width of the logits (the model's vocab_size, which may exceed the tokenizer's)."""
+        return self.stage.layout.vocab_size
+
+    @property
+    def sampling_defaults(self) -> Mapping[str, float]:
+        """The sampling parameters the model's family recommends."""
+        return self.family.sampling_defaults
+
     @functools.cached_property
     def eos_token_ids(self) -> frozenset[int]:
         """Tokens that end generation: the tokenizer's eos ids, and those of the family's
@@ -96,24 +107,16 @@ class ModelRegistry:
         self.cluster = cluster or Cluster()
         self.store = ModelStore(config.registry.cache_dir, plugins)
 
-    def resolve(self, name: str) -> tuple[str, ModelEntry]:
-        """The canonical name and entry of a model name or alias."""
-        found = self.config.resolve_model(name)
-        if found is None:
-            known = ", ".join(sorted(self.config.models)) or "none"
-            raise ModelNotFoundError(f"model {name!r} is not in the registry (have: {known})")
-        return found
-
     def checkpoint(self, name: str, *, download: bool = False) -> Path:
         """The folder of a model's checkpoint (written or downloaded as needed)."""
-        _, entry = self.resolve(name)
+        _, entry = self.config.resolve_model(name)
         return self.store.locate(
             entry.source, revision=entry.revision, download=download, family=entry.family
         )
 
     def family_of(self, name: str, path: Path) -> ModelFamily:
         """The family of a model: its entry's ``family``, else its config.json's model_type."""
-        _, entry = self.resolve(name)
+        _, entry = self.config.resolve_model(name)
         if entry.family:
             return self.plugins.family(entry.family)
         return self.plugins.family_for(read_model_config(path)["model_type"])
@@ -134,7 +137,7 @@ class ModelRegistry:
         """
         from mlx_lm.utils import load_tokenizer
 
-        canonical, entry = self.resolve(name)
+        canonical, entry = self.config.resolve_model(name)
         hook = self.plugins.hook
         placement = None
         if layers is None and self._downloads_own_layers_only(entry.source_kind):

@@ -136,14 +136,20 @@ class ModelStore:
             )
         return path
 
-    def _gguf_dir(self, gguf_path: Path, family: str | None, hash_it: bool = True) -> Path | None:
-        """The converted folder of a GGUF file; without ``hash_it``, None unless its content
-        hash is remembered already (listing models must never read a whole file)."""
+    def _gguf_dir(self, gguf_path: Path, family: str | None) -> Path:
+        """The converted folder of a GGUF file (its content hash is read unless remembered)."""
         hashes = WeightHashes(self.cache_dir / WEIGHT_HASHES_FILE)
-        contents = hashes.of(gguf_path) if hash_it else hashes.known(gguf_path)
-        if contents is None:
-            return None
+        contents = hashes.of(gguf_path)
         hashes.save()
+        return self._gguf_dir_of(gguf_path, family, contents)
+
+    def _known_gguf_dir(self, gguf_path: Path, family: str | None) -> Path | None:
+        """The converted folder of a GGUF file, or None unless its content hash is remembered
+        already (listing models must never read a whole file)."""
+        contents = WeightHashes(self.cache_dir / WEIGHT_HASHES_FILE).known(gguf_path)
+        return None if contents is None else self._gguf_dir_of(gguf_path, family, contents)
+
+    def _gguf_dir_of(self, gguf_path: Path, family: str | None, contents: str) -> Path:
         key = hashlib.blake2b(f"{contents} {family} {GGUF_CONVERSION}".encode(), digest_size=6)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", gguf_path.stem)[:64]
         return self.cache_dir / GGUF_DIR / f"{stem}-{key.hexdigest()}"
@@ -238,9 +244,11 @@ class ModelStore:
         try:
             gguf = self.gguf_file(source)
             if gguf is not None:
-                converted = self._gguf_dir(gguf, family, hash_it=False)
-                done = converted is not None and (converted / "config.json").is_file()
-                path = converted if done else gguf
+                converted = self._known_gguf_dir(gguf, family)
+                if converted is not None and (converted / "config.json").is_file():
+                    path = converted
+                else:
+                    path = gguf
             elif source_kind(source) == "builtin":
                 path = _checkpoint_folder(self._builtin_dir(source), source)
             else:
@@ -378,7 +386,7 @@ def _reason(exc: BaseException | None) -> str:
 def _quiet_tqdm() -> type[Any]:
     from tqdm.auto import tqdm
 
-    class Quiet(tqdm):
+    class Quiet(tqdm):  # type: ignore[misc]  # tqdm has no types: it is Any to mypy
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **{**kwargs, "disable": True})
 

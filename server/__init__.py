@@ -1,6 +1,3 @@
-"""The HTTP server. mlx_lm is imported here first, so that it cannot lower the process's
-open-files limit (see fdlimit.py)."""
+"""The HTTP server, its protocols and the ``mlxserve`` command.
 
-from mlxserve.server.http.fdlimit import import_mlx_lm_keeping_fd_limit
-
-import_mlx_lm_keeping_fd_limit()
+Importing it does no work: the entry points import MLX and mlx_lm (core/cpu/startup.py)."""

@@ -59,7 +59,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         try:
-            default, _ = config.resolve_model(config.registry.default_model) or ("", None)
+            default, _ = config.resolve_model()
             model = await engine.model(default)
             note = " (random weights: for trying things out)" if model.random_weights else ""
             log.info("serving %s%s", model.name, note)

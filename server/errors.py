@@ -4,8 +4,9 @@ or on Anthropic's Messages API in its own: ``{"type": "error", "error": {type, m
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, NamedTuple, TypeVar, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,7 +53,7 @@ def error_response(
     type: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     *,
     path: str = "",
 ) -> JSONResponse:
@@ -67,21 +68,43 @@ def anthropic_shaped(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
-# exception class -> (status, type, code)
-_MAPPED: dict[type[Exception], tuple[int, str, str | None]] = {
-    ModelNotFoundError: (404, "invalid_request_error", "model_not_found"),
-    ContextLengthError: (400, "invalid_request_error", "context_length_exceeded"),
-    QueueFullError: (429, "rate_limit_error", "queue_full"),
-    EngineUnavailableError: (503, "server_error", "engine_unavailable"),
-    HubUnavailableError: (503, "server_error", "hub_unavailable"),
-    UnknownModelTypeError: (500, "server_error", "model_family_unavailable"),
-    UnsupportedModelError: (422, "invalid_request_error", "model_unsupported"),
-    ModelBusyError: (409, "invalid_request_error", "model_busy"),
-    RequestTimeoutError: (504, "server_error", "timeout"),
-    OutputFormatError: (400, "invalid_request_error", "output_format_failed"),
-    GenerationError: (500, "server_error", "generation_failed"),
-    AuthError: (401, "invalid_request_error", "invalid_api_key"),
+class ErrorKind(NamedTuple):
+    """How the API reports one kind of error: HTTP status, error type and code."""
+
+    status: int
+    type: str
+    code: str | None
+
+
+# The one error table: exception class -> how an error response (or, for the errors that can
+# end a stream that has begun, the stream's last event) reports it. First match wins.
+_MAPPED: dict[type[Exception], ErrorKind] = {
+    ModelNotFoundError: ErrorKind(404, "invalid_request_error", "model_not_found"),
+    ContextLengthError: ErrorKind(400, "invalid_request_error", "context_length_exceeded"),
+    QueueFullError: ErrorKind(429, "rate_limit_error", "queue_full"),
+    EngineUnavailableError: ErrorKind(503, "server_error", "engine_unavailable"),
+    HubUnavailableError: ErrorKind(503, "server_error", "hub_unavailable"),
+    UnknownModelTypeError: ErrorKind(500, "server_error", "model_family_unavailable"),
+    UnsupportedModelError: ErrorKind(422, "invalid_request_error", "model_unsupported"),
+    ModelBusyError: ErrorKind(409, "invalid_request_error", "model_busy"),
+    RequestTimeoutError: ErrorKind(504, "server_error", "timeout"),
+    OutputFormatError: ErrorKind(400, "invalid_request_error", "output_format_failed"),
+    GenerationError: ErrorKind(500, "server_error", "generation_failed"),
+    AuthError: ErrorKind(401, "invalid_request_error", "invalid_api_key"),
 }
+# What can end a stream that has begun (reading the engine's outputs); anything else raised
+# after the stream's start is a bug, and ends the connection.
+_ENDS_A_STREAM = (OutputFormatError, GenerationError, RequestTimeoutError, EngineUnavailableError)
+
+
+def _kind_of(exc: Exception) -> ErrorKind:
+    return next(kind for cls, kind in _MAPPED.items() if isinstance(exc, cls))
+
+
+def stream_error_kind(exc: Exception) -> ErrorKind | None:
+    """How the last event of a stream that ``exc`` ended reports it (None: ``exc`` is not
+    one of the errors that end a stream); the same status, type and code as a response."""
+    return _kind_of(exc) if isinstance(exc, _ENDS_A_STREAM) else None
 
 
 def _rejected(
@@ -91,7 +114,7 @@ def _rejected(
     type: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
@@ -112,7 +135,9 @@ def renamed_params(renames: Mapping[str, str]) -> Iterator[None]:
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    first: Mapping[str, Any] = (
+        exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    )
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return _rejected(request, 400, f"the request body is not valid JSON: {first['msg']}")
@@ -126,7 +151,7 @@ def _invalid_parameter(request: Request, exc: InvalidParameterError) -> JSONResp
 
 
 def _mapped(request: Request, exc: Exception) -> JSONResponse:
-    status, kind, code = next(v for k, v in _MAPPED.items() if isinstance(exc, k))
+    status, kind, code = _kind_of(exc)
     headers = {"Retry-After": "1"} if status == 429 else None
     return _rejected(request, status, str(exc), kind, code=code, headers=headers)
 
@@ -145,10 +170,21 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _rejected(request, 500, message, "server_error")
 
 
+E = TypeVar("E", bound=Exception)
+
+
+def _handle(
+    app: FastAPI, exc_class: type[E], handler: Callable[[Request, E], JSONResponse]
+) -> None:
+    """``handler`` answers ``exc_class``. Starlette types every handler as taking any
+    Exception; it calls each with an instance of its class, as this signature checks."""
+    app.add_exception_handler(exc_class, cast("Callable[[Request, Exception], Any]", handler))
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(InvalidParameterError, _invalid_parameter)
+    _handle(app, RequestValidationError, _validation_error)
+    _handle(app, InvalidParameterError, _invalid_parameter)
     for exc_class in _MAPPED:
-        app.add_exception_handler(exc_class, _mapped)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+        _handle(app, exc_class, _mapped)
+    _handle(app, HTTPException, _http_error)
+    _handle(app, Exception, _unexpected)

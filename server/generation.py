@@ -1,35 +1,43 @@
-"""What chat and text completions share: admitting a request, and reading its outputs."""
+"""Admitting a request, and reading its outputs: between the shared pipeline
+(``server.conversation``) and the engine.
+
+:func:`admit` runs once per request, in one pass: resolve the model name, load the model,
+settle the sampling parameters, take a place in the queue, prepare the prompt and its grammar
+(:func:`prepare`, on a tokenizing thread), compile the grammar, submit.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
 
-from mlxserve.core.config.schema import Config, ModelEntry
+from mlxserve.core.config.schema import Config
 from mlxserve.core.engine.engine import Engine, RequestStream
-from mlxserve.core.engine.sequence import RequestOutput, TokenLogprob, Usage
+from mlxserve.core.engine.sequence import RequestOutput, Usage
 from mlxserve.core.engine.worker import ServedModel
-from mlxserve.core.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError
+from mlxserve.core.errors import ContextLengthError, EngineUnavailableError
 from mlxserve.core.metrics import EngineMetrics
 from mlxserve.core.sampling.constraint import Constraint, GrammarError, compile_constraint
 from mlxserve.core.sampling.params import InvalidParameterError, SamplingParams
+from mlxserve.plugins.chat_prompt import render_chat_prompt
+from mlxserve.plugins.tool_calls import marker_token_ids
 from mlxserve.server.errors import GenerationError, OutputFormatError, RequestTimeoutError
 from mlxserve.server.protocol.openai import PromptTokensDetails, Timings, UsageInfo
+from mlxserve.server.protocol.request import (
+    MAX_CHARS_PER_TOKEN,
+    Conversation,
+    Prompt,
+    RawPrompt,
+    RequestedSampling,
+)
+from mlxserve.server.structured import check_tool_schemas, grammar_for_response_format
 from mlxserve.server.tokenizing import with_own_tokenizer
-
-# No text averages more characters per token than this: a longer prompt cannot fit.
-MAX_CHARS_PER_TOKEN = 32
-
-ParamsFactory = Callable[[ModelEntry | None, Mapping[str, float] | None], SamplingParams]
-# (model, the tokenizing thread's copy of its tokenizer) -> prompt ids / grammar
-PromptFactory = Callable[[ServedModel, Any], list[int]]
-GrammarFactory = Callable[[ServedModel, Any], str | None]
 
 
 @dataclass
@@ -49,48 +57,76 @@ class Admitted:
             self.metrics.request_error(self.name, kind)
 
 
-@dataclass
-class Collected:
-    """Everything a finished non-streaming request produced."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-
 def _context_error(limit: int, what: str) -> ContextLengthError:
     return ContextLengthError(f"this model's context is {limit} tokens, but the prompt has {what}")
 
 
-def _prepare(
-    model: ServedModel,
-    tokenizer: Any,
-    make_prompt: PromptFactory,
-    grammar: str | GrammarFactory | None,
-    limit: int,
-    vocab: int,
+def prepare(
+    prompt: Prompt, model: ServedModel, tokenizer: Any, limit: int
 ) -> tuple[list[int], str | None]:
-    """Tokenize and check a prompt, and say its grammar; on a tokenizing thread, with that
-    thread's own copy of the tokenizer."""
-    prompt = make_prompt(model, tokenizer)
-    if not prompt:
+    """A request's prompt token ids, checked against the model, and the grammar that
+    constrains its output (llguidance Lark text; None: unconstrained). Runs on a tokenizing
+    thread, with that thread's own copy of the model's tokenizer.
+
+    A conversation goes through the model's chat template and tool-call format; forced tool
+    calls and JSON output formats become its grammar. A raw prompt is tokenized as it is (or
+    taken as token ids); its output format is its grammar.
+    """
+    if isinstance(prompt, RawPrompt):
+        text_or_ids = prompt.prompt
+        ids = list(tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids)
+    else:
+        ids = _chat_prompt(prompt, model, tokenizer)
+    if not ids:
         raise InvalidParameterError("prompt", "must not be empty")
-    if len(prompt) > limit:
-        raise _context_error(limit, f"{len(prompt)} tokens")
-    if not (min(prompt) >= 0 and max(prompt) < vocab):
+    if len(ids) > limit:
+        raise _context_error(limit, f"{len(ids)} tokens")
+    vocab = model.vocab_size
+    if not (min(ids) >= 0 and max(ids) < vocab):
         raise InvalidParameterError("prompt", f"token ids must be below {vocab}")
-    if callable(grammar):
-        grammar = grammar(model, tokenizer)
-    return prompt, grammar
+    if isinstance(prompt, RawPrompt):
+        return ids, grammar_for_response_format(prompt.response_format)
+    return ids, _chat_grammar(prompt, model, tokenizer)
 
 
-async def _constraint(model: ServedModel, grammar: str, vocab: int, param: str) -> Constraint:
+def _chat_prompt(conversation: Conversation, model: ServedModel, tokenizer: Any) -> list[int]:
+    try:
+        return render_chat_prompt(
+            tokenizer,
+            model.family,
+            model.tool_call_format,
+            conversation.messages,
+            conversation.tools,
+        )
+    except InvalidParameterError:
+        raise
+    except Exception as exc:  # Jinja templates raise their own errors for bad input
+        raise InvalidParameterError(
+            "messages", f"the chat template rejected the messages: {exc}"
+        ) from exc
+
+
+def _chat_grammar(conversation: Conversation, model: ServedModel, tokenizer: Any) -> str | None:
+    if not conversation.forces_a_call:
+        return grammar_for_response_format(conversation.response_format)
+    fmt = model.tool_call_format
+    if fmt is None:
+        raise InvalidParameterError("tool_choice", "this model's family has no tool calls")
+    special = marker_token_ids(fmt, tokenizer)
+    if conversation.tool_choice == "required":
+        check_tool_schemas(conversation.tools)
+        parallel = conversation.parallel_tool_calls
+        return fmt.grammar(conversation.tools, parallel=parallel, special=special)
+    check_tool_schemas(conversation.tools, [conversation.tool_choice])
+    named = [t for t in conversation.tools if t["function"]["name"] == conversation.tool_choice]
+    return fmt.grammar(named, parallel=False, special=special)
+
+
+async def _constraint(model: ServedModel, grammar: str, param: str) -> Constraint:
     """Compile a grammar for this model on the grammar compile threads (large stacks, a time
     limit), never on the event loop."""
     try:
-        return await compile_constraint(model.tokenizer, vocab, grammar)
+        return await compile_constraint(model.tokenizer, model.vocab_size, grammar)
     except GrammarError as exc:
         raise InvalidParameterError(param, f"cannot be compiled: {exc}") from exc
 
@@ -109,55 +145,43 @@ async def admit(
     engine: Engine,
     config: Config,
     model_name: str | None,
-    make_params: ParamsFactory,
-    make_prompt: PromptFactory,
+    prompt: Prompt,
+    sampling: RequestedSampling,
     *,
-    prompt_chars: int = 0,
     metrics: EngineMetrics | None = None,
-    grammar: str | GrammarFactory | None = None,
-    grammar_param: str = "response_format",
 ) -> Admitted:
-    """Resolve the model, load it if needed, tokenize (off the event loop) and submit.
+    """Resolve the model (None: the default), load it if needed, settle the sampling
+    parameters, prepare the prompt and grammar (off the event loop) and submit.
 
-    ``prompt_chars`` is the length of the text ``make_prompt`` tokenizes: a text far longer
-    than the context is refused before any tokenizing. A place in the queue is taken before
-    any work that grows with the request (a full queue is refused at once). ``grammar``
-    (llguidance Lark text, or a function giving it, called after ``make_prompt`` with the
-    same tokenizer) is compiled off the event loop and constrains the output; one that
-    cannot be compiled is an InvalidParameterError naming ``grammar_param``.
+    The prompt's characters are counted first: a text far longer than the context is refused
+    before any tokenizing. A place in the queue is taken before any work that grows with the
+    request (a full queue is refused at once). A grammar that cannot be compiled is an
+    InvalidParameterError naming the prompt's ``grammar_param``.
     """
-    found = config.resolve_model(model_name or config.registry.default_model)
-    if found is None:
-        known = ", ".join(sorted(config.models))
-        raise ModelNotFoundError(f"model {model_name!r} does not exist (available: {known})")
-    name, entry = found
-    params = make_params(entry, None)  # refuse bad parameters before loading anything
+    name, entry = config.resolve_model(model_name)
     model = await engine.model(name)
-    family_defaults = getattr(getattr(model, "family", None), "sampling_defaults", None)
-    if family_defaults:
-        params = make_params(entry, family_defaults)
-    vocab = model.stage.layout.model.args.vocab_size
-    params = _checked_params(params, vocab)
+    params = sampling.with_defaults(entry.sampling_defaults, model.sampling_defaults)
+    params = _checked_params(params, model.vocab_size)
     limit = min(config.kv_cache_for(name).max_sequence_length, model.context_length)
-    if prompt_chars > limit * MAX_CHARS_PER_TOKEN:
-        raise _context_error(limit, f"{prompt_chars} characters, far more than fit")
+    chars = prompt.chars  # counted, never tokenized: refused at once if far too long
+    if chars > limit * MAX_CHARS_PER_TOKEN:
+        raise _context_error(limit, f"{chars} characters, far more than fit")
     slot = engine.reserve()  # before any work that grows with the request
     try:
-        prompt, grammar_text = await with_own_tokenizer(
-            model.tokenizer,
-            lambda tokenizer: _prepare(model, tokenizer, make_prompt, grammar, limit, vocab),
+        ids, grammar = await with_own_tokenizer(
+            model.tokenizer, lambda tokenizer: prepare(prompt, model, tokenizer, limit)
         )
         constraint = None
-        if grammar_text is not None:
-            constraint = await _constraint(model, grammar_text, vocab, grammar_param)
-        stream = engine.submit(model, prompt, params, constraint=constraint, slot=slot)
+        if grammar is not None:
+            constraint = await _constraint(model, grammar, prompt.grammar_param)
+        stream = engine.submit(model, ids, params, constraint=constraint, slot=slot)
     finally:
         slot.release()  # a no-op once the request is queued
     deadline = time.monotonic() + config.server.request_timeout_s
-    return Admitted(name, model, stream, params, deadline, metrics, len(prompt))
+    return Admitted(name, model, stream, params, deadline, metrics, len(ids))
 
 
-def watch_disconnect(engine: Engine, admitted: Admitted, request: Request) -> asyncio.Task:
+def watch_disconnect(engine: Engine, admitted: Admitted, request: Request) -> asyncio.Task[None]:
     """A task that aborts the request as soon as its client goes away (cancel it when the
     response is done). It waits on the ASGI channel itself, so the abort is immediate."""
 
@@ -171,7 +195,7 @@ def watch_disconnect(engine: Engine, admitted: Admitted, request: Request) -> as
     return asyncio.create_task(watch())
 
 
-async def stop_watching(watcher: asyncio.Task) -> None:
+async def stop_watching(watcher: asyncio.Task[None]) -> None:
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
@@ -212,23 +236,6 @@ async def outputs(engine: Engine, admitted: Admitted) -> AsyncIterator[RequestOu
             engine.abort(admitted.stream.request_id)
 
 
-async def collect(engine: Engine, admitted: Admitted, request: Request) -> Collected:
-    result = Collected()
-    watcher = watch_disconnect(engine, admitted, request)
-    try:
-        async for output in outputs(engine, admitted):
-            result.text += output.text
-            result.token_ids.extend(output.token_ids)
-            result.logprobs.extend(output.logprobs)
-            result.finish_reason = output.finish_reason
-            result.usage = output.usage
-    finally:
-        await stop_watching(watcher)
-    if result.usage is None:  # aborted before it began (its client is gone anyway)
-        result.usage = Usage(prompt_tokens=0, completion_tokens=len(result.token_ids))
-    return result
-
-
 def usage_info(usage: Usage) -> UsageInfo:
     return UsageInfo(
         prompt_tokens=usage.prompt_tokens,
@@ -248,11 +255,6 @@ def timings(usage: Usage) -> Timings | None:
         tokens_per_s=round(generated / decode_s, 3) if decode_s > 0 else 0.0,
         prompt_tokens_per_s=round(usage.prompt_tokens / usage.ttft_s, 3) if usage.ttft_s else None,
     )
-
-
-def finish_reason(reason: str | None) -> str | None:
-    """OpenAI knows "stop" and "length"; an abort never reaches a client that is still there."""
-    return reason if reason in ("stop", "length") else None
 
 
 def token_text(model: ServedModel, token: int) -> str:

@@ -1,4 +1,4 @@
-"""Server-sent events: a request's outputs as SSE, errors included, ending with [DONE]."""
+"""Server-sent events: a reply's events as SSE, errors included, ending with [DONE]."""
 
 from __future__ import annotations
 
@@ -6,46 +6,20 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
 
-from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from mlxserve.core.engine.engine import Engine
-from mlxserve.core.engine.sequence import RequestOutput
-from mlxserve.core.errors import EngineUnavailableError
-from mlxserve.server.errors import GenerationError, OutputFormatError, RequestTimeoutError
-from mlxserve.server.generation import (
-    Admitted,
-    outputs,
-    stop_watching,
-    timings,
-    usage_info,
-    watch_disconnect,
-)
+from mlxserve.server.errors import stream_error_kind
 from mlxserve.server.protocol.openai import error_body, sse
 
 Item = TypeVar("Item")
 Payload = BaseModel | dict[str, Any] | str
 
-# What ends a stream that has begun, and the error code its last event carries.
-STREAM_ERRORS: tuple[tuple[type[Exception], str], ...] = (
-    (OutputFormatError, "output_format_failed"),
-    (GenerationError, "generation_failed"),
-    (RequestTimeoutError, "timeout"),
-    (EngineUnavailableError, "engine_unavailable"),
-)
-
-
-def stream_error_code(exc: Exception) -> str | None:
-    """The error code of an exception that ends a stream (None: not one of those)."""
-    return next((code for kind, code in STREAM_ERRORS if isinstance(exc, kind)), None)
-
 
 def stream_error(exc: Exception) -> dict[str, Any] | None:
-    """The error event for an exception that ends a stream (None: not one of those)."""
-    code = stream_error_code(exc)
-    kind = "invalid_request_error" if isinstance(exc, OutputFormatError) else "server_error"
-    return None if code is None else error_body(str(exc), kind, code=code)
+    """The OpenAI-shaped error event for an exception that ends a stream (None: not one)."""
+    kind = stream_error_kind(exc)
+    return None if kind is None else error_body(str(exc), kind.type, code=kind.code)
 
 
 def typed_event(event: dict[str, Any]) -> str:
@@ -101,40 +75,3 @@ async def sse_response(
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
-
-
-async def event_stream(
-    engine: Engine,
-    admitted: Admitted,
-    request: Request,
-    *,
-    response_id: str,
-    chunk: type[BaseModel],
-    to_choice: Callable[[RequestOutput], BaseModel],
-    include_usage: bool,
-) -> StreamingResponse:
-    """A request's outputs as chunks of type ``chunk`` (one choice each, then usage).
-
-    A client that goes away aborts the request at once, whether the stream has begun or not.
-    """
-
-    def to_events(output: RequestOutput) -> list[BaseModel]:
-        events = [chunk(id=response_id, model=admitted.name, choices=[to_choice(output)])]
-        if output.usage and include_usage:
-            usage, spent = usage_info(output.usage), timings(output.usage)
-            events.append(
-                chunk(id=response_id, model=admitted.name, choices=[], usage=usage, timings=spent)
-            )
-        return events
-
-    async def watched() -> AsyncIterator[RequestOutput]:
-        watcher = watch_disconnect(engine, admitted, request)
-        source = outputs(engine, admitted)
-        try:
-            async for output in source:
-                yield output
-        finally:
-            await stop_watching(watcher)
-            await source.aclose()
-
-    return await sse_response(watched(), to_events)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mlxserve.core.sampling.constraint import json_grammar
@@ -36,10 +36,10 @@ def _schema(spec: Any) -> dict[str, Any] | None:
     return dict(schema)
 
 
-def check_tool_schemas(tools: list[dict[str, Any]], names: list[str] | None = None) -> None:
+def check_tool_schemas(tools: Sequence[Any], names: list[str] | None = None) -> None:
     """Check the ``parameters`` of the function tools whose calls a grammar will force
     (``names``: only those tools; all by default) against the schema limits, all of them
-    sharing one budget.
+    sharing one budget. Tools that are not function tools are skipped.
 
     Raises:
         InvalidParameterError: (param ``tools[i].function.parameters``) the first that fails;

@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticKnownError
 
+from mlxserve.core.errors import ModelNotFoundError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:
@@ -104,7 +106,7 @@ def _bounds(
     return AfterValidator(check)
 
 
-def _reject_bool(error_type: str) -> BeforeValidator:
+def _reject_bool(error_type: Literal["int_type", "float_type"]) -> BeforeValidator:
     def check(value: Any) -> Any:
         if isinstance(value, bool):  # pydantic would quietly accept true as 1
             raise PydanticKnownError(error_type)
@@ -288,6 +290,19 @@ class ModelEntry(_Section):
     kv_cache: KVCacheOverrides | None = None
 
     @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """The sampling settings this entry sets (below a request's, above its family's)."""
+        values = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+    @property
     def source_kind(self) -> Literal["builtin", "local", "hub"]:
         """Where the weights come from: ``builtin:NAME``, a local path, or the Hugging Face Hub."""
         return source_kind(self.source)
@@ -390,8 +405,21 @@ class Config(_Section):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
-    def resolve_model(self, name: str) -> tuple[str, ModelEntry] | None:
-        """Map a model name or alias to ``(canonical name, entry)``; None if unknown."""
+    def resolve_model(self, name: str | None = None) -> tuple[str, ModelEntry]:
+        """The one resolver of model names: ``(canonical name, entry)`` of a model name or
+        alias (None or "": ``[registry] default_model``).
+
+        Raises:
+            ModelNotFoundError: no model has that name or alias.
+        """
+        wanted = name or self.registry.default_model
+        found = self._find_model(wanted)
+        if found is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFoundError(f"model {wanted!r} does not exist (available: {known})")
+        return found
+
+    def _find_model(self, name: str) -> tuple[str, ModelEntry] | None:
         if name in self.models:
             return name, self.models[name]
         for model_name, entry in self.models.items():
@@ -403,12 +431,9 @@ class Config(_Section):
         """Effective KV-cache settings of a model (name or alias): `[kv_cache]` + its overrides.
 
         Raises:
-            KeyError: if no model has that name or alias.
+            ModelNotFoundError: no model has that name or alias.
         """
-        resolved = self.resolve_model(name)
-        if resolved is None:
-            raise KeyError(name)
-        overrides = resolved[1].kv_cache
+        overrides = self.resolve_model(name)[1].kv_cache
         if overrides is None:
             return self.kv_cache
         return self.kv_cache.model_copy(update={k: v for k, v in overrides if v is not None})
@@ -416,7 +441,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
         problems: list[tuple[Loc, str]] = []
-        if self.resolve_model(self.registry.default_model) is None:
+        if self._find_model(self.registry.default_model) is None:
             known = ", ".join(repr(name) for name in self.models) or "none"
             message = f"{_show(self.registry.default_model)} is not a model name or alias"
             problems.append((("registry", "default_model"), f"{message} (models: {known})"))

@@ -2,8 +2,8 @@
 
 MLX's Linux CPU wheel links a slow reference BLAS by name; a library loaded with RTLD_GLOBAL
 before ``mlx.core`` supplies the same symbols first and wins. Its matrix-vector rate bounds
-single-stream decoding. This runs before any configuration file is read, so environment
-variables are its only switches:
+single-stream decoding. The entry points run it first (``prepare_mlx`` in startup.py; a warning
+is logged if MLX was imported before it); environment variables are its only switches:
 
 - ``MLXSERVE_BLAS``: ``auto`` (default: mkl, else openblas, else MLX's own), ``off`` (MLX's
   own), ``mkl``, ``openblas``, or the path of a shared library exporting the standard BLAS.
@@ -21,12 +21,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.metadata
-import json
+import logging
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from mlxserve.core.distributed.hostfile import ranks_sharing_host, read_hostfile
+
+log = logging.getLogger(__name__)
 
 THREAD_VARIABLES = ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # Marks thread variables this loader set, so that child processes (mlx.launch's local ranks
@@ -74,13 +78,19 @@ def load_fast_blas() -> BlasInfo:
 def _choose_and_load() -> BlasInfo:
     if sys.platform != "linux":
         return BlasInfo("platform", None, None, "not Linux: MLX uses Accelerate/Metal")
+    choice = os.environ.get("MLXSERVE_BLAS", "auto").strip() or "auto"
+    mode = choice.lower()
     if "mlx.core" in sys.modules:
-        return BlasInfo(*_mapped_blas(), None, "mlx.core was already imported")
+        name, path = _mapped_blas()
+        if name == "bundled" and mode != "off":
+            log.warning(
+                "mlx.core was imported before the BLAS loader ran: MLX computes with its own, "
+                "slower BLAS (call mlxserve.core.cpu.startup.prepare_mlx() before importing mlx)"
+            )
+        return BlasInfo(name, path, None, "mlx.core was already imported")
     preloaded, preloaded_path = _mapped_blas()
     if preloaded != "bundled":
         return BlasInfo(preloaded, preloaded_path, _threads_of(preloaded), "already loaded")
-    choice = os.environ.get("MLXSERVE_BLAS", "auto").strip() or "auto"
-    mode = choice.lower()
     if mode == "off":
         return BlasInfo("bundled", None, 1, "MLXSERVE_BLAS=off")
     threads_reason = _set_thread_variables()
@@ -251,18 +261,6 @@ def ranks_on_this_host() -> int:
     """How many of mlx.launch's ranks listen on this rank's IP (1 when not launched)."""
     try:
         rank = int(os.environ["MLX_RANK"])
-        with open(os.environ["MLX_HOSTFILE"], encoding="utf-8") as hostfile:
-            hosts = json.load(hostfile)
-        if isinstance(hosts, dict):
-            hosts = hosts["hosts"]
-        ips = [_ips_of(host) for host in hosts]
-        return max(1, sum(1 for host_ips in ips if host_ips & ips[rank]))
-    except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError):
+    except (KeyError, ValueError):
         return 1
-
-
-def _ips_of(host: list[str] | dict[str, list[str]]) -> set[str]:
-    """A ring hostfile lists "ip:port" per rank; a launch hostfile, {"ips": [...]}."""
-    if isinstance(host, dict):
-        return set(host["ips"])
-    return {address.rsplit(":", 1)[0].strip("[]") for address in host}
+    return ranks_sharing_host(read_hostfile(), rank)

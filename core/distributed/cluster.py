@@ -7,13 +7,14 @@ schedules; every other rank follows its messages.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
+
+from mlxserve.core.distributed.hostfile import rank_zero_address, read_hostfile
 
 LENGTH_BYTES = 8
 
@@ -34,12 +35,12 @@ class Cluster:
         if "MLX_RANK" not in os.environ:
             return cls()
         group = mx.distributed.init(strict=True, backend=backend)
-        cluster = cls(group, group.rank(), group.size(), _ring_address_of_rank_zero())
+        cluster = cls(group, group.rank(), group.size(), rank_zero_address(read_hostfile()))
         if cluster.distributed:
             # Tells this launch's heartbeats from those of a stale rank of an earlier one.
             token = secrets.randbits(62) if cluster.rank == 0 else 0
             tokens = mx.distributed.all_sum(mx.array([token], dtype=mx.int64), group=group)
-            cluster.launch_token = int(tokens.item())
+            cluster.launch_token = int(tokens)
         return cluster
 
     @property
@@ -51,17 +52,7 @@ class Cluster:
         if not self.distributed:
             return [value]
         gathered = mx.distributed.all_gather(mx.array([value], dtype=mx.int64), group=self.group)
-        return [int(v) for v in gathered.tolist()]
-
-
-def _ring_address_of_rank_zero() -> tuple[str, int] | None:
-    """Rank 0's ring address, from the hostfile ``mlx.launch`` gave every rank."""
-    try:
-        with open(os.environ["MLX_HOSTFILE"], encoding="utf-8") as hostfile:
-            ip, port = json.load(hostfile)[0][0].rsplit(":", 1)
-        return ip.strip("[]"), int(port)
-    except (KeyError, OSError, ValueError, TypeError, IndexError, AttributeError):
-        return None
+        return cast("list[int]", gathered.tolist())
 
 
 def available_memory() -> int:

@@ -91,7 +91,7 @@ class Link:
     def _receive(self, size: int) -> bytes:
         data = mx.distributed.recv((size,), mx.uint8, self.upstream, group=self.group)
         mx.eval(data)
-        return bytes(memoryview(data))
+        return np.asarray(data).tobytes()  # a view of the array's memory, then one copy
 
 
 def encode(op: Op, model: str = "", body: bytes = b"") -> bytes:
@@ -156,7 +156,7 @@ class RankZero:
             return None
         return lambda plan: self._say(Op.STEP, model, plan.encode())
 
-    def load(self, name: str, load_model: Callable[[str], Any]) -> Any:
+    def load(self, name: str, load_model: Callable[[str], ServedModel]) -> ServedModel:
         """Load on every rank at once; fail (everywhere) if any rank fails.
 
         Not capped: downloading weights takes as long as it takes, while the ranks beat.
@@ -164,11 +164,12 @@ class RankZero:
         return self._together(lambda: self._load_everywhere(name, load_model), None)
 
     def _say(self, op: Op, model: str = "", body: bytes | bytearray = b"") -> None:
-        if self.link is not None:
+        link = self.link
+        if link is not None:
             message = encode(op, model, bytes(body))
-            self.together(lambda: self.link.send(message))
+            self.together(lambda: link.send(message))
 
-    def _load_everywhere(self, name: str, load_model: Callable[[str], Any]) -> Any:
+    def _load_everywhere(self, name: str, load_model: Callable[[str], ServedModel]) -> ServedModel:
         if self.link is not None:
             self.link.send(encode(Op.LOAD, name))
         model, error = None, None
@@ -187,9 +188,9 @@ class RankZero:
                 f"rank {', '.join(map(str, failed))} could not load model {name!r} "
                 f"(see that rank's log)"
             )
-        placement = getattr(model, "placement", None)
-        if placement is not None and self.distributed:
-            log.info("model %s: %s", name, placement.describe())
+        assert model is not None  # it loaded here (else error is set)
+        if self.distributed and model.placement is not None:
+            log.info("model %s: %s", name, model.placement.describe())
         return model
 
     # ---- the watchdog --------------------------------------------------------------------
@@ -332,7 +333,7 @@ class Follower:
         try:
             served = self.load_model(model)
             self.runners[model] = make_runner(served, self.settings, lockstep=True)
-            log.info("loaded model %s: %s", model, getattr(served, "placement", None))
+            log.info("loaded model %s: %s", model, served.placement)
             ok = 1
         except Exception:
             log.exception("loading model %s failed", model)

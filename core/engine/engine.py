@@ -17,7 +17,7 @@ import traceback
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.core.distributed.ranks import RankZero, lost_a_rank
@@ -35,6 +35,7 @@ from mlxserve.core.sampling.constraint import Constraint
 from mlxserve.core.sampling.params import SamplingParams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IDLE_WAIT_S = 0.2
 SHUTDOWN_MESSAGE = "the server is shutting down"
@@ -78,7 +79,9 @@ class QueueSlot:
             self._engine._release()
 
 
-def _resolve(future: asyncio.Future, value: Any = None, error: BaseException | None = None) -> None:
+def _resolve(
+    future: asyncio.Future[Any], value: Any = None, error: BaseException | None = None
+) -> None:
     def settle() -> None:
         if future.done():
             return
@@ -118,7 +121,7 @@ class Engine:
         self.workers: OrderedDict[str, ModelWorker] = OrderedDict()
         self.streams: dict[str, RequestStream] = {}
         self.seqs_waiting_for_model: dict[str, list[Sequence]] = {}
-        self.loads_waiting: dict[str, list[asyncio.Future]] = {}
+        self.loads_waiting: dict[str, list[asyncio.Future[ServedModel]]] = {}
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.error: str | None = None
         self._in_flight = 0
@@ -173,7 +176,7 @@ class Engine:
     def placements(self) -> dict[str, Any]:
         """Each loaded model's share among the ranks (when it has one)."""
         workers = list(self.workers.items())  # the engine thread may add or drop one meanwhile
-        shares = {n: getattr(w.model, "placement", None) for n, w in workers}
+        shares = {n: w.model.placement for n, w in workers}
         return {name: share for name, share in shares.items() if share is not None}
 
     async def model(self, name: str) -> ServedModel:
@@ -312,9 +315,9 @@ class Engine:
     def _send(self, command: Callable[..., None], *args: Any) -> None:
         self.commands.put(functools.partial(command, *args))
 
-    async def _call(self, command: Callable[[str, asyncio.Future], None], name: str) -> Any:
+    async def _call(self, command: Callable[[str, asyncio.Future[T]], None], name: str) -> T:
         self._check_alive()
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._send(command, name, future)
         return await future
 
@@ -436,14 +439,14 @@ class Engine:
                 _resolve(future, error=EngineUnavailableError(reason))
         self.loads_waiting.clear()
 
-    def _on_load(self, name: str, future: asyncio.Future) -> None:
+    def _on_load(self, name: str, future: asyncio.Future[ServedModel]) -> None:
         if name in self.workers:
             self.workers.move_to_end(name)
             _resolve(future, self.workers[name].model)
         else:
             self.loads_waiting.setdefault(name, []).append(future)
 
-    def _on_unload(self, name: str, future: asyncio.Future) -> None:
+    def _on_unload(self, name: str, future: asyncio.Future[bool]) -> None:
         worker = self.workers.get(name)
         if worker is None:
             _resolve(future, False)
@@ -501,15 +504,15 @@ class Engine:
                 model = self.ranks.load(name, self.load_model)
                 distributed = self.ranks.distributed
                 announce = self.ranks.announcer(name)
-                placement = getattr(model, "placement", None)
-                pipeline = distributed and placement.strategy == "pipeline"
+                share = model.placement if distributed else None
+                pipeline = share is not None and share.strategy == "pipeline"
                 self.workers[name] = ModelWorker(
                     model,
                     self.settings,
                     announce,
                     can_measure=not distributed or pipeline,
                     can_use_disk=not distributed,
-                    lanes=len(placement.stages) if pipeline else 1,
+                    lanes=len(share.stages) if share is not None and pipeline else 1,
                 )
         except Exception as exc:
             log.error("loading model %s failed: %s", name, exc)

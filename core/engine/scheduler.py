@@ -112,10 +112,12 @@ class Scheduler:
             hashes = block_hashes(seq.prompt_ids, self.blocks.block_size, self.prefix_salt)
             at_most = (len(seq.prompt_ids) - 1) // self.blocks.block_size  # one must be run
             reused = self.blocks.cached_prefix(hashes)[:at_most]
-            for block_hash in hashes[len(reused) : at_most] if self.from_disk else ():
-                if not self.from_disk(block_hash, frozenset(reused)):
-                    break
-                reused.append(block_hash)
+            from_disk = self.from_disk
+            if from_disk is not None:
+                for block_hash in hashes[len(reused) : at_most]:
+                    if not from_disk(block_hash, frozenset(reused)):
+                        break
+                    reused.append(block_hash)
         total = len(seq.prompt_ids) + seq.max_tokens
         if not self.blocks.can_reserve(total, reused):
             return False
@@ -214,6 +216,7 @@ class Scheduler:
         if seq.constraint is not None:
             seq.constraint.consume(token)
         params = seq.params
+        reason: str | None
         if token in params.stop_token_ids or (token in seq.eos_ids and not params.ignore_eos):
             text, reason = seq.text.finish(), "stop"
         else:
@@ -242,6 +245,7 @@ class Scheduler:
         A sequence that was decoding leaves its full KV blocks in the prefix cache.
         """
         if seq.reservation is not None:
+            assert self.blocks is not None  # a reservation is of the block manager's blocks
             full: list[str] = []
             if seq.status == Status.RUNNING and self.prefix_salt is not None:
                 computed = (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -28,16 +28,61 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ServedModel(Protocol):
-    """What the engine needs of a loaded model (the registry's LoadedModel is one)."""
-
-    name: str
-    stage: PipelineStage
-    tokenizer: Any
-    random_weights: bool
+class ModelShare(Protocol):
+    """How a model is split among the ranks (the registry's Placement is one)."""
 
     @property
-    def context_length(self) -> int: ...
+    def strategy(self) -> str: ...
+
+    @property
+    def stages(self) -> tuple[Any, ...]: ...  # one per rank, each with to_json()
+
+    def describe(self) -> str: ...
+
+
+class ServedModel(Protocol):
+    """What the engine and the server use of a loaded model (the registry's LoadedModel is
+    one): everything either reads of a model is declared here.
+
+    ``family`` and ``tool_call_format`` are a plugin's ModelFamily and ToolCallFormat; they
+    are typed loosely because core imports no other room.
+    """
+
+    name: str  # the canonical name, as [models.NAME]
+    stage: PipelineStage  # this rank's layers
+    tokenizer: Any  # mlx-lm's TokenizerWrapper
+    random_weights: bool  # a tiny checkpoint with random weights (for trying things out)
+    family: Any  # its ModelFamily: named in errors, renders tool turns
+
+    @property
+    def placement(self) -> ModelShare | None:
+        """Its share among the ranks (None: loaded as one given stage)."""
+        ...
+
+    @property
+    def fingerprint(self) -> str:
+        """Names this exact checkpoint: KV blocks are shared (and kept on disk) under it."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the logits: token ids a request names must be below it."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model was trained for."""
+        ...
+
+    @property
+    def sampling_defaults(self) -> Mapping[str, float]:
+        """Sampling parameters its family recommends (below a request's and its entry's)."""
+        ...
+
+    @property
+    def tool_call_format(self) -> Any:
+        """How it sees tools and writes tool calls (a ToolCallFormat), or None if it cannot."""
+        ...
 
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
@@ -84,17 +129,18 @@ class ModelWorker:
                 "prefix caching is off for it",
                 model.name,
             )
-        self.key = getattr(model, "fingerprint", model.name)
+        self.key = model.fingerprint
         if kv.disk_dir and self.prefix_caching:
             if can_use_disk:
-                self.runner.disk = DiskTier(
+                store = self.runner.prefix_store
+                store.disk = DiskTier(
                     Path(kv.disk_dir),
                     self.key,
                     model.stage.layers,
                     kv.block_size,
                     kv.disk_max_bytes,
                 )
-                self.runner.write_all_to_disk = kv.disk_write == "all"
+                store.write_all_to_disk = kv.disk_write == "all"
             else:
                 log.warning("%s: the KV disk tier is off with several ranks", model.name)
         self.scheduler = self._new_scheduler()
@@ -118,15 +164,18 @@ class ModelWorker:
         s, block_size = self.settings, self.kv.block_size
         blocks = BlockManager(self.capacity_tokens // block_size, block_size)
         salt = self.key if self.prefix_caching else None
-        from_disk = self._from_disk if self.runner.disk is not None else None
+        from_disk = self._from_disk if self.runner.prefix_store.disk is not None else None
         return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt, from_disk, self.lanes)
 
     def _from_disk(self, block_hash: str, keep: Collection[str]) -> bool:
-        if not self.runner.load_from_disk(block_hash):
+        store = self.runner.prefix_store
+        if not store.load_from_disk(block_hash):
             return False
-        if self.scheduler.blocks.adopt(block_hash, keep):
+        blocks = self.scheduler.blocks
+        assert blocks is not None  # a worker's schedulers always have a block manager
+        if blocks.adopt(block_hash, keep):
             return True
-        self.runner.blocks.pop(block_hash, None)
+        store.discard(block_hash)
         return False
 
     def has_work(self) -> bool:
@@ -157,7 +206,7 @@ class ModelWorker:
         self.overlapped_steps += bool(self.in_flight)
         found = [self.scheduler.find(rid) for rid in plan.sample_ids]
         alive = [i for i, seq in enumerate(found) if seq is not None]  # none aborted meanwhile
-        seqs = [found[i] for i in alive]
+        seqs = [seq for seq in found if seq is not None]
         pending = start_masks([s.constraint for s in seqs])  # computed during the forward pass
         try:
             logits = self.runner.run(plan)
@@ -165,7 +214,10 @@ class ModelWorker:
             masks = join_masks(pending)
         if logits is not None and len(alive) < len(found):
             logits = logits[mx.array(alive, dtype=mx.int32)]
-        tokens, logprobs = sample_each(logits, seqs, masks) if seqs else ([], [])
+        if not seqs:
+            return self.scheduler.postprocess(plan, [], [], [])
+        assert logits is not None, "a step that samples has logits"
+        tokens, logprobs = sample_each(logits, seqs, masks)
         return self.scheduler.postprocess(plan, seqs, tokens, logprobs)
 
     def _ready_lane(self) -> int | None:
@@ -184,11 +236,11 @@ class ModelWorker:
         while any(self.scheduler.to_save) or any(self.scheduler.to_release):
             self.step()  # copies the blocks of sequences that just ended out of the batch
             self.settle()
-        disk = self.runner.disk
-        if disk is None:
+        store = self.runner.prefix_store
+        if store.disk is None:
             return
-        queued = self.runner.spill_to_disk()
-        if disk.close(timeout_s):
+        queued = store.spill_to_disk()
+        if store.disk.close(timeout_s):
             log.info("%s: %d KV blocks kept on the disk tier", self.model.name, queued)
         else:
             log.warning(

@@ -27,6 +27,7 @@ import time
 import zlib
 from collections import Counter, OrderedDict
 from pathlib import Path
+from typing import cast
 
 import mlx.core as mx
 
@@ -55,7 +56,8 @@ def checksum(arrays: list[mx.array]) -> str:
     # several times faster than a cryptographic hash over hundreds of MB of KV.
     crc = 0
     for array in arrays:
-        crc = zlib.crc32(memoryview(array).cast("B"), crc)
+        # mx.array has the buffer protocol, but its stub does not declare it
+        crc = zlib.crc32(memoryview(array).cast("B"), crc)  # type: ignore[arg-type]
     return f"{crc:08x}"
 
 
@@ -394,7 +396,8 @@ class DiskTier:
             return None
         path = self._path(block_hash)
         try:
-            arrays, meta = mx.load(str(path), return_metadata=True)
+            loaded = mx.load(str(path), return_metadata=True)  # (arrays, safetensors metadata)
+            arrays, meta = cast("tuple[dict[str, mx.array], dict[str, str]]", loaded)
             data, problem = self._check(arrays, meta, expected)
         except Exception as exc:  # a stale or corrupt file is never used
             data, problem = None, str(exc)

@@ -9,13 +9,14 @@ mlx-lm's ``BatchKVCache``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import QuantizedKVCache, _BaseCache
 
-Quantized = tuple[mx.array, mx.array, mx.array]
+# Quantized vectors: (packed weights, scales, biases).
+Quantized = tuple[mx.array, ...]
 
 
 def fitting_group_size(dim: int, wanted: int) -> int:
@@ -80,11 +81,12 @@ class BatchQuantizedCache(_BaseCache):
                 min(keys.shape[-1], values.shape[-1]), self.group_size
             )
         new_keys, new_values = self._quantize(keys), self._quantize(values)
-        if self.keys is None or start + count > self.keys[0].shape[2]:
+        kept_keys, kept_values = self.keys, self.values
+        if kept_keys is None or kept_values is None or start + count > kept_keys[0].shape[2]:
             steps = (self.step + count - 1) // self.step * self.step
-            self.keys = self._grow(self.keys, new_keys, steps)
-            self.values = self._grow(self.values, new_values, steps)
-        for stored, new in ((self.keys, new_keys), (self.values, new_values)):
+            kept_keys = self.keys = self._grow(kept_keys, new_keys, steps)
+            kept_values = self.values = self._grow(kept_values, new_values, steps)
+        for stored, new in ((kept_keys, new_keys), (kept_values, new_values)):
             for i in range(3):
                 stored[i][..., start : start + count, :] = new[i]
         self._idx += count
@@ -95,6 +97,7 @@ class BatchQuantizedCache(_BaseCache):
         def upto(parts: Quantized) -> Quantized:
             return tuple(x[..., : self._idx, :] for x in parts)
 
+        assert self.keys is not None and self.values is not None, "the cache is empty"
         return upto(self.keys), upto(self.values)
 
     def make_mask(self, N: int, return_array: bool = False, **kwargs: Any) -> mx.array:
@@ -111,14 +114,14 @@ class BatchQuantizedCache(_BaseCache):
         pass
 
     def filter(self, batch_indices: mx.array) -> None:
-        if self.keys is not None:
+        if self.keys is not None and self.values is not None:
             self.keys = tuple(x[batch_indices] for x in self.keys)
             self.values = tuple(x[batch_indices] for x in self.values)
         self.offset = self.offset[batch_indices]
         self.left_padding = self.left_padding[batch_indices]
-        shift = min(self.left_padding.tolist())
+        shift = min(cast("list[int]", self.left_padding.tolist()))
         if shift > 0:
-            if self.keys is not None:
+            if self.keys is not None and self.values is not None:
                 self.keys = tuple(x[..., shift:, :] for x in self.keys)
                 self.values = tuple(x[..., shift:, :] for x in self.values)
             self._idx -= shift
@@ -133,6 +136,7 @@ class BatchQuantizedCache(_BaseCache):
         longest = max(self._idx, other._idx)
 
         def justified(cache: BatchQuantizedCache) -> tuple[Quantized, Quantized, mx.array]:
+            assert cache.keys is not None and cache.values is not None
             left = longest - cache._idx
             keys = tuple(x[..., : cache._idx, :] for x in cache.keys)
             values = tuple(x[..., : cache._idx, :] for x in cache.values)
@@ -166,8 +170,9 @@ class BatchQuantizedCache(_BaseCache):
                 for i in range(3)
             )
 
-        batch.keys = stacked([c.keys for c in caches])
-        batch.values = stacked([c.values for c in caches])
+        # mlx-lm types a QuantizedKVCache's keys and values as None: they are Quantized here
+        batch.keys = stacked([cast(Quantized, c.keys) for c in caches])
+        batch.values = stacked([cast(Quantized, c.values) for c in caches])
         batch.offset = batch.offset + longest
         batch._idx = longest
         return batch
@@ -182,8 +187,12 @@ class BatchQuantizedCache(_BaseCache):
     def state(self) -> tuple[Any, ...]:
         return self.keys, self.values, self.offset, self.left_padding
 
+    @state.setter
+    def state(self, v: tuple[Any, ...]) -> None:
+        self.keys, self.values, self.offset, self.left_padding = v
+
     @property
     def nbytes(self) -> int:
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             return 0
         return sum(x.nbytes for x in (*self.keys, *self.values))

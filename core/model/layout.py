@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,6 +30,14 @@ def _assign(root: nn.Module, path: str, value: Any) -> None:
     setattr(_resolve(root, parent) if parent else root, name, value)
 
 
+def _parameters(module: nn.Module) -> list[tuple[str, mx.array]]:
+    """The module's parameters as (dotted name, array) pairs; nothing is evaluated."""
+    from mlx.utils import tree_flatten
+
+    # tree_flatten gives a list unless it is given a dict to fill.
+    return cast("list[tuple[str, mx.array]]", tree_flatten(module.parameters()))
+
+
 @dataclass
 class DecoderLayout:
     """A family's sharding rule for pipeline parallelism.
@@ -48,10 +56,8 @@ class DecoderLayout:
     hidden_dtype: mx.Dtype = field(init=False)
 
     def __post_init__(self) -> None:
-        from mlx.utils import tree_flatten
-
         embed = _resolve(self.model, self.embed)
-        params = tree_flatten(embed.parameters()) if embed is not None else []
+        params = _parameters(embed) if embed is not None else []
         floats = [p.dtype for _, p in params if mx.issubdtype(p.dtype, mx.floating)]
         self.hidden_dtype = floats[0] if floats else mx.float32
 
@@ -60,11 +66,17 @@ class DecoderLayout:
         return self.model.args.hidden_size
 
     @property
+    def vocab_size(self) -> int:
+        """The width of the logits: every token id the model can score is below it."""
+        return int(self.model.args.vocab_size)
+
+    @property
     def num_layers(self) -> int:
         return len(self.layer_modules)
 
     @property
-    def layer_modules(self) -> list[nn.Module]:
+    def layer_modules(self) -> list[nn.Module | None]:
+        """The decoder layers; None where :meth:`keep_only` dropped one from this stage."""
         return _resolve(self.model, self.layers)
 
     def embed_tokens(self, tokens: mx.array) -> mx.array:
@@ -72,6 +84,8 @@ class DecoderLayout:
 
     def run_layer(self, index: int, h: mx.array, cache: Any) -> mx.array:
         layer = self.layer_modules[index]
+        if layer is None:
+            raise ValueError(f"layer {index} is not in this stage")
         return layer(h, self.mask(h, cache, layer), cache=cache)
 
     def logits(self, h: mx.array) -> mx.array:
@@ -81,11 +95,10 @@ class DecoderLayout:
         return _resolve(self.model, self.head)(h)
 
     def layer_nbytes(self) -> list[int]:
-        """Bytes of each layer's parameters (from shapes: nothing is evaluated)."""
-        from mlx.utils import tree_flatten
-
+        """Bytes of each layer's parameters (from shapes: nothing is evaluated); 0 for a
+        layer this stage dropped."""
         return [
-            sum(p.nbytes for _, p in tree_flatten(layer.parameters()))
+            sum(p.nbytes for _, p in _parameters(layer)) if layer is not None else 0
             for layer in self.layer_modules
         ]
 

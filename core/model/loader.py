@@ -15,7 +15,16 @@ from mlxserve.core.cpu.parallel_linear import parallelize_linears
 from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.core.model.stages import PipelineStage
 
-ModelClasses = Callable[[dict[str, Any]], tuple[type[nn.Module], type]]
+# config.json -> its (Model, ModelArgs) classes, as ModelFamily.model_classes gives them.
+ModelClasses = Callable[[dict[str, Any]], tuple[type[nn.Module], type[Any]]]
+
+
+def build_model(model_classes: ModelClasses, config: dict[str, Any]) -> nn.Module:
+    """``Model(ModelArgs.from_dict(config))``, mlx-lm's way; nothing is loaded."""
+    model_class, args_class = model_classes(config)
+    # An mlx-lm Model class takes its ModelArgs (nn.Module's own __init__ takes nothing).
+    make: Callable[..., nn.Module] = model_class
+    return make(args_class.from_dict(config))
 
 
 def build_lazy(
@@ -39,8 +48,7 @@ def build_skeleton(
     """The checkpoint's model from config.json and its weights' names alone (nothing read),
     quantized where the weights are, so that its parameter sizes are the real ones."""
     config = load_config(Path(path))
-    model_class, args_class = model_classes(config)
-    model = model_class(args_class.from_dict(config))
+    model = build_model(model_classes, config)
     quantization = config.get("quantization")
     if quantization:
         nn.quantize(

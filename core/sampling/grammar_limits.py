@@ -196,7 +196,11 @@ class _Walk:
                 stack.extend((item, depth + 1, _DATA, node) for item in value.values())
 
     def _schema(
-        self, schema: dict, node: int, depth: int, stack: list[tuple[Any, int, int, int]]
+        self,
+        schema: dict[str, Any],
+        node: int,
+        depth: int,
+        stack: list[tuple[Any, int, int, int]],
     ) -> None:
         if "x-guidance" in schema and not isinstance(schema["x-guidance"], dict):
             raise SchemaError("x-guidance must be an object (of llguidance's JSON options)")
@@ -305,7 +309,7 @@ class _Walk:
         return gates.solve(schema_gate[0])
 
     @staticmethod
-    def _type_branches(schema: dict, gate: Any, gates: _Gates) -> list[int]:
+    def _type_branches(schema: dict[str, Any], gate: Any, gates: _Gates) -> list[int]:
         kinds = schema.get("type", _TYPES)
         kinds = [kinds] if isinstance(kinds, str) else kinds
         if not isinstance(kinds, list) or any(k not in ("object", "array") for k in kinds):

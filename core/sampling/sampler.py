@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence as Seq
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
@@ -106,7 +107,7 @@ def sample(
             scaled = _filter(scaled, params)
         drawn = mx.argmax(scaled + _gumbel_noise(seqs, logits.shape[-1]), axis=-1)
         tokens = mx.where(mx.array([p.greedy for p in params]), greedy, drawn)
-    token_list = tokens.tolist()
+    token_list = cast("list[int]", tokens.tolist())  # one token id a row
     if not any(s.params.wants_logprobs for s in seqs):
         return token_list, [None] * len(seqs)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -121,10 +122,11 @@ def sample(
 def _logprob(row: mx.array, token: int, top_n: int) -> TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     if top_n:
-        ids = mx.argsort(-row)[:top_n].tolist()
-        pairs = zip(ids, row[mx.array(ids)].tolist(), strict=True)
+        ids = cast("list[int]", mx.argsort(-row)[:top_n].tolist())
+        values = cast("list[float]", row[mx.array(ids)].tolist())
+        pairs = zip(ids, values, strict=True)
         top = tuple((i, p) for i, p in pairs if p > -math.inf)  # a grammar's ruled-out tokens
-    return TokenLogprob(token, row[token].item(), top)
+    return TokenLogprob(token, float(row[token]), top)
 
 
 def sample_each(
@@ -142,6 +144,8 @@ def sample_each(
         pass
     tokens_each: list[int | Exception] = []
     logprobs_each: list[TokenLogprob | None] = []
+    token: int | Exception
+    logprob: TokenLogprob | None
     for row, seq in enumerate(seqs):
         try:
             row_masks = None if masks is None else masks[row : row + 1]

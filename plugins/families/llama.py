@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -100,10 +100,11 @@ class Llama(ModelFamily):
     model_types = ("llama",)
     chat_template = CHAT_TEMPLATE
     bos_token = "<|begin_of_text|>"
-    stop_tokens = ("<|eot_id|>", "<|end_of_text|>")
-    control_tokens = ("<|start_header_id|>", "<|end_header_id|>")
-    tool_call_format = LlamaToolCalls()
-    gguf_architectures = ("llama",)
+    # Declared as wide as ModelFamily's, so that families built on Llama's may differ.
+    stop_tokens: ClassVar[tuple[str, ...]] = ("<|eot_id|>", "<|end_of_text|>")
+    control_tokens: ClassVar[tuple[str, ...]] = ("<|start_header_id|>", "<|end_header_id|>")
+    tool_call_format: ClassVar[ToolCallFormat | None] = LlamaToolCalls()
+    gguf_architectures: ClassVar[tuple[str, ...]] = ("llama",)
 
     def layout(self, model: nn.Module) -> DecoderLayout:
         head = "lm_head" if hasattr(model, "lm_head") else None

@@ -42,7 +42,8 @@ NAME_CHARS = re.compile(r"[\w.\-]*")
 
 def could_become_named_call(text: str) -> bool:
     """Whether more text could still make ``text`` a ``name[CALL_ID]id[ARGS]`` head."""
-    name = NAME_CHARS.match(text).group()  # type: ignore[union-attr]
+    head = NAME_CHARS.match(text)  # matches the empty string too: never None
+    name = head.group() if head else ""
     rest = text[len(name) :]
     if not rest or not name:
         return not rest
@@ -51,7 +52,8 @@ def could_become_named_call(text: str) -> bool:
     if not rest.startswith(CALL_ID):
         return False
     after = rest[len(CALL_ID) :]
-    call_id = re.match(r"\w*", after).group()  # type: ignore[union-attr]
+    id_match = re.match(r"\w*", after)  # never None, as above
+    call_id = id_match.group() if id_match else ""
     return ARGS.startswith(after[len(call_id) :])
 
 
@@ -80,11 +82,11 @@ class MistralParser(MarkerParser):
             return None
         if not isinstance(value, kind) or not value and kind is list:
             return [TextPiece(region[:end])], end
-        objects = value if kind is list else [{"name": name, "arguments": value}]
-        calls = [call_from_object(item) for item in objects]
-        if not all(calls):
+        objects = value if isinstance(value, list) else [{"name": name, "arguments": value}]
+        calls = [call for call in map(call_from_object, objects) if call is not None]
+        if len(calls) < len(objects):
             return [TextPiece(region[:end])], end
-        return list(calls), end  # type: ignore[arg-type]
+        return calls, end
 
 
 class MistralToolCalls(ToolCallFormat):
@@ -153,7 +155,7 @@ class Mistral(Llama):
     tool_call_format = MistralToolCalls()
     gguf_architectures = ()  # llama.cpp writes Mistral as "llama": the Llama family converts it
 
-    def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type]:
+    def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type[Any]]:
         windowed = config.get("sliding_window") and not config.get("layer_types")
         return (SlidingWindowModel if windowed else llama.Model), llama.ModelArgs
 

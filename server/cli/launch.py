@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlxserve.core.config.schema import Config, DistributedConfig
-from mlxserve.core.errors import MlxserveError
+from mlxserve.core.config.schema import Config
+from mlxserve.core.distributed.hostfile import launch_hostfile
 
-LOCAL = "127.0.0.1"
 # mlx.launch waits in select() for its ranks' stdin to be writable, which it always is, so it
 # spins on a core for as long as the ranks run. mlxserve sends no input: drop the wait.
 LAUNCHER = """
@@ -30,34 +27,6 @@ launch.main()
 """
 # mlx.launch exits 0 whatever its ranks do; it only says so on stderr.
 RANK_FAILED = re.compile(r"Node with rank (\d+) (?:exited with code -?\d+|was killed)")
-
-
-def _ip(host: str) -> str:
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    try:
-        return socket.gethostbyname(host)
-    except OSError as exc:
-        raise MlxserveError(
-            f"[distributed] hosts: cannot resolve {host!r} ({exc}); use its IP address"
-        ) from exc
-
-
-def hostfile(config: DistributedConfig) -> dict[str, Any]:
-    """mlx.launch's hostfile: whom to ssh into, and which IP each rank listens on."""
-    if len(config.hosts) < 2:
-        raise MlxserveError(
-            "[distributed] hosts must list at least two hosts (one rank each) to launch; "
-            "with one machine, run `mlxserve serve`"
-        )
-    hosts = []
-    for host in config.hosts:
-        ip = _ip(host)
-        ssh = host if ip == LOCAL or not config.ssh_user else f"{config.ssh_user}@{host}"
-        hosts.append({"ssh": ssh, "ips": [ip]})
-    return {"backend": config.backend, "hosts": hosts}
 
 
 def launch_command(config: Config, config_file: str | None, hostfile_path: str) -> list[str]:
@@ -84,7 +53,7 @@ def launch_command(config: Config, config_file: str | None, hostfile_path: str) 
 
 def run_launch(config: Config, config_file: str | None, dry_run: bool) -> int:
     """Write the hostfile and start every rank; Ctrl-C or SIGTERM stops them all."""
-    hosts = hostfile(config.distributed)
+    hosts = launch_hostfile(config.distributed)
     with tempfile.NamedTemporaryFile(
         "w", suffix=".json", prefix="mlxserve-hosts-", delete=False
     ) as f:

@@ -1,20 +1,28 @@
-"""The ``mlxserve`` command."""
+"""The ``mlxserve`` command.
+
+Nothing here imports MLX at the top: ``main`` calls ``prepare_mlx`` (core/cpu/startup.py) before
+a command that computes or loads plugins runs, and each command imports what it needs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlxserve.core.config.schema import Config, ConfigError, dump_config, load_config
 from mlxserve.core.errors import MlxserveError
 from mlxserve.core.logs import setup_logging
-from mlxserve.registry.plugins import Plugins, load_plugins
 from mlxserve.server.cli.models import add_models_commands
+
+if TYPE_CHECKING:
+    from mlxserve.registry.plugins import Plugins
 
 
 def _plugins(config: Config) -> Plugins:
+    from mlxserve.registry.plugins import load_plugins
+
     return load_plugins(config.plugins.enabled, trace=config.plugins.trace)
 
 
@@ -139,7 +147,7 @@ def cmd_generate(args: argparse.Namespace, config: Config) -> int:
     from mlxserve.server.app import engine_settings
 
     registry = ModelRegistry(config, _plugins(config))
-    name, _ = registry.resolve(args.model or config.registry.default_model)
+    name, _ = config.resolve_model(args.model)  # None: the default model
     engine = Engine(lambda model: registry.load(model, download=True), engine_settings(config))
 
     async def answer() -> None:
@@ -184,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         sub = config_cmds.add_parser(name, help=text)
         sub.add_argument("file", nargs="?", help="config file (default: ./mlxserve.toml)")
-        sub.set_defaults(func=func)
+        sub.set_defaults(func=func, mlx=False)  # validating a config never imports MLX
 
     plugins = commands.add_parser("plugins", help="list plugins and their model families")
     plugins_cmds = plugins.add_subparsers(dest="plugins_command", required=True, metavar="ACTION")
@@ -208,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "launch", parents=[common], help="start every [distributed] host's rank with mlx.launch"
     )
     launch.add_argument("--dry-run", action="store_true", help="print what would run")
-    launch.set_defaults(func=cmd_launch)
+    launch.set_defaults(func=cmd_launch, mlx=False)  # its ranks run `serve`
 
     generate = commands.add_parser("generate", parents=[common], help="answer one prompt and exit")
     generate.add_argument("prompt")
@@ -229,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         config = load_config(getattr(args, "file", None) or args.config, overrides=overrides)
         setup_logging(config.logging.level, config.logging.file)
+        if getattr(args, "mlx", True):
+            from mlxserve.core.cpu.startup import prepare_mlx
+
+            prepare_mlx()  # before anything imports MLX: the fast BLAS, the open-files limit
         return args.func(args, config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlxserve.core.config.schema import Config
-from mlxserve.registry.plugins import load_plugins
 
 if TYPE_CHECKING:
     from mlxserve.registry.models import ModelRegistry
@@ -21,6 +20,7 @@ _PULLED = {
 
 def _registry(config: Config) -> ModelRegistry:
     from mlxserve.registry.models import ModelRegistry
+    from mlxserve.registry.plugins import load_plugins
 
     return ModelRegistry(config, load_plugins(config.plugins.enabled))
 
@@ -36,6 +36,7 @@ def human_size(size: int) -> str:
 
 def cmd_models_tiny(args: argparse.Namespace, config: Config) -> int:
     from mlxserve.plugins.tiny import RANDOM_WEIGHTS_NOTE, write_tiny_checkpoint
+    from mlxserve.registry.plugins import load_plugins
 
     family = load_plugins(config.plugins.enabled).family(args.family)
     path = write_tiny_checkpoint(family, args.dir, model_type=args.model_type, seed=args.seed)
@@ -75,7 +76,7 @@ def cmd_models_pull(args: argparse.Namespace, config: Config) -> int:
 
     registry = _registry(config)
     store = registry.store
-    name, entry = registry.resolve(args.name)
+    name, entry = config.resolve_model(args.name)
     if entry.source_kind == "hub":
         path = store.pull(
             entry.source, entry.revision, retries=args.retries, backoff=args.retry_delay
@@ -92,7 +93,7 @@ def cmd_models_pull(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_models_rm(args: argparse.Namespace, config: Config) -> int:
     registry = _registry(config)
-    name, entry = registry.resolve(args.name)
+    name, entry = config.resolve_model(args.name)
     freed = registry.store.remove(entry.source, entry.revision, family=entry.family)
     if freed and entry.source_kind == "local":
         print(f"{name}: removed the converted copy of {entry.source} ({human_size(freed)} freed)")

@@ -26,11 +26,11 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import h11
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from mlxserve.server.protocol.openai import error_body
 
@@ -197,6 +197,7 @@ class GuardedProtocol(H11Protocol):
         self.phase = ""
         self.deadline: asyncio.TimerHandle | None = None
 
+    # As uvicorn's own: narrower than asyncio.Protocol's (any BaseTransport), hence the ignore.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if not self.guard.admit(self):
@@ -229,7 +230,9 @@ class GuardedProtocol(H11Protocol):
         state = self.conn.their_state
         if state is h11.SEND_BODY:
             return "body"
-        if state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
+        # None until the first request comes, though uvicorn's annotation does not say so
+        cycle = cast("RequestResponseCycle | None", self.cycle)
+        if state is h11.IDLE and (cycle is None or cycle.response_complete):
             return "headers"
         return "running"
 

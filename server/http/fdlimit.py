@@ -1,50 +1,15 @@
-"""The open-files limit: mlx_lm must not lower it, and ``mlxserve serve`` raises it.
-
-Standard library only: ``mlxserve.server`` imports this before anything imports mlx_lm.
-"""
+"""The open-files limit: ``mlxserve serve`` raises it (and mlx_lm must not lower it: see
+core/cpu/startup.py, which imports mlx_lm and keeps the limits the process started with)."""
 
 from __future__ import annotations
 
 import resource
-import sys
 
-NOFILE = resource.RLIMIT_NOFILE
-INFINITY = resource.RLIM_INFINITY
+from mlxserve.core.cpu.startup import INFINITY, NOFILE, STARTING_LIMITS
+
 # Soft limits tried when the hard limit is "unlimited" (macOS refuses a soft limit above
 # kern.maxfilesperproc, often 10240 or 24576, with EINVAL).
 UNLIMITED_TRIES = (1 << 20, 65536, 24576, 10240)
-# The limits the process started with (before mlx_lm could change them), for the log.
-STARTING_LIMITS = resource.getrlimit(NOFILE)
-
-
-def import_mlx_lm_keeping_fd_limit() -> None:
-    """Import ``mlx_lm.utils`` without letting it change the open-files limit for the worse.
-
-    When first imported it calls ``setrlimit(RLIMIT_NOFILE, (2048, 4096))``: that lowers a
-    higher hard limit for the life of the process (only root may raise it again), lowers a
-    higher soft limit, and fails the import (ValueError) where the hard limit is below 4096.
-    During that import setrlimit may only raise the soft limit, within the hard limit.
-    """
-    if "mlx_lm.utils" in sys.modules:
-        return
-    import mlxserve.core  # noqa: F401  (first: it puts the fastest BLAS under MLX)
-
-    real = resource.setrlimit
-
-    def only_raise(which: int, limits: tuple[int, int]) -> None:
-        if which != NOFILE:
-            real(which, limits)
-            return
-        soft, hard = resource.getrlimit(NOFILE)
-        wanted = limits[0] if hard == INFINITY else min(limits[0], hard)
-        if soft != INFINITY and wanted > soft:
-            real(NOFILE, (wanted, hard))
-
-    resource.setrlimit = only_raise
-    try:
-        import mlx_lm.utils  # noqa: F401
-    finally:
-        resource.setrlimit = real
 
 
 def raise_fd_limit() -> tuple[int, int, int]:

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
-from mlxserve.core.config.schema import ModelEntry
-from mlxserve.core.sampling.params import (
-    INT32_MAX,
-    MAX_STOP_STRINGS,
-    InvalidParameterError,
-    SamplingParams,
-)
+from mlxserve.core.sampling.params import INT32_MAX, MAX_STOP_STRINGS, InvalidParameterError
 from mlxserve.server.protocol.openai import (
     MAX_MESSAGES,
     MAX_PARTS,
@@ -25,8 +18,8 @@ from mlxserve.server.protocol.openai import (
     Text,
     at_most,
     printable,
-    resolve_sampling_params,
 )
+from mlxserve.server.protocol.request import Conversation, RequestedSampling
 
 # HTTP status -> Anthropic's error type
 ERROR_TYPES = {
@@ -194,21 +187,24 @@ class MessagesRequest(OpenAIBaseModel):
         if self.tool_choice and self.tool_choice.type == "tool" and not self.tool_choice.name:
             raise InvalidParameterError("tool_choice.name", "type 'tool' needs the tool's name")
 
-    def to_sampling_params(
-        self,
-        defaults: ModelEntry | None = None,
-        family_defaults: Mapping[str, float] | None = None,
-    ) -> SamplingParams:
-        """Map the request to SamplingParams (request > model entry > family > built-in)."""
+    def conversation(self) -> Conversation:
+        """The request as the shared pipeline's conversation."""
+        return Conversation(
+            self.chat_messages(),
+            self.tool_dicts(),
+            self.tool_choice_name(),
+            self.parallel_tool_calls,
+        )
+
+    def sampling(self) -> RequestedSampling:
+        """The sampling asked for, checked (request > model entry > family > built-in)."""
         requested = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
         }
-        return resolve_sampling_params(
-            requested, defaults, family_defaults, stop=tuple(self.stop_sequences or ())
-        )
+        return RequestedSampling.of(requested, stop=tuple(self.stop_sequences or ()))
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """The conversation in OpenAI's chat shape: tool results become ``tool`` messages."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -21,16 +20,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from mlxserve.core.config.schema import ModelEntry
 from mlxserve.core.sampling.params import (
-    DEFAULTABLE_PARAMS,
     INT32_MAX,
     MAX_LOGIT_BIAS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     InvalidParameterError,
-    SamplingParams,
 )
+from mlxserve.server.protocol.request import Conversation, RawPrompt, RequestedSampling
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -58,7 +55,7 @@ class _Response(BaseModel):
 
     # Unannotated on purpose: a return annotation would replace each model's JSON schema.
     @model_serializer(mode="wrap")
-    def _drop_none(self, handler: SerializerFunctionWrapHandler):
+    def _drop_none(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
         data = handler(self)
         return {k: v for k, v in data.items() if v is not None or k in self._keep_none}
 
@@ -276,16 +273,14 @@ class _SamplingRequest(OpenAIBaseModel):
             message = f"only n=1 is supported (got {self.n}); send one request per choice"
             raise _unsupported("n", message)
 
-    def _sampling_params(
+    def _sampling(
         self,
-        defaults: ModelEntry | None,
-        family_defaults: Mapping[str, float] | None,
         *,
         max_tokens: int | None,
         logprobs: bool,
         top_logprobs: int | None,
         renames: dict[str, str],
-    ) -> SamplingParams:
+    ) -> RequestedSampling:
         self.check_supported()
         requested = {
             "max_tokens": max_tokens,
@@ -297,10 +292,8 @@ class _SamplingRequest(OpenAIBaseModel):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
         }
-        return resolve_sampling_params(
+        return RequestedSampling.of(
             requested,
-            defaults,
-            family_defaults,
             default_max_tokens=self._default_max_tokens,
             renames=renames,
             # Negative seeds are valid int64 seeds for OpenAI; the engine wants 0..2**63-1.
@@ -312,40 +305,6 @@ class _SamplingRequest(OpenAIBaseModel):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
         )
-
-
-def resolve_sampling_params(
-    requested: Mapping[str, Any],
-    defaults: ModelEntry | None,
-    family_defaults: Mapping[str, float] | None,
-    *,
-    default_max_tokens: int | None = None,
-    renames: Mapping[str, str] | None = None,
-    **fixed: Any,
-) -> SamplingParams:
-    """Build SamplingParams from a request's values, for any of the APIs.
-
-    Each value of ``requested`` left None falls back to the model's entry (``defaults``), then
-    to its family's ``family_defaults``, then (``max_tokens``) to ``default_max_tokens``, then
-    to the built-in default. ``fixed`` values are taken as they are (None: built-in). An
-    invalid value is an InvalidParameterError naming the request's field (``renames`` maps
-    SamplingParams names to wire names).
-    """
-    wanted = dict(requested)
-    for name, value in wanted.items():
-        if value is None and defaults is not None:
-            wanted[name] = getattr(defaults, name, None)
-        if wanted[name] is None and name in DEFAULTABLE_PARAMS and family_defaults:
-            wanted[name] = family_defaults.get(name)
-    if wanted.get("max_tokens") is None:
-        wanted["max_tokens"] = default_max_tokens
-    wanted |= fixed
-    try:
-        return SamplingParams(**{k: v for k, v in wanted.items() if v is not None})
-    except InvalidParameterError as exc:
-        param = (renames or {}).get(exc.param, exc.param)
-        message = str(exc).removeprefix(f"{exc.param}: ")
-        raise InvalidParameterError(param, message) from None
 
 
 def _unsupported(param: str, message: str) -> InvalidParameterError:
@@ -385,24 +344,28 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.functions:
             raise _unsupported("functions", "the deprecated functions field; send tools")
 
-    def to_sampling_params(
-        self,
-        defaults: ModelEntry | None = None,
-        family_defaults: Mapping[str, float] | None = None,
-    ) -> SamplingParams:
-        """Map the request to SamplingParams; unset values fall back to ``defaults`` (the
-        model's entry), then to ``family_defaults`` (its family's), then to built-in ones."""
+    def sampling(self) -> RequestedSampling:
+        """The sampling asked for, checked; unset values fall back to the model's entry, then
+        to its family's defaults, then to built-in ones."""
         if self.top_logprobs and not self.logprobs:
             raise InvalidParameterError("top_logprobs", "needs logprobs to be true")
         wanted = self.max_completion_tokens
         renames = {"max_tokens": "max_completion_tokens"} if wanted is not None else {}
-        return self._sampling_params(
-            defaults,
-            family_defaults,
+        return self._sampling(
             max_tokens=wanted if wanted is not None else self.max_tokens,
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs,
             renames=renames,
+        )
+
+    def conversation(self) -> Conversation:
+        """The request as the shared pipeline's conversation."""
+        return Conversation(
+            messages=self.prompt_messages(),
+            tools=self.tool_dicts(),
+            tool_choice=self.tool_choice_name(),
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            response_format=self.response_format,
         )
 
     def prompt_messages(self) -> list[dict[str, Any]]:
@@ -474,16 +437,14 @@ class CompletionRequest(_SamplingRequest):
         if self.suffix:
             raise _unsupported("suffix", "insertion after a suffix is not available")
 
-    def to_sampling_params(
-        self,
-        defaults: ModelEntry | None = None,
-        family_defaults: Mapping[str, float] | None = None,
-    ) -> SamplingParams:
-        """Map the request to SamplingParams; unset values fall back to ``defaults`` (the
-        model's entry), then to ``family_defaults``, then to built-in ones (max_tokens 16)."""
-        return self._sampling_params(
-            defaults,
-            family_defaults,
+    def raw_prompt(self) -> RawPrompt:
+        """The request as the shared pipeline's input: its prompt, continued as it is."""
+        return RawPrompt(self.prompt, self.response_format)
+
+    def sampling(self) -> RequestedSampling:
+        """The sampling asked for, checked; unset values fall back to the model's entry, then
+        to its family's defaults, then to built-in ones (max_tokens 16)."""
+        return self._sampling(
             max_tokens=self.max_tokens,
             logprobs=self.logprobs is not None,
             top_logprobs=self.logprobs,

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
-from mlxserve.core.config.schema import ModelEntry
-from mlxserve.core.sampling.params import InvalidParameterError, SamplingParams
+from mlxserve.core.sampling.params import InvalidParameterError
 from mlxserve.server.protocol.openai import (
     MAX_MESSAGES,
     MAX_PARTS,
@@ -20,8 +18,8 @@ from mlxserve.server.protocol.openai import (
     Text,
     at_most,
     printable,
-    resolve_sampling_params,
 )
+from mlxserve.server.protocol.request import Conversation, RequestedSampling
 
 STATELESS = "mlxserve keeps no state; send the whole conversation in input"
 ITEM_TYPES = ("message", "function_call", "function_call_output")
@@ -112,7 +110,7 @@ class TextFormat(OpenAIBaseModel):
     type: Literal["text", "json_object", "json_schema"]
     name: Text | None = None
     description: Text | None = None
-    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
@@ -164,12 +162,18 @@ class ResponsesRequest(OpenAIBaseModel):
         if extra.get("background"):
             raise InvalidParameterError("background", "background responses are not supported")
 
-    def to_sampling_params(
-        self,
-        defaults: ModelEntry | None = None,
-        family_defaults: Mapping[str, float] | None = None,
-    ) -> SamplingParams:
-        """Map the request to SamplingParams (request > model entry > family > built-in)."""
+    def conversation(self) -> Conversation:
+        """The request as the shared pipeline's conversation."""
+        return Conversation(
+            self.chat_messages(),
+            self.tool_dicts(),
+            self.tool_choice_name(),
+            self.parallel_tool_calls is not False,
+            self.response_format(),
+        )
+
+    def sampling(self) -> RequestedSampling:
+        """The sampling asked for, checked (request > model entry > family > built-in)."""
         self.check_supported()
         requested = {
             "max_tokens": self.max_output_tokens,
@@ -177,7 +181,7 @@ class ResponsesRequest(OpenAIBaseModel):
             "top_p": self.top_p,
         }
         renames = {"max_tokens": "max_output_tokens"}
-        return resolve_sampling_params(requested, defaults, family_defaults, renames=renames)
+        return RequestedSampling.of(requested, renames=renames)
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """The conversation in OpenAI's chat shape: instructions first, as a system message;

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.server.deps import ConfigDep, EngineDep, RegistryDep, require_api_key
 from mlxserve.server.http.body import OffLoopJsonRoute
 from mlxserve.server.protocol.openai import ModelCard, ModelList
@@ -16,13 +15,6 @@ router = APIRouter(
     dependencies=[Depends(require_api_key)],
     route_class=OffLoopJsonRoute,
 )
-
-
-def _canonical(config: ConfigDep, name: str) -> str:
-    found = config.resolve_model(name)
-    if found is None:
-        raise ModelNotFoundError(f"model {name!r} does not exist")
-    return found[0]
 
 
 @router.get("/models", response_model=ModelList)
@@ -37,7 +29,7 @@ async def load_model(
     name: str, config: ConfigDep, engine: EngineDep, registry: RegistryDep
 ) -> ModelCard:
     """Load a model (unloading the least recently used idle one if there is no room)."""
-    canonical = _canonical(config, name)
+    canonical, _ = config.resolve_model(name)
     await engine.model(canonical)
     return model_card(config, engine, registry.store, canonical)
 
@@ -47,6 +39,6 @@ async def unload_model(
     name: str, config: ConfigDep, engine: EngineDep, registry: RegistryDep
 ) -> ModelCard:
     """Unload a model; 409 while it has running requests."""
-    canonical = _canonical(config, name)
+    canonical, _ = config.resolve_model(name)
     await engine.unload(canonical)
     return model_card(config, engine, registry.store, canonical)

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from mlxserve.core.engine.sequence import TokenLogprob, Usage
 from mlxserve.core.engine.worker import ServedModel
-from mlxserve.server.conversation import (
-    Conversation,
-    Event,
-    Finished,
-    TextDelta,
-    ToolCallEvent,
-    start,
-)
+from mlxserve.server.conversation import Event, Finished, TextDelta, ToolCallEvent, start
 from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from mlxserve.server.generation import timings, token_text, usage_info
 from mlxserve.server.http.body import OffLoopJsonRoute
@@ -65,16 +58,6 @@ def _chat_logprobs(model: ServedModel, logprobs: list[TokenLogprob]) -> ChoiceLo
     )
 
 
-def conversation_of(body: ChatCompletionRequest) -> Conversation:
-    return Conversation(
-        messages=body.prompt_messages(),
-        tools=body.tool_dicts(),
-        tool_choice=body.tool_choice_name(),
-        parallel_tool_calls=body.parallel_tool_calls is not False,
-        response_format=body.response_format,
-    )
-
-
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
     body: ChatCompletionRequest,
@@ -84,9 +67,9 @@ async def chat_completions(
     metrics: MetricsDep,
 ) -> Any:
     """Answer a conversation, at once or streamed as server-sent events."""
-    conversation = conversation_of(body)
+    conversation, sampling = body.conversation(), body.sampling()
     reply = await start(
-        engine, config, body.model, conversation, body.to_sampling_params, request, metrics=metrics
+        engine, config, body.model, conversation, sampling, request, metrics=metrics
     )
     model, response_id = reply.admitted.model, new_id("chatcmpl")
 
@@ -98,7 +81,7 @@ async def chat_completions(
 
         def delta(**fields: Any) -> DeltaMessage:
             nonlocal started
-            role = None if started else "assistant"
+            role: Literal["assistant"] | None = None if started else "assistant"
             started = True
             return DeltaMessage(role=role, **fields)
 
@@ -122,7 +105,9 @@ async def chat_completions(
                     chunk(choices=[ChunkChoice(delta=delta(tool_calls=[opening]))]),
                     chunk(choices=[ChunkChoice(delta=DeltaMessage(tool_calls=[arguments]))]),
                 ]
-            events = [chunk(choices=[ChunkChoice(delta=delta(), finish_reason=event.reason)])]
+            events: list[BaseModel] = [
+                chunk(choices=[ChunkChoice(delta=delta(), finish_reason=event.reason)])
+            ]
             if body.include_usage:
                 usage, spent = usage_info(event.usage), timings(event.usage)
                 events.append(chunk(choices=[], usage=usage, timings=spent))
@@ -130,7 +115,8 @@ async def chat_completions(
 
         return await sse_response(reply.events(engine), render)
 
-    text, calls, logprobs = [], [], []
+    text, calls = [], []
+    logprobs: list[TokenLogprob] = []
     finished = Finished("stop", Usage(prompt_tokens=0, completion_tokens=0))
     async for event in reply.events(engine):
         if isinstance(event, TextDelta):

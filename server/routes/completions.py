@@ -1,22 +1,17 @@
-"""POST /v1/completions."""
+"""POST /v1/completions: a raw prompt (text or token ids) continued, over the shared pipeline."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
 
-from mlxserve.core.engine.sequence import RequestOutput, TokenLogprob
+from mlxserve.core.engine.sequence import TokenLogprob, Usage
 from mlxserve.core.engine.worker import ServedModel
+from mlxserve.server.conversation import Event, Finished, TextDelta, start
 from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from mlxserve.server.generation import (
-    admit,
-    collect,
-    finish_reason,
-    timings,
-    token_text,
-    usage_info,
-)
+from mlxserve.server.generation import timings, token_text, usage_info
 from mlxserve.server.http.body import OffLoopJsonRoute
 from mlxserve.server.protocol.openai import (
     CompletionChoice,
@@ -26,8 +21,7 @@ from mlxserve.server.protocol.openai import (
     CompletionResponse,
     new_id,
 )
-from mlxserve.server.streaming import event_stream
-from mlxserve.server.structured import grammar_for_response_format
+from mlxserve.server.streaming import sse_response
 
 router = APIRouter(
     prefix="/v1",
@@ -40,6 +34,8 @@ router = APIRouter(
 def _legacy_logprobs(
     model: ServedModel, logprobs: list[TokenLogprob], offset: int = 0
 ) -> CompletionLogprobs | None:
+    """Log probabilities in the legacy shape; ``offset`` is where the first token's text
+    starts in the whole completion."""
     if not logprobs:
         return None
     tokens = [token_text(model, lp.token_id) for lp in logprobs]
@@ -64,59 +60,51 @@ async def completions(
     metrics: MetricsDep,
 ) -> Any:
     """Continue a prompt (text or token ids), at once or streamed as server-sent events."""
+    prompt, sampling = body.raw_prompt(), body.sampling()
+    reply = await start(engine, config, body.model, prompt, sampling, request, metrics=metrics)
+    model, response_id = reply.admitted.model, new_id("cmpl")
 
-    def prompt(model: ServedModel, tokenizer: Any) -> list[int]:
-        if isinstance(body.prompt, str):
-            return list(tokenizer.encode(body.prompt))
-        return body.prompt
+    def chunk(**fields: Any) -> CompletionChunk:
+        return CompletionChunk(id=response_id, model=reply.model_name, **fields)
 
-    chars = len(body.prompt) if isinstance(body.prompt, str) else 0
-    admitted = await admit(
-        engine,
-        config,
-        body.model,
-        body.to_sampling_params,
-        prompt,
-        prompt_chars=chars,
-        metrics=metrics,
-        grammar=lambda model, tokenizer: grammar_for_response_format(body.response_format),
-    )
-    response_id = new_id("cmpl")
     if body.stream:
-        offset = 0
+        offset = 0  # of the next text in the whole completion
 
-        def to_choice(output: RequestOutput) -> CompletionChoice:
+        def render(event: Event) -> list[BaseModel]:
             nonlocal offset
-            choice = CompletionChoice(
-                text=output.text,
-                finish_reason=finish_reason(output.finish_reason),
-                logprobs=_legacy_logprobs(admitted.model, list(output.logprobs), offset),
-            )
-            offset += len(output.text)
-            return choice
+            if isinstance(event, TextDelta):
+                logprobs = _legacy_logprobs(model, list(event.logprobs), offset)
+                offset += len(event.text)
+                return [chunk(choices=[CompletionChoice(text=event.text, logprobs=logprobs)])]
+            assert isinstance(event, Finished)  # a raw prompt's reply has no tool calls
+            ended = CompletionChoice(text="", finish_reason=event.reason)
+            events: list[BaseModel] = [chunk(choices=[ended])]
+            if body.include_usage:
+                usage, spent = usage_info(event.usage), timings(event.usage)
+                events.append(chunk(choices=[], usage=usage, timings=spent))
+            return events
 
-        return await event_stream(
-            engine,
-            admitted,
-            request,
-            response_id=response_id,
-            chunk=CompletionChunk,
-            to_choice=to_choice,
-            include_usage=body.include_usage,
-        )
+        return await sse_response(reply.events(engine), render)
 
-    result = await collect(engine, admitted, request)
-    assert result.usage is not None
+    text: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    finished = Finished("stop", Usage(prompt_tokens=0, completion_tokens=0))
+    async for event in reply.events(engine):
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+            logprobs.extend(event.logprobs)
+        elif isinstance(event, Finished):
+            finished = event
     return CompletionResponse(
         id=response_id,
-        model=admitted.name,
+        model=reply.model_name,
         choices=[
             CompletionChoice(
-                text=result.text,
-                finish_reason=finish_reason(result.finish_reason) or "stop",
-                logprobs=_legacy_logprobs(admitted.model, result.logprobs),
+                text="".join(text),
+                finish_reason=finished.reason,
+                logprobs=_legacy_logprobs(model, logprobs),
             )
         ],
-        usage=usage_info(result.usage),
-        timings=timings(result.usage),
+        usage=usage_info(finished.usage),
+        timings=timings(finished.usage),
     )

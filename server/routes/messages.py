@@ -8,16 +8,15 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from mlxserve.core.errors import EngineUnavailableError
-from mlxserve.server import conversation
-from mlxserve.server.conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
+from mlxserve.server.conversation import Event, Finished, TextDelta, ToolCallEvent, start
 from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from mlxserve.server.errors import GenerationError, OutputFormatError, RequestTimeoutError
+from mlxserve.server.errors import stream_error_kind
 from mlxserve.server.http.body import OffLoopJsonRoute
 from mlxserve.server.protocol.anthropic import (
     MessageResponse,
     MessagesRequest,
     MessageUsage,
+    StopReason,
     TextOut,
     ToolUseOut,
     anthropic_error_body,
@@ -31,12 +30,10 @@ router = APIRouter(
     route_class=OffLoopJsonRoute,
 )
 
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-STREAM_ERRORS = {
-    OutputFormatError: 400,
-    GenerationError: 500,
-    RequestTimeoutError: 504,
-    EngineUnavailableError: 503,
+STOP_REASONS: dict[str, StopReason] = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
 }
 
 
@@ -134,8 +131,8 @@ class MessageWriter:
 
 
 def _anthropic_error(exc: Exception) -> list[dict[str, Any]] | None:
-    status = next((s for kind, s in STREAM_ERRORS.items() if isinstance(exc, kind)), None)
-    return None if status is None else [anthropic_error_body(status, str(exc))]
+    kind = stream_error_kind(exc)
+    return None if kind is None else [anthropic_error_body(kind.status, str(exc))]
 
 
 @router.post("/messages", response_model=MessageResponse)
@@ -148,11 +145,9 @@ async def create_message(
 ) -> Any:
     """Answer a conversation, at once or as Anthropic's event stream."""
     body.check_supported()
-    conv = Conversation(
-        body.chat_messages(), body.tool_dicts(), body.tool_choice_name(), body.parallel_tool_calls
-    )
-    reply = await conversation.start(
-        engine, config, body.model, conv, body.to_sampling_params, request, metrics=metrics
+    conversation, sampling = body.conversation(), body.sampling()
+    reply = await start(
+        engine, config, body.model, conversation, sampling, request, metrics=metrics
     )
     usage = MessageUsage(input_tokens=reply.admitted.prompt_tokens)
     message = MessageResponse(id=f"msg_{uuid.uuid4().hex}", model=reply.model_name, usage=usage)

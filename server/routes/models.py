@@ -6,7 +6,6 @@ from fastapi import APIRouter, Depends
 
 from mlxserve.core.config.schema import Config
 from mlxserve.core.engine.engine import Engine
-from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.registry.store import ModelStore
 from mlxserve.server.deps import ConfigDep, EngineDep, RegistryDep, require_api_key
 from mlxserve.server.protocol.openai import ModelCard, ModelList
@@ -38,7 +37,5 @@ def get_model(
     model_id: str, config: ConfigDep, engine: EngineDep, registry: RegistryDep
 ) -> ModelCard:
     """One model, by name or alias."""
-    found = config.resolve_model(model_id)
-    if found is None:
-        raise ModelNotFoundError(f"model {model_id!r} does not exist")
-    return model_card(config, engine, registry.store, found[0])
+    name, _ = config.resolve_model(model_id)
+    return model_card(config, engine, registry.store, name)

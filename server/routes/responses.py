@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 
-from mlxserve.server import conversation
-from mlxserve.server.conversation import Conversation, Event, Finished, TextDelta, ToolCallEvent
+from mlxserve.server.conversation import Event, Finished, TextDelta, ToolCallEvent, start
 from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
-from mlxserve.server.errors import renamed_params
+from mlxserve.server.errors import renamed_params, stream_error_kind
 from mlxserve.server.http.body import OffLoopJsonRoute
 from mlxserve.server.protocol.responses import (
     IncompleteDetails,
@@ -23,7 +22,7 @@ from mlxserve.server.protocol.responses import (
     ResponsesRequest,
     ResponseUsage,
 )
-from mlxserve.server.streaming import sse_response, stream_error_code, typed_event
+from mlxserve.server.streaming import sse_response, typed_event
 
 router = APIRouter(
     prefix="/v1",
@@ -113,12 +112,12 @@ class ResponseWriter:
         )
         return events
 
-    def _close_message(self, status: str) -> list[dict[str, Any]]:
+    def _close_message(self, status: Literal["completed", "incomplete"]) -> list[dict[str, Any]]:
         message, self.message = self.message, None
         if message is None:
             return []
         index, part = self.response.output.index(message), message.content[0]
-        message.status = status  # type: ignore[assignment]
+        message.status = status
         where = {"item_id": message.id, "output_index": index, "content_index": 0}
         return [
             self.event("response.output_text.done", **where, text=part.text, logprobs=[]),
@@ -175,8 +174,8 @@ class ResponseWriter:
 
 def _fail(writer: ResponseWriter) -> Callable[[Exception], list[dict[str, Any]] | None]:
     def on_error(exc: Exception) -> list[dict[str, Any]] | None:
-        code = stream_error_code(exc)
-        return None if code is None else writer.fail(code, str(exc))
+        kind = stream_error_kind(exc)
+        return None if kind is None or kind.code is None else writer.fail(kind.code, str(exc))
 
     return on_error
 
@@ -192,15 +191,9 @@ async def create_response(
     """Answer a conversation given as input items, at once or as a typed event stream."""
     with renamed_params(RENAMES):
         body.check_supported()
-        conv = Conversation(
-            body.chat_messages(),
-            body.tool_dicts(),
-            body.tool_choice_name(),
-            body.parallel_tool_calls is not False,
-            body.response_format(),
-        )
-        reply = await conversation.start(
-            engine, config, body.model, conv, body.to_sampling_params, request, metrics=metrics
+        conversation, sampling = body.conversation(), body.sampling()
+        reply = await start(
+            engine, config, body.model, conversation, sampling, request, metrics=metrics
         )
     params = reply.admitted.params
     writer = ResponseWriter(
@@ -209,7 +202,7 @@ async def create_response(
             model=reply.model_name,
             instructions=body.instructions,
             max_output_tokens=body.max_output_tokens,
-            parallel_tool_calls=conv.parallel_tool_calls,
+            parallel_tool_calls=conversation.parallel_tool_calls,
             temperature=params.temperature,
             top_p=params.top_p,
             text=body.echoed_text(),
