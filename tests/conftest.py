@@ -1,3 +1,12 @@
+"""The test suite's session fixtures (the tiny checkpoints, the demo model) and its layout.
+
+Tests live by kind, one folder each, and each folder's tests get its marker here:
+``unit/`` (in-process), ``api/`` (a real server in a thread on 127.0.0.1), ``process/`` (real
+processes: ``mlxserve serve`` and ``launch``, the CLI, fresh interpreters), ``browser/`` (the
+web page in Chromium). ``python -m pytest -q -m "not process and not browser"`` is the quick
+loop. Shared helpers live in ``support/``.
+"""
+
 from __future__ import annotations
 
 import os
@@ -5,11 +14,43 @@ from pathlib import Path
 
 import pytest
 
-from mlxserve.plugins.family import ModelFamily
-from mlxserve.plugins.tiny import write_tiny_checkpoint
-from mlxserve.registry.plugins import Plugins, load_plugins
+from mlxserve.core.cpu.startup import prepare_mlx
 
-BUILTIN_FAMILIES = ("llama", "qwen", "mistral", "deepseek")
+# The suite is an entry point too: the fast BLAS, and mlx_lm imported keeping the open-files
+# limit, before anything imports MLX (importing mlxserve does neither).
+prepare_mlx()
+
+from mlxserve.plugins.family import ModelFamily  # noqa: E402
+from mlxserve.plugins.tiny import write_tiny_checkpoint  # noqa: E402
+from mlxserve.registry.plugins import Plugins, load_plugins  # noqa: E402
+
+from .support import BUILTIN_FAMILIES  # noqa: E402
+from .support.checkpoints import write_4bit_copy, write_bfloat16_copy  # noqa: E402
+
+pytest_plugins = ["tests.support.disk"]  # tmpfs, read_only and tier_log, for unit/ and api/
+
+KINDS = ("unit", "api", "process", "browser")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks each test with its folder's kind; a test file outside the four folders is an
+    error, so that the quick loop never runs a process test by mistake."""
+    misplaced = set()
+    for item in items:
+        try:
+            kind = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # not under tests/ (a file named on the command line)
+            continue
+        if kind in KINDS:
+            item.add_marker(kind)
+        else:
+            misplaced.add(str(item.path.relative_to(TESTS.parent)))
+    if misplaced:
+        raise pytest.UsageError(
+            f"test files outside tests/{{{','.join(KINDS)}}}/: {', '.join(sorted(misplaced))}; "
+            "move each into the folder of its kind (see tests/conftest.py)"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +98,17 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory, demo_gguf: Path, plugin
     cache = tmp_path_factory.mktemp("demo-cache")
     ModelStore(cache, plugins).locate("builtin:smollm2-135m-instruct")
     return cache
+
+
+@pytest.fixture(scope="session")
+def bf16_checkpoint(
+    tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny llama with bfloat16 weights, as most checkpoints ship."""
+    return write_bfloat16_copy(tiny_checkpoints["llama"], tmp_path_factory.mktemp("bf16") / "m")
+
+
+@pytest.fixture(scope="session")
+def q4_checkpoint(bf16_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bfloat16 tiny llama quantized to 4 bits by mlx_lm."""
+    return write_4bit_copy(bf16_checkpoint, tmp_path_factory.mktemp("q4") / "m")

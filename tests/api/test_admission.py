@@ -19,7 +19,7 @@ import pytest
 from mlxserve.core.sampling import constraint as constraint_module
 from mlxserve.server.tokenizing import TOKENIZER_THREADS, own_copy, with_own_tokenizer
 
-from .server import RunningServer, running_server, write_config
+from ..support.server import RunningServer, running_server, write_config
 
 BIG = 7 * 2**20  # under max_request_bytes (8 MiB), far over what the context can hold
 # Today's tokenizer took 10-14 s on such text, holding the one lock every request needed;

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .server import RunningServer, running_server, wait_until, write_config
+from ..support.server import RunningServer, running_server, wait_until, write_config
 
 GREEDY = {"model": "m", "prompt": [5, 9, 77, 120, 33, 8], "max_tokens": 24, "temperature": 0}
 HUGE = 2**63

@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from .server import RunningServer, post, running_server, write_config
+from ..support.server import RunningServer, post, running_server, write_config
 
 FAMILIES = ["llama", "qwen", "mistral", "deepseek"]
 WEATHER = {

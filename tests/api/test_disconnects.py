@@ -4,22 +4,14 @@ is aborted (its KV freed), counted as ``client_disconnected``, and nothing else 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from mlxserve.core.engine.engine import RequestStream
-from mlxserve.core.engine.sequence import RequestOutput, Usage
-from mlxserve.core.sampling.params import SamplingParams
-from mlxserve.server.conversation import Conversation, Reply, TextDelta
-from mlxserve.server.generation import Admitted
-
-from .server import RunningServer, running_server, wait_until, write_config
+from ..support.server import RunningServer, running_server, wait_until, write_config
 
 LONG = 3000  # tokens asked for: far more than the client waits for (greedy: no early eos)
 ASK = [{"role": "user", "content": "Tell me a very long story."}]
@@ -120,29 +112,3 @@ def test_a_client_that_goes_away_aborts_its_request_and_nothing_more(
     noisy = [r for r in server_log.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not noisy, [r.getMessage() for r in noisy]
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
-
-
-def test_an_aborted_reply_ends_without_a_finished_event() -> None:
-    """An abort (the engine's answer to a client that went away) is no way for a reply to
-    finish: every API's writer knows only stop, length and tool_calls, so it must not see one,
-    whichever way the abort and the disconnect race."""
-
-    async def events() -> list[object]:
-        stream = RequestStream("r", asyncio.get_running_loop())
-        stream.put(RequestOutput("r", text="Once", token_ids=(7,)))
-        usage = Usage(prompt_tokens=3, completion_tokens=1)
-        stream.put(RequestOutput("r", finish_reason="abort", usage=usage))
-        model = SimpleNamespace(name="m")
-        admitted = Admitted("m", model, stream, SamplingParams(), time.monotonic() + 30)
-        never = asyncio.Event()
-
-        async def receive() -> dict[str, str]:  # the watcher does not get there first
-            await never.wait()
-            return {"type": "http.disconnect"}
-
-        conversation = Conversation([{"role": "user", "content": "hi"}])
-        reply = Reply(admitted, conversation, None, SimpleNamespace(receive=receive))
-        engine = SimpleNamespace(abort=lambda request_id: None, shutting_down=False, error=None)
-        return [event async for event in reply.events(engine)]
-
-    assert asyncio.run(events()) == [TextDelta("Once")]

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from .server import RunningServer, running_server, write_config
+from ..support.server import RunningServer, running_server, write_config
 
 KEY = "sk-fuzz-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -19,7 +19,7 @@ from mlxserve.plugins import ModelFamily, hookimpl
 from mlxserve.plugins.families.llama import Llama
 from mlxserve.registry.plugins import load_plugins
 
-from .server import RunningServer, running_server, wait_until, write_config
+from ..support.server import RunningServer, running_server, wait_until, write_config
 
 KEY = "sk-hardening-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

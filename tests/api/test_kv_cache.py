@@ -1,4 +1,5 @@
-"""The KV-cache manager: block hashes, the budget, the prefix cache, end to end."""
+"""The KV cache served end to end: the prefix cache, the budget (queueing, refusing what can
+never fit), sliding-window models, the disk tier, quantized KV."""
 
 from __future__ import annotations
 
@@ -7,57 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mlxserve.core.kv.blocks import BlockManager, block_hashes
+from mlxserve.core.kv.blocks import block_hashes
 
-from .server import post, running_server, wait_until, write_config
-
-
-def test_block_hashes_are_chained_and_salted() -> None:
-    tokens = list(range(40))
-    hashes = block_hashes(tokens, 16, "model-a")
-    assert len(hashes) == 2  # the last 8 tokens are not a full block
-    assert block_hashes(tokens[:32] + [99] * 8, 16, "model-a") == hashes
-    assert block_hashes([1] + tokens[1:], 16, "model-a")[1] != hashes[1]  # chained
-    assert block_hashes(tokens, 16, "model-b") != hashes
-
-
-def test_reserve_reuse_release_and_lru_eviction() -> None:
-    manager = BlockManager(num_blocks=6, block_size=4)
-    first = manager.reserve(16, [])
-    assert manager.used_blocks == 4 and not manager.can_reserve(12, [])
-    assert manager.release(first, ["a", "b", "c"]) == ["a", "b", "c"]
-    assert manager.used_blocks == 3 and manager.cached_prefix(["a", "b", "x"]) == ["a", "b"]
-    second = manager.reserve(12, ["a", "b"])  # reuses two, needs one more
-    assert manager.used_blocks == 4
-    third = manager.reserve(12, [])  # evicts c, the least recently used idle block
-    assert manager.take_evicted() == ["c"]
-    assert not manager.can_reserve(4, [])
-    manager.release(third, [])
-    manager.release(second, ["a", "b", "d"])
-    assert manager.cached_prefix(["a", "b", "d"]) == ["a", "b", "d"]
-    assert manager.used_blocks == 3
-
-
-def config_for(tmp_path: Path, checkpoint: Path, kv: str = "") -> object:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return write_config(
-        tmp_path,
-        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache"}"\n'
-        f'[models.m]\nsource = "{checkpoint}"\n[kv_cache]\nblock_size = 16\n{kv}',
-    )
-
-
-def complete(server: object, prompt: list[int], max_tokens: int = 12) -> dict:
-    body = {
-        "model": "m",
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-    }
-    response = post(server, "/v1/completions", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
+from ..support.kv_cache import PROMPT, complete, config_for, disk_config
+from ..support.server import post, running_server, wait_until, write_config
 
 
 @pytest.mark.parametrize("family", ["llama", "deepseek"])
@@ -114,25 +68,37 @@ def test_a_small_budget_queues_instead_of_running_out(
         assert too_big.status_code == 400
 
 
-PROMPT = [(i * 11) % 300 + 3 for i in range(100)]
-
-
-def disk_config(tmp_path: Path, checkpoint: Path, extra: str = "") -> object:
-    disk = tmp_path / "kv"
-    return config_for(tmp_path / "server", checkpoint, f'disk_dir = "{disk}"\n{extra}')
+def test_a_request_that_can_never_get_its_blocks_is_refused_at_once(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    config = write_config(
+        tmp_path,
+        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[models.m]\nsource = "{tiny_checkpoints["llama"]}"\n'
+        "[server]\nrequest_timeout_s = 20\n"
+        "[kv_cache]\nbudget = 100\nmax_sequence_length = 100\nblock_size = 16\n",
+    )
+    with running_server(config) as server:
+        body = {"model": "m", "prompt": [7] * 97, "max_tokens": 1}
+        refused = post(server, "/v1/completions", json=body)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+        assert "96" in refused.json()["error"]["message"]
+        fits = post(server, "/v1/completions", json={**body, "prompt": [7] * 90, "max_tokens": 6})
+        assert fits.status_code == 200, fits.text
 
 
 def test_the_disk_tier_survives_a_restart(tmp_path: Path, tiny_checkpoints) -> None:
     config = disk_config(tmp_path, tiny_checkpoints["llama"], 'disk_write = "all"\n')
     with running_server(config) as server:
         cold = complete(server, PROMPT)
-        runner = server.engine.workers["m"].runner
-        assert wait_until(lambda: runner.disk_writes == 6)  # 111 tokens have KV: 6 blocks
+        store = server.engine.workers["m"].runner.prefix_store
+        assert wait_until(lambda: store.disk.writes == 6)  # 111 tokens have KV: 6 blocks
     files = list((tmp_path / "kv").rglob("*.safetensors"))
     assert len(files) == 6
     with running_server(config) as server:
         warm = complete(server, PROMPT)
-        assert server.engine.workers["m"].runner.disk_reads == 6
+        assert server.engine.workers["m"].runner.prefix_store.disk.reads == 6
     assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
     assert warm["choices"] == cold["choices"]
 
@@ -142,7 +108,7 @@ def test_a_corrupt_block_file_is_ignored(tmp_path: Path, tiny_checkpoints) -> No
     with running_server(config) as server:
         cold = complete(server, PROMPT)
         key = server.engine.workers["m"].key
-        assert wait_until(lambda: server.engine.workers["m"].runner.disk_writes == 6)
+        assert wait_until(lambda: server.engine.workers["m"].runner.prefix_store.disk.writes == 6)
     third = block_hashes(PROMPT, 16, key)[2]
     [corrupt] = list((tmp_path / "kv").rglob(f"{third}.safetensors"))
     data = bytearray(corrupt.read_bytes())
@@ -161,10 +127,10 @@ def test_evicted_blocks_go_to_disk_and_come_back(tmp_path: Path, tiny_checkpoint
     )
     with running_server(config) as server:
         cold = complete(server, PROMPT)
-        runner = server.engine.workers["m"].runner
-        assert runner.disk_writes == 0
+        store = server.engine.workers["m"].runner.prefix_store
+        assert store.disk.writes == 0
         complete(server, [7] * 200, 50)  # needs all 16 blocks: the first prompt's 6 go
-        assert wait_until(lambda: runner.disk_writes == 6)
+        assert wait_until(lambda: store.disk.writes == 6)
         warm = complete(server, PROMPT)
         assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
         assert warm["choices"] == cold["choices"]

@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from .server import RunningServer, every_family_config, post, running_server, write_config
+from ..support.server import RunningServer, every_family_config, post, running_server, write_config
 
 WEATHER = {
     "name": "get_weather",

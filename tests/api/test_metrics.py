@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
-from types import SimpleNamespace
 
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from mlxserve.core.metrics import EngineMetrics
-
-from .server import RunningServer, get, post, running_server, write_config
+from ..support.server import RunningServer, get, post, running_server, write_config
 
 KEY = {"Authorization": "Bearer sk-metrics"}
 LONG_PROMPT = [7] * 100  # 6 full blocks of 16 can be reused: the last token must be run
@@ -82,13 +77,3 @@ def test_metrics_agree_with_the_responses(tmp_path: Path, tiny_checkpoints) -> N
     assert total("requests_running") == 0 and total("requests_waiting") == 0
     assert value(samples, "mlxserve_requests_queued") == 0
     assert total("disk_tier_reads_total") == 0 and total("disk_tier_writes_total") == 0
-
-
-def test_each_engine_has_its_own_registry() -> None:
-    def fake_engine(depth: int) -> SimpleNamespace:
-        return SimpleNamespace(workers=OrderedDict(), observers=[], queue_depth=lambda: depth)
-
-    first, second = EngineMetrics(fake_engine(3)), EngineMetrics(fake_engine(5))
-    assert first.engine.observers == [first.observe]
-    assert b"mlxserve_requests_queued 3.0" in generate_latest(first.registry)
-    assert b"mlxserve_requests_queued 5.0" in generate_latest(second.registry)

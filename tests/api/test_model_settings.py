@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mlxserve.core.kv.quantized import QuantizedCache
 
-from .server import post, running_server, write_config
+from ..support.server import post, running_server, write_config
 
 
 def test_per_model_kv_cache_settings_apply_to_that_model_only(

@@ -9,11 +9,7 @@ import jsonschema
 import openai
 import pytest
 
-from mlxserve.server.conversation import TextDelta
-from mlxserve.server.protocol.responses import ResponseObject
-from mlxserve.server.routes.responses import ResponseWriter
-
-from .server import RunningServer, every_family_config, post, running_server, write_config
+from ..support.server import RunningServer, every_family_config, post, running_server, write_config
 
 WEATHER = {
     "type": "function",
@@ -248,13 +244,3 @@ def test_unknown_model_is_a_404_and_aliases_resolve(client: openai.OpenAI) -> No
         create(client, model="nope")
     assert caught.value.body["code"] == "model_not_found"
     assert create(client, model="gpt-4o-mini", max_output_tokens=2).model == "qwen"
-
-
-def test_a_failure_mid_stream_is_an_error_event_then_response_failed() -> None:
-    writer = ResponseWriter(ResponseObject(id="resp_1", model="qwen"))
-    events = writer.start() + writer.on(TextDelta("Hi")) + writer.fail("timeout", "too slow")
-    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
-    assert events[-2]["code"] == "timeout" and events[-2]["message"] == "too slow"
-    failed = events[-1]["response"]
-    assert failed["status"] == "failed" and failed["error"]["message"] == "too slow"
-    assert [e["sequence_number"] for e in events] == list(range(len(events)))

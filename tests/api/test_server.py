@@ -14,7 +14,7 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from .server import (
+from ..support.server import (
     RunningServer,
     every_family_config,
     get,

@@ -13,45 +13,13 @@ from typing import Any
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from .server import RunningServer, running_server, write_config
-from .test_distributed import config_text, launched
+from ..support.server import RunningServer, running_server, write_config
+from ..support.structured import MAX_TOKENS, MESSAGES, RESPONSE_FORMAT, SCHEMA, chat, client
 
 FAMILIES = ["llama", "qwen", "mistral", "deepseek"]
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "kind": {"enum": ["cat", "dog", "fox"]},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {
-            "type": "array",
-            "items": {"type": "string", "maxLength": 5},
-            "minItems": 1,
-            "maxItems": 3,
-        },
-        "owner": {
-            "type": "object",
-            "properties": {
-                "id": {"type": "integer", "minimum": 1, "maximum": 999},
-                "active": {"type": "boolean"},
-            },
-            "required": ["id", "active"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["name", "kind", "age", "tags", "owner"],
-    "additionalProperties": False,
-}
-RESPONSE_FORMAT = {
-    "type": "json_schema",
-    "json_schema": {"name": "pet", "schema": SCHEMA, "strict": True},
-}
-MESSAGES = [{"role": "user", "content": "Describe a pet as JSON."}]
-MAX_TOKENS = 400  # far more than the schema's longest value takes
 SAMPLINGS = [(0.0, None), (1.0, 1), (1.0, 2), (0.7, 3)]
 
 
@@ -67,27 +35,6 @@ def server(
     )
     with running_server(write_config(tmp, text)) as running:
         yield running
-
-
-def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-
-
-def chat(
-    server: RunningServer, model: str, stream: bool = False, **params: Any
-) -> tuple[str, str | None]:
-    """The text and finish reason of a chat completion, streamed or not."""
-    params = {"max_tokens": MAX_TOKENS, "response_format": RESPONSE_FORMAT} | params
-    api = client(server).chat.completions
-    if not stream:
-        choice = api.create(model=model, messages=MESSAGES, **params).choices[0]
-        return choice.message.content or "", choice.finish_reason
-    text, reason = "", None
-    for chunk in api.create(model=model, messages=MESSAGES, stream=True, **params):
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            reason = choice.finish_reason or reason
-    return text, reason
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -241,52 +188,3 @@ def test_a_schema_that_cannot_compile_is_a_400(
         assert error["type"] == "invalid_request_error"
         assert error["param"] == "response_format"
         assert problem in error["message"]
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-
-@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
-def test_two_ranks_follow_grammars_and_call_tools_like_one(
-    server: RunningServer, tmp_path: Path, tiny_checkpoints: dict[str, Path], strategy: str
-) -> None:
-    expected, _ = chat(server, "qwen", temperature=0)
-    local = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    tools = {"tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False}
-    ask = [{"role": "user", "content": "Weather in Oslo?"}]
-    call = (
-        local.chat.completions.create(
-            model="qwen", messages=ask, max_tokens=300, temperature=0, **tools
-        )
-        .choices[0]
-        .message.tool_calls[0]
-        .function
-    )
-    text = config_text(tmp_path, tiny_checkpoints["qwen"], f'strategy = "{strategy}"\n')
-    with launched(tmp_path, text) as (url, _):
-        api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        response = api.chat.completions.create(
-            model="m",
-            messages=MESSAGES,
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            response_format=RESPONSE_FORMAT,
-        )
-        called = api.chat.completions.create(
-            model="m", messages=ask, max_tokens=300, temperature=0, **tools
-        ).choices[0]
-    assert response.choices[0].message.content == expected
-    assert response.choices[0].finish_reason == "stop"
-    assert called.finish_reason == "tool_calls"
-    assert called.message.tool_calls[0].function == call

@@ -27,9 +27,9 @@ MATVECS_PER_SAMPLE = 20
 
 
 def measure(rows: int, runs: int) -> dict[str, object]:
-    from mlxserve.core.cpu.blas import load_fast_blas
+    from mlxserve.core.cpu.startup import prepare_mlx
 
-    info = load_fast_blas()
+    info = prepare_mlx()
     import mlx.core as mx
 
     weights = mx.random.normal((SIZE, SIZE))

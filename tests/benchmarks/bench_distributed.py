@@ -100,7 +100,7 @@ cores=({cores})
 exec taskset -c "${{cores[$MLX_RANK]}}" {python} "$@"
 """
 BLAS_LINE = re.compile(
-    r"(?:\[rank (\d+)\] )?mlxserve\.core\.blas: BLAS (\S+).*?(\S+) thread\(s\)"
+    r"(?:\[rank (\d+)\] )?mlxserve\.core\.cpu\.blas: BLAS (\S+).*?(\S+) thread\(s\)"
     r"(?:.*split over (\d+) CPU streams)?"
 )
 ITL = "inter_token_latency_seconds"

@@ -112,12 +112,13 @@ SAFETENSORS_BYTES = {
 # matrices, rows, columns: 256 MiB of float32 weights, so that no cache holds them
 MATVEC_SHAPE = (16, 4096, 1024)
 MATVEC_REPEATS = 30
-# mlxserve.core first: it loads mlxserve's BLAS before MLX is imported.
+# prepare_mlx first: it loads mlxserve's BLAS before MLX is imported.
 # The best of two ways to read the weights: the BLAS alone, and split as mlxserve runs its
 # linear layers (parallel_linear.py), so that the roofline is never a slow path's.
 MATVEC_SCRIPT = """
 import statistics, sys, time
-import mlxserve.core
+from mlxserve.core.cpu.startup import prepare_mlx
+prepare_mlx()
 import mlx.core as mx
 import mlx.nn as nn
 from mlxserve.core.cpu.blas import cpu_split

@@ -1,5 +1,6 @@
 """The web page (/ui) in a real browser: the system's headless Chromium, driven by selenium,
-against real servers on 127.0.0.1. Each test leaves a screenshot in test-output/screenshots/."""
+against real servers on 127.0.0.1. Each test leaves a screenshot in test-output/screenshots/.
+(The page's files without a browser: api/test_web_ui_files.py.)"""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from .server import RunningServer, running_server, write_config
-from .test_distributed import config_text, launched
+from ..support import REPO
+from ..support.processes import launched, two_ranks_config
+from ..support.server import RunningServer, running_server, write_config
+from ..support.web_ui import BROWSER_ACCEPT, two_models
 
 try:
     from selenium import webdriver
@@ -29,9 +32,7 @@ try:
 except ImportError:  # reported by the browser fixture
     webdriver = None
 
-ROOT = Path(__file__).resolve().parent.parent
-STATIC = ROOT / "server" / "static"
-SCREENSHOTS = ROOT / "test-output" / "screenshots"
+SCREENSHOTS = REPO / "test-output" / "screenshots"
 # Without the background-networking flags Chromium keeps trying to reach Google's servers.
 CHROMIUM_FLAGS = (
     "--headless=new",
@@ -45,7 +46,6 @@ CHROMIUM_FLAGS = (
     "--window-size=1400,900",
 )
 WAIT_S = 20
-BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 # Greedy on the tiny qwen, this prompt runs to max_tokens: long enough to watch it stream.
 PROMPT = "Tell me a <b>story</b> about a cat."
 
@@ -142,15 +142,6 @@ def assert_only_this_server(driver: WebDriver, url: str) -> None:
 # ---- servers ---------------------------------------------------------------------------
 
 
-def two_models(tmp: Path, checkpoints: dict[str, Path], extra: str = "") -> str:
-    return (
-        f'[registry]\ndefault_model = "llama"\ncache_dir = "{tmp / "cache"}"\n'
-        "max_loaded_models = 2\n"
-        f'[models.llama]\nsource = "{checkpoints["llama"]}"\naliases = ["tiny"]\n'
-        f'[models.qwen]\nsource = "{checkpoints["qwen"]}"\n{extra}'
-    )
-
-
 @pytest.fixture(scope="module")
 def server(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: dict[str, Path]
@@ -158,41 +149,6 @@ def server(
     tmp = tmp_path_factory.mktemp("web")
     with running_server(write_config(tmp, two_models(tmp, tiny_checkpoints))) as running:
         yield running
-
-
-# ---- without a browser -----------------------------------------------------------------
-
-
-def test_page_files_ask_for_nothing_outside_the_server(server: RunningServer) -> None:
-    page = httpx.get(server.url + "/ui")
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "default-src 'self'" in page.headers["content-security-policy"]
-    for path in sorted(STATIC.iterdir()):
-        served = httpx.get(f"{server.url}/ui/static/{path.name}")
-        assert served.status_code == 200 and served.content == path.read_bytes()
-        text = path.read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")
-        assert not re.search(r"(https?:)?//[\w.-]+\.\w", text), f"{path.name} names another host"
-        for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write"):
-            assert sink not in text, f"{path.name} uses {sink}"
-    assert (
-        httpx.get(server.url + "/ui/static/app.js")
-        .headers["content-type"]
-        .startswith("text/javascript")
-    )
-    assert httpx.get(server.url + "/ui/static/nope.js").status_code == 404
-    assert httpx.get(server.url + "/ui/static/..%2Fapp.py").status_code == 404
-
-
-def test_root_answers_json_to_api_clients_and_sends_browsers_to_the_page(
-    server: RunningServer,
-) -> None:
-    for accept in (None, "*/*", "application/json", "application/json, text/html;q=0.5"):
-        headers = {"Accept": accept} if accept else {}
-        response = httpx.get(server.url + "/", headers=headers)
-        assert response.status_code == 200 and response.json()["name"] == "mlxserve", accept
-    for accept in (BROWSER_ACCEPT, "text/html", "text/*, application/json;q=0.9"):
-        response = httpx.get(server.url + "/", headers={"Accept": accept})
-        assert response.status_code == 307 and response.headers["location"] == "/ui", accept
 
 
 # ---- in the browser --------------------------------------------------------------------
@@ -362,10 +318,11 @@ def test_api_key_then_load_and_unload(
         assert_no_script_errors(browser)
 
 
+@pytest.mark.process  # also starts `mlxserve launch`: a process test as well
 def test_cluster_view_on_two_pipeline_ranks(
     tmp_path: Path, tiny_checkpoints: dict[str, Path], browser: WebDriver
 ) -> None:
-    text = config_text(tmp_path, tiny_checkpoints["llama"], 'strategy = "pipeline"\n')
+    text = two_ranks_config(tmp_path, tiny_checkpoints["llama"], 'strategy = "pipeline"\n')
     with launched(tmp_path, text) as (url, _):
         stages = httpx.get(url + "/health").json()["placement"]["m"]["stages"]
         open_page(browser, url)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mlxserve.core.cpu.blas import AUTO_THREADS_MARK, THREAD_VARIABLES, ranks_on_this_host
+from mlxserve.core.cpu.blas import AUTO_THREADS_MARK, THREAD_VARIABLES
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the loader acts on Linux only")
 
@@ -149,22 +149,3 @@ def test_an_operators_thread_count_is_kept_and_ours_is_not_inherited() -> None:
     assert inherited["env"] == dict.fromkeys(THREAD_VARIABLES, "1")
     override = probe(MLXSERVE_BLAS_THREADS="1", MKL_NUM_THREADS="3")
     assert override["env"] == dict.fromkeys(THREAD_VARIABLES, "1")
-
-
-@pytest.mark.parametrize(
-    ("hosts", "rank", "expected"),
-    [
-        ([["10.0.0.1:5000"], ["10.0.0.2:5001"]], 0, 1),
-        ([["10.0.0.1:5000"], ["10.0.0.1:5001"], ["10.0.0.2:5002"]], 1, 2),
-        ({"hosts": [{"ssh": "a", "ips": ["10.0.0.1"]}, {"ssh": "b", "ips": ["10.0.0.1"]}]}, 0, 2),
-        ("not a hostfile", 0, 1),
-    ],
-)
-def test_ranks_on_this_host_read_from_the_hostfile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hosts: Any, rank: int, expected: int
-) -> None:
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps(hosts))
-    monkeypatch.setenv("MLX_RANK", str(rank))
-    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
-    assert ranks_on_this_host() == expected

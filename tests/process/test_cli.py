@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlx_lm import generate, load
 
-from .conftest import BUILTIN_FAMILIES
-
-ROOT = Path(__file__).resolve().parent.parent
-MLXSERVE = str(Path(sys.executable).parent / "mlxserve")
+from ..support import BUILTIN_FAMILIES, REPO
+from ..support.processes import MLXSERVE
 
 
 def run(
-    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 120
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MLXSERVE_")}
     return subprocess.run(
@@ -89,7 +86,7 @@ def test_plugins_list_honours_the_allow_list_env() -> None:
 
 
 def test_plugins_list_reports_a_broken_plugin(tmp_path: Path) -> None:
-    from .test_plugins import write_broken_plugin
+    from ..support.plugins import write_broken_plugin
 
     write_broken_plugin(tmp_path)
     result = run("plugins", "list", env={"PYTHONPATH": str(tmp_path)})

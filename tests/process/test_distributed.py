@@ -4,99 +4,36 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import mlx.core as mx
 import pytest
 
-from mlxserve.core.distributed.cluster import Cluster
-from mlxserve.core.distributed.heartbeat import HeartbeatSender, beat_interval
-from mlxserve.core.distributed.ranks import SLOW_STEP_ENV, RankZero
+from mlxserve.core.distributed.ranks import SLOW_STEP_ENV
 
-from .server import free_port, running_server, wait_until_healthy, write_config
+from ..support.processes import (
+    PROMPTS,
+    completion,
+    launched,
+    single_rank_texts,
+    two_ranks_config,
+)
+from ..support.server import free_port, running_server, write_config
 
-MLXSERVE = str(Path(sys.executable).parent / "mlxserve")
-PROMPTS = [[5, 9, 77, 120, 33, 8, 250, 19], [42] * 40, list(range(3, 70))]
 FAMILIES = ["llama", "qwen", "mistral", "deepseek"]
-
-
-def completion(url: str, prompt: list[int], max_tokens: int = 24) -> str:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["text"]
-
-
-def config_text(tmp: Path, checkpoint: Path, distributed: str) -> str:
-    return (
-        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp / "cache"}"\n'
-        f'[models.m]\nsource = "{checkpoint}"\n'
-        f'[distributed]\nhosts = ["127.0.0.1", "127.0.0.1"]\n'
-        f"starting_port = {free_port()}\n{distributed}"
-    )
-
-
-@contextmanager
-def launched(
-    tmp: Path, text: str, extra_env: dict[str, str] | None = None
-) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = free_port()
-    (tmp / "mlxserve.toml").write_text(text + f"\n[server]\nport = {port}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
-    env.update(extra_env or {})
-    process = subprocess.Popen(
-        [MLXSERVE, "launch", "--config", str(tmp / "mlxserve.toml")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, 90)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def single_rank_texts(
-    tmp: Path,
-    checkpoint: Path,
-    prompts: list[list[int]] = PROMPTS,
-    max_tokens: int = 24,
-    extra: str = "",
-) -> list[str]:
-    config = write_config(
-        tmp,
-        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp}/c"\n'
-        f'[models.m]\nsource = "{checkpoint}"\n{extra}',
-    )
-    with running_server(config) as server:
-        return [completion(server.url, p, max_tokens) for p in prompts]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_pipeline_ranks_equal_one(family: str, tmp_path: Path, tiny_checkpoints) -> None:
     expected = single_rank_texts(tmp_path, tiny_checkpoints[family])
-    text = config_text(tmp_path, tiny_checkpoints[family], 'strategy = "pipeline"\n')
+    text = two_ranks_config(tmp_path, tiny_checkpoints[family], 'strategy = "pipeline"\n')
     with launched(tmp_path, text) as (url, _):
         health = httpx.get(url + "/health").json()
         stages = health["placement"]["m"]["stages"]
@@ -162,7 +99,7 @@ def test_micro_batches_equal_one_rank(family: str, tmp_path: Path, tiny_checkpoi
     chunks, then the same again from the prefix cache: every text as on one rank alone."""
     checkpoint = tiny_checkpoints[family]
     expected = single_rank_texts(tmp_path, checkpoint, MIXED, 20, SMALL_CHUNKS)
-    text = config_text(tmp_path, checkpoint, 'strategy = "pipeline"\n') + SMALL_CHUNKS
+    text = two_ranks_config(tmp_path, checkpoint, 'strategy = "pipeline"\n') + SMALL_CHUNKS
     with launched(tmp_path, text) as (url, _):
         assert staggered(url, MIXED, 20) == expected
         assert metric(url, "mlxserve_micro_batches") == 2
@@ -205,7 +142,7 @@ def test_micro_batches_with_quantized_kv_and_a_grammar(tmp_path: Path, tiny_chec
     with running_server(config) as server:
         expected = answers(server.url)
     assert expected[1].startswith("{") and expected[3].startswith("{")  # the grammar held
-    text = config_text(tmp_path, checkpoint, 'strategy = "pipeline"\n') + extra
+    text = two_ranks_config(tmp_path, checkpoint, 'strategy = "pipeline"\n') + extra
     with launched(tmp_path, text) as (url, _):
         assert answers(url) == expected
         assert metric(url, "mlxserve_overlapped_steps_total") > 0
@@ -214,14 +151,14 @@ def test_micro_batches_with_quantized_kv_and_a_grammar(tmp_path: Path, tiny_chec
 @pytest.mark.parametrize("family", ["llama", "qwen"])
 def test_tensor_parallel_equals_one_rank(family: str, tmp_path: Path, tiny_checkpoints) -> None:
     expected = single_rank_texts(tmp_path, tiny_checkpoints[family])
-    text = config_text(tmp_path, tiny_checkpoints[family], 'strategy = "tensor"\n')
+    text = two_ranks_config(tmp_path, tiny_checkpoints[family], 'strategy = "tensor"\n')
     with launched(tmp_path, text) as (url, _):
         assert httpx.get(url + "/health").json()["placement"]["m"]["strategy"] == "tensor"
         assert [completion(url, p) for p in PROMPTS] == expected
 
 
 def test_unequal_memory_gives_an_uneven_split(tmp_path: Path, tiny_checkpoints) -> None:
-    text = config_text(
+    text = two_ranks_config(
         tmp_path, tiny_checkpoints["llama"], 'split = "memory"\nmemory_limit_mb = [3, 1]\n'
     )
     with launched(tmp_path, text) as (url, process):
@@ -252,7 +189,7 @@ def rank_pids(rank: int, tmp: Path) -> list[int]:
 
 
 def test_a_killed_rank_is_reported_not_hung_on(tmp_path: Path, tiny_checkpoints) -> None:
-    text = config_text(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 5\n")
+    text = two_ranks_config(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 5\n")
     # Rank 1 steps slowly (60 s for the whole request), so that a loaded machine's late first
     # line never lets the request finish before the kill.
     with launched(tmp_path, text, {SLOW_STEP_ENV: "0.02"}) as (url, process):
@@ -272,7 +209,7 @@ def test_a_killed_rank_is_reported_not_hung_on(tmp_path: Path, tiny_checkpoints)
 
 
 def test_a_hung_rank_is_detected_within_the_step_timeout(tmp_path: Path, tiny_checkpoints) -> None:
-    text = config_text(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 2\n")
+    text = two_ranks_config(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 2\n")
     with launched(tmp_path, text) as (url, process):
         [pid] = rank_pids(1, tmp_path)
         os.kill(pid, signal.SIGSTOP)
@@ -294,7 +231,7 @@ def test_a_hung_rank_is_detected_within_the_step_timeout(tmp_path: Path, tiny_ch
 
 def test_a_slow_rank_is_not_declared_dead(tmp_path: Path, tiny_checkpoints) -> None:
     [expected] = single_rank_texts(tmp_path, tiny_checkpoints["llama"], PROMPTS[:1], 3)
-    text = config_text(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 2\n")
+    text = two_ranks_config(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 2\n")
     with launched(tmp_path, text, {SLOW_STEP_ENV: "3"}) as (url, process):
         started = time.monotonic()
         assert completion(url, PROMPTS[0], max_tokens=3) == expected
@@ -323,104 +260,6 @@ sys.exit(follow_rank_zero(load_config({str(tmp_path / "mlxserve.toml")!r}), Clus
     )
     assert done.returncode == 1, done.stderr
     assert "rank 1 failed" in done.stderr and "KeyError: 'never-loaded'" in done.stderr
-
-
-# ---- the watchdog and the heartbeats, without ranks ---------------------------------------
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def watched(
-    timeout_s: float, beat_token: int | None, max_step_s: float | None = None
-) -> Iterator[tuple[RankZero, list[tuple[float, str]]]]:
-    """Rank 0's side of a pretend group whose rank 1 beats with ``beat_token``."""
-    address = ("127.0.0.1", free_udp_port())
-    cluster = Cluster(None, 0, 2, address, launch_token=7)
-    lost: list[tuple[float, str]] = []
-    ranks = RankZero(
-        cluster, timeout_s, lambda why: lost.append((time.monotonic(), why)), max_step_s
-    )
-    ranks.start()
-    sender = None
-    if beat_token is not None:
-        sender = HeartbeatSender(address, beat_token, 1, beat_interval(timeout_s))
-        sender.start()
-    try:
-        yield ranks, lost
-    finally:
-        ranks.lost = True  # ends the watchdog
-        if sender is not None:
-            sender.stop()
-
-
-def long_mlx_work(seconds: float) -> Callable[[], None]:
-    """One ``mx.eval`` that computes for about ``seconds`` (never returning to Python)."""
-    a = mx.random.normal((512, 512)) / 32
-
-    def steps(count: int) -> None:
-        x = a
-        for _ in range(count):
-            x = (x @ a) / mx.abs(x).max()
-        mx.eval(x)
-
-    steps(4)  # warm up (BLAS threads, buffers) before timing one step
-    start = time.monotonic()
-    steps(16)
-    one = max((time.monotonic() - start) / 16, 1e-5)
-    count = min(math.ceil(seconds / one), 200_000)
-
-    def work() -> None:
-        steps(count)
-
-    return work
-
-
-def test_a_rank_that_beats_is_never_lost_however_long_it_computes() -> None:
-    with watched(0.4, beat_token=7) as (ranks, lost):
-        time.sleep(0.3)
-        started = time.monotonic()
-        ranks.together(long_mlx_work(3.0))
-        took = time.monotonic() - started
-        assert not lost, lost
-        assert took > 3 * 0.4, f"the work took only {took:.2f} s: it proves nothing"
-
-
-def test_a_silent_rank_is_lost_within_the_step_timeout() -> None:
-    with watched(0.4, beat_token=None) as (ranks, lost):
-        started = time.monotonic()
-        ranks.together(lambda: time.sleep(1.5))
-        [(when, why)] = lost
-        assert "rank 1 did not answer within" in why and "no heartbeat" in why
-        assert 0.4 <= when - started < 1.2
-
-
-def test_a_beat_of_another_launch_does_not_count() -> None:
-    with watched(0.4, beat_token=8) as (ranks, lost):
-        ranks.together(lambda: time.sleep(1.5))
-        assert len(lost) == 1 and "rank 1 did not answer within" in lost[0][1]
-
-
-def test_a_stuck_step_is_ended_even_while_every_rank_beats() -> None:
-    with watched(0.3, beat_token=7, max_step_s=1.0) as (ranks, lost):
-        started = time.monotonic()
-        ranks.together(lambda: time.sleep(2.0))
-        [(when, why)] = lost
-        assert "did not end within 1 s" in why
-        assert 1.0 <= when - started < 1.8
-
-
-def test_a_load_is_not_capped_while_the_ranks_beat() -> None:
-    done = threading.Event()
-    with watched(0.3, beat_token=7, max_step_s=0.6) as (ranks, lost):
-        ranks.link.send = lambda message: None  # type: ignore[method-assign]
-        ranks.cluster.gather = lambda value: [value, 1]  # type: ignore[method-assign]
-        ranks.load("m", lambda name: time.sleep(1.5) or done.set())
-        assert done.is_set() and not lost, lost
 
 
 LINK_PROBE = """

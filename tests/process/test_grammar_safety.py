@@ -4,19 +4,18 @@ A schema whose ``$ref`` chain is 3,000 long overflowed the compiling thread's st
 the process with SIGSEGV; an ``x-guidance`` that is not an object was a 500; a schema that
 requires itself compiled, then failed mid-decoding with a 500. The server tests run a real
 ``mlxserve serve`` process on 127.0.0.1 (so the crash shows as a dead server, not a dead
-test run), through the official openai client and httpx.
+test run), through the official openai client and httpx; the compile tests run in fresh
+interpreters. (The limits themselves and the compile pool: unit/test_schema_limits.py.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,57 +25,16 @@ import httpx
 import openai
 import pytest
 
-from mlxserve.core.errors import QueueFullError
-from mlxserve.core.sampling.constraint import CompilePool, GrammarTimeoutError
-from mlxserve.core.sampling.grammar_limits import SchemaError, check_schema
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 
-from .server import free_port, wait_until_healthy
+from ..support import REPO
+from ..support.processes import MLXSERVE, wait_until_healthy
+from ..support.schemas import MUTUAL_REQUIRED, SELF_REQUIRED, TREE, chain
+from ..support.server import free_port
 
-MLXSERVE = str(Path(sys.executable).parent / "mlxserve")
 CONTEXT = 131072  # room for a 105 KB tool schema in the prompt (the tools path)
 ASK = [{"role": "user", "content": "Say something."}]
-
-
-def chain(n: int) -> dict[str, Any]:
-    """d0 -> d1 -> ... -> dn = integer: n $refs in a row."""
-    defs: dict[str, Any] = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(n)}
-    defs[f"d{n}"] = {"type": "integer"}
-    return {"$ref": "#/$defs/d0", "$defs": defs}
-
-
-def nested_chain(n: int) -> dict[str, Any]:
-    """n objects nested through $refs: {"a": {"a": ... 1}}."""
-    defs: dict[str, Any] = {
-        f"d{i}": {
-            "type": "object",
-            "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}},
-            "required": ["a"],
-        }
-        for i in range(n)
-    }
-    defs[f"d{n}"] = {"type": "integer"}
-    return {"$ref": "#/$defs/d0", "$defs": defs}
-
-
 CRASHER = chain(3000)  # ~105 KB; SIGSEGV in a default-stack thread before the fix
-SELF_REQUIRED = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
-MUTUAL_REQUIRED = {
-    "$defs": {
-        "a": {"type": "object", "properties": {"b": {"$ref": "#/$defs/b"}}, "required": ["b"]},
-        "b": {"type": "array", "items": {"$ref": "#/$defs/a"}, "minItems": 1},
-    },
-    "$ref": "#/$defs/a",
-}
-TREE = {  # recursive, but a leaf ends it: fine
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 4},
-        "children": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2},
-    },
-    "required": ["name"],
-    "additionalProperties": False,
-}
 X_GUIDANCE = {
     "top-level string": {"type": "object", "x-guidance": "compact"},
     "top-level list": {"type": "object", "x-guidance": [1]},
@@ -455,90 +413,7 @@ def test_a_grammar_that_fails_while_decoding_is_a_clean_4xx_for_that_request_alo
     still_serving(server, client, baseline)
 
 
-# ---- the limits themselves ---------------------------------------------------------------
-
-
-def wide(n: int, each: Callable[[int], Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": {f"p{i}": each(i) for i in range(n)}}
-
-
-def nested(n: int) -> Any:
-    value: Any = {"type": "integer"}
-    for _ in range(n):
-        value = {"type": "array", "items": value}
-    return value
-
-
-@pytest.mark.parametrize(
-    ("schema", "words"),
-    [
-        (chain(3000), "too deep"),
-        (nested_chain(200), "too deep"),
-        (nested(70), "more than 64 deep"),
-        (wide(5001, lambda i: True), "5,000 properties"),
-        (wide(10, lambda i: {"enum": [[i]] * 2500}), "20,000 objects and arrays"),
-        ({"type": "string", "enum": ["x" * 1000] * 600}, "bytes"),
-        (wide(1001, lambda i: {"$ref": "#/$defs/d"}) | {"$defs": {"d": {}}}, "1,000 $refs"),
-        ({"$defs": {f"d{i}": {} for i in range(1001)}}, "1,000 $defs"),
-        ({"patternProperties": {f"^p{i}$": {} for i in range(65)}}, "64 patternProperties"),
-        (
-            {
-                "$defs": {
-                    f"o{j}": {"patternProperties": {f"^{j}p{i}$": {} for i in range(60)}}
-                    for j in range(5)
-                }
-            },
-            "256 patternProperties",
-        ),
-        ({"x-guidance": "compact"}, "x-guidance must be an object"),
-        ({"anyOf": [{"x-guidance": 3}]}, "x-guidance must be an object"),
-        (SELF_REQUIRED, "admits no finite value"),
-        (MUTUAL_REQUIRED, "admits no finite value"),
-        ({"$ref": "#"}, "admits no finite value"),
-        ({"allOf": [{"$ref": "#"}]}, "admits no finite value"),
-        ({"type": "array", "prefixItems": [{"$ref": "#"}], "minItems": 1}, "admits no finite"),
-    ],
-    ids=lambda v: v if isinstance(v, str) else None,
-)
-def test_each_limit_is_refused_by_name(schema: Any, words: str) -> None:
-    with pytest.raises(SchemaError, match=words.replace("$", r"\$")):
-        check_schema(schema)
-
-
-@pytest.mark.parametrize(
-    "schema",
-    [
-        TREE,
-        {"type": "object", "properties": {"next": {"$ref": "#"}}},  # a linked list
-        {"anyOf": [{"type": "null"}, {"type": "array", "items": {"$ref": "#"}, "minItems": 1}]},
-        {"properties": {"a": {"$ref": "#"}}, "required": ["a"]},  # no type: a number will do
-        {"$ref": "#node", "$defs": {"n": {"$anchor": "node", "type": "integer"}}},
-        {"$ref": "#/$defs/a%20b", "$defs": {"a b": {"type": "integer"}}},
-        {"properties": {"x-guidance": {"type": "integer"}}, "x-guidance": {"lenient": True}},
-        chain(390),
-        nested_chain(120),
-        wide(4900, lambda i: {"type": "string"}),
-    ],
-)
-def test_schemas_within_the_limits_pass(schema: Any) -> None:
-    check_schema(schema)
-
-
-def test_the_walk_is_bounded_whatever_the_schema() -> None:
-    deep: Any = 1
-    for _ in range(100_000):  # far past Python's recursion limit
-        deep = [deep]
-    start = time.monotonic()
-    with pytest.raises(SchemaError, match="64 deep"):
-        check_schema({"enum": [deep]})
-    ring = {"$defs": {f"d{i}": {"$ref": f"#/$defs/d{(i + 1) % 999}"} for i in range(999)}}
-    with pytest.raises(SchemaError, match="too deep"):
-        check_schema(ring)  # one cycle of 999 $refs: its levels all count
-    check_schema(wide(4900, lambda i: {"type": "object", "items": [{"a": [1]}]}))
-    assert time.monotonic() - start < 5
-
-
-# ---- compiling: large stacks, a time limit, a bounded pool -------------------------------
+# ---- compiling on large stacks, each in a fresh interpreter -------------------------------
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -547,7 +422,7 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=Path(__file__).parent.parent,
+        cwd=REPO,
     )
 
 
@@ -638,24 +513,3 @@ def test_the_deepest_schemas_allowed_compile_and_decode_on_small_stacks(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done True" in result.stdout, result.stdout
-
-
-def test_a_compile_past_its_time_limit_is_given_up_and_cannot_hold_the_pool() -> None:
-    pool = CompilePool(threads=1, timeout_s=0.3, queue_wait_s=0.6, max_stuck=1)
-
-    async def scenario() -> None:
-        start = time.monotonic()
-        with pytest.raises(GrammarTimeoutError, match="longer than 0.3 s"):
-            await pool.run(lambda: time.sleep(2.0))
-        assert time.monotonic() - start < 1.5
-        assert await pool.run(lambda: 42) == 42  # its thread was replaced
-        with pytest.raises(GrammarTimeoutError):
-            await pool.run(lambda: time.sleep(2.0))
-        # two stuck, one more than may be replaced: nothing is free, and waiting is bounded
-        with pytest.raises(QueueFullError):
-            await pool.run(lambda: 1)
-        await asyncio.sleep(2.0)  # the stuck compiles end: their threads serve again
-        assert await pool.run(lambda: 7) == 7
-        assert (pool.healthy, pool.stuck) == (1, 0)
-
-    asyncio.run(scenario())

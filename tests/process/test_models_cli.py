@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mlxserve.core.errors import ModelNotFoundError
-from mlxserve.registry.plugins import Plugins
-from mlxserve.registry.store import ModelStatus, ModelStore
 from mlxserve.server.cli.models import human_size
 
-from .fake_hub import FakeHub, commit_of
-from .test_cli import MLXSERVE
+from ..support.fake_hub import FakeHub, commit_of
+from ..support.processes import MLXSERVE
 
 REPO = "fake-org/tiny-llama"
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -158,14 +155,6 @@ def test_builtin_pull_and_rm(workdir: Path) -> None:
     assert not path.exists()
 
 
-def test_store_removes_nothing_outside_its_cache(tmp_path: Path, plugins: Plugins) -> None:
-    store = ModelStore(tmp_path / "cache", plugins)
-    assert store.remove("builtin:tiny-llama") == 0
-    assert store.status("builtin:tiny-llama") == ModelStatus(cached=False)
-    with pytest.raises(ModelNotFoundError, match="not a built-in model name"):
-        store.remove("builtin:../..")
-
-
 def test_local_model_is_checked_but_never_removed(
     workdir: Path, tiny_checkpoints: dict[str, Path]
 ) -> None:
@@ -181,18 +170,10 @@ def test_local_model_is_checked_but_never_removed(
     assert (tiny_checkpoints["llama"] / "config.json").is_file()
 
 
-@pytest.mark.parametrize(
-    ("size", "text"),
-    [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (12_345_678, "12.3 MB"), (999_999, "1.0 MB")],
-)
-def test_human_size(size: int, text: str) -> None:
-    assert human_size(size) == text
-
-
 def test_a_gguf_file_is_converted_listed_and_its_copy_removed(
     tmp_path: Path, tiny_checkpoints: dict[str, Path]
 ) -> None:
-    from .gguf_files import write_gguf
+    from ..support.gguf_files import write_gguf
 
     gguf_file = write_gguf(tiny_checkpoints["llama"], tmp_path / "tiny.gguf", "llama")
     (tmp_path / "mlxserve.toml").write_text(

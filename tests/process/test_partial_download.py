@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from .fake_hub import FakeHub
+from ..support.fake_hub import FakeHub
 
 REPO = "fake-org/sharded-llama"
 FILES = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 
-from .server import free_port, wait_until_healthy
+from ..support.processes import MLXSERVE, wait_until_healthy
+from ..support.server import free_port
 
-MLXSERVE = str(Path(sys.executable).parent / "mlxserve")
 # uvicorn ends by raising the signal it caught again, once it has shut down gracefully.
 STOPPED_CLEANLY = (0, -signal.SIGTERM)
 LONG_PROMPT = [(i * 37) % 250 + 3 for i in range(40)]

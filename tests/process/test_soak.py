@@ -30,8 +30,6 @@ import random
 import re
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -46,9 +44,8 @@ import openai
 import psutil
 import pytest
 
-from .server import free_port, wait_until_healthy
+from ..support.processes import served
 
-MLXSERVE = str(Path(sys.executable).parent / "mlxserve")
 DURATION = float(os.environ.get("SOAK_SECONDS", "60"))
 WARMUP = min(20.0, DURATION / 3)  # seconds of traffic before the RSS baseline is taken
 CLIENTS = 6
@@ -337,40 +334,19 @@ def total(samples: list[tuple[str, str, float]], name: str, label: str = "") -> 
 
 @pytest.fixture
 def server(tmp_path: Path, tiny_checkpoints: dict[str, Path]) -> Iterator[tuple[str, int, Path]]:
-    port = free_port()
-    config = tmp_path / "mlxserve.toml"
-    config.write_text(
-        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache"}"\n'
-        f'[models.m]\nsource = "{tiny_checkpoints["llama"]}"\n'
-        f"[server]\nport = {port}\nmax_request_bytes = {LIMIT}\nshutdown_grace_s = 3\n"
+    with served(
+        tmp_path,
+        tiny_checkpoints["llama"],
+        f"max_request_bytes = {LIMIT}\nshutdown_grace_s = 3",
         # a KV budget the traffic fills, so the prefix cache evicts (to the disk tier, itself
         # full soon): memory stays bounded by the budget, not by the machine's free memory
         f"[kv_cache]\nbudget = {KV_BUDGET_TOKENS}\nmax_sequence_length = 1024\n"
-        f'disk_dir = "{tmp_path / "kv"}"\ndisk_max_gb = 0.02\n'
-    )
-    log = tmp_path / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [MLXSERVE, "serve", "--config", str(config)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
+        f'disk_dir = "{tmp_path / "kv"}"\ndisk_max_gb = 0.02\n',
+    ) as running:
+        yield running.url, running.process.pid, running.log
+        assert running.process.poll() is None, (
+            f"the server exited:\n{running.log.read_text()[-3000:]}"
         )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, 60)
-        yield url, process.pid, log
-        assert process.poll() is None, f"the server exited:\n{log.read_text()[-3000:]}"
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 Names come from the gguf package's own tensor-name map (not from mlxserve's), and a Llama's
 q/k rows are put in llama.cpp's rotary order, so reading them back tests mlxserve's mapping.
+``write_tiny_gguf`` writes a one-tensor file of any tensor type, for the error paths.
 """
 
 from __future__ import annotations
@@ -127,3 +128,25 @@ def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Path) -> None:
         writer.add_bos_token_id(vocab[settings["bos_token"]])
     writer.add_add_bos_token(False)
     writer.add_chat_template(settings["chat_template"])
+
+
+def write_tiny_gguf(
+    dest: Path,
+    architecture: str = "llama",
+    kind: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+) -> Path:
+    """A GGUF with metadata and one 32x256 tensor of ``kind`` (random bytes if need be)."""
+    writer = gguf.GGUFWriter(str(dest), architecture)
+    writer.add_block_count(1)
+    data = np.random.default_rng(0).standard_normal((32, 256)).astype(np.float32)
+    try:
+        writer.add_tensor("token_embd.weight", gguf.quants.quantize(data, kind), raw_dtype=kind)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        raw = np.random.default_rng(0).integers(0, 60, (32, 256 // block * size), np.uint8)
+        writer.add_tensor("token_embd.weight", raw, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dest

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -93,17 +92,3 @@ def get(server: RunningServer, path: str, **kwargs: object) -> httpx.Response:
 
 def post(server: RunningServer, path: str, **kwargs: object) -> httpx.Response:
     return httpx.post(server.url + path, timeout=60, **kwargs)
-
-
-def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 60) -> None:
-    """Wait for a server process to answer 200 on /health; fail with its output if it dies."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not become healthy in {timeout:g} s"
-        time.sleep(0.2)

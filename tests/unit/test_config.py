@@ -14,8 +14,11 @@ from mlxserve.core.config.schema import (
     dump_config,
     load_config,
 )
+from mlxserve.core.errors import ModelNotFoundError
 
-SHIPPED = Path(__file__).resolve().parents[1] / "mlxserve.toml"
+from ..support import REPO
+
+SHIPPED = REPO / "mlxserve.toml"
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -378,7 +381,12 @@ def test_resolve_model_and_source_kind(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL), env={})
     assert config.resolve_model("q") == ("qwen3", config.models["qwen3"])
     assert config.resolve_model("qwen3") == ("qwen3", config.models["qwen3"])
-    assert config.resolve_model("missing") is None
+    assert config.resolve_model(None) == config.resolve_model("") == config.resolve_model("qwen")
+    available = "(available: demo, odd.name, qwen3)"
+    with pytest.raises(
+        ModelNotFoundError, match=re.escape(f"model 'missing' does not exist {available}")
+    ):
+        config.resolve_model("missing")
     assert config.models["qwen3"].source_kind == "hub"
     assert config.models["odd.name"].source_kind == "local"
     assert config.models["demo"].source_kind == "builtin"

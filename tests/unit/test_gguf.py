@@ -7,24 +7,22 @@ import shutil
 from pathlib import Path
 
 import gguf
-import httpx
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from mlxserve.core.config.schema import load_config
 from mlxserve.core.errors import ModelNotFoundError, UnsupportedModelError
-from mlxserve.core.kv.caches import KVCacheOptions
 from mlxserve.plugins import hookimpl
 from mlxserve.plugins.families.llama import Llama
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import write_tiny_checkpoint
-from mlxserve.registry.models import LoadedModel, ModelRegistry
+from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins, load_plugins
 from mlxserve.registry.store import ModelStore
 
-from .gguf_files import llama_cpp_row_order, write_gguf
-from .server import running_server, write_config
+from ..support.engine import greedy
+from ..support.gguf_files import llama_cpp_row_order, write_gguf, write_tiny_gguf
 
 Q = gguf.GGMLQuantizationType
 PROMPT = [5, 9, 77, 120, 33, 8, 250, 19, 42, 7, 99, 3] * 4  # longer than Mistral's window
@@ -65,16 +63,6 @@ def registry(
         )
     )
     return ModelRegistry(load_config(toml, env={}), plugins)
-
-
-def greedy(model: LoadedModel, prompt: list[int], steps: int = 16) -> list[int]:
-    caches = model.make_cache(KVCacheOptions())
-    logits = model.stage.forward(mx.array([prompt]), caches)
-    tokens = []
-    for _ in range(steps):
-        tokens.append(int(mx.argmax(logits[0, -1])))
-        logits = model.stage.forward(mx.array([tokens[-1:]]), caches)
-    return tokens
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral"])
@@ -163,26 +151,6 @@ def test_llama_3_rope_scaling_is_recovered_from_rope_freqs(
     assert greedy(models.load("gguf"), long_prompt) == greedy(models.load("original"), long_prompt)
 
 
-def write_tiny_gguf(
-    dest: Path, architecture: str = "llama", kind: gguf.GGMLQuantizationType = Q.F32
-) -> Path:
-    """A GGUF with metadata and one 32x256 tensor of ``kind`` (random bytes if need be)."""
-    writer = gguf.GGUFWriter(str(dest), architecture)
-    writer.add_block_count(1)
-    data = np.random.default_rng(0).standard_normal((32, 256)).astype(np.float32)
-    try:
-        writer.add_tensor("token_embd.weight", gguf.quants.quantize(data, kind), raw_dtype=kind)
-    except NotImplementedError:
-        block, size = gguf.GGML_QUANT_SIZES[kind]
-        raw = np.random.default_rng(0).integers(0, 60, (32, 256 // block * size), np.uint8)
-        writer.add_tensor("token_embd.weight", raw, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dest
-
-
 @pytest.mark.parametrize("kind", [Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.TQ2_0], ids=lambda kind: kind.name)
 def test_an_unsupported_tensor_type_is_named(
     kind: gguf.GGMLQuantizationType, tmp_path: Path, plugins: Plugins
@@ -197,25 +165,6 @@ def test_an_unconverted_architecture_is_named(tmp_path: Path, plugins: Plugins) 
     path = write_tiny_gguf(tmp_path / "phi.gguf", architecture="phi2")
     with pytest.raises(UnsupportedModelError, match="GGUF architecture 'phi2'.*qwen2, qwen3"):
         ModelStore(tmp_path / "c", plugins).locate(str(path))
-
-
-def test_the_api_answers_an_unservable_gguf_with_422(
-    tmp_path: Path, tiny_checkpoints: dict[str, Path]
-) -> None:
-    odd = write_tiny_gguf(tmp_path / "odd.gguf", kind=Q.Q4_K)
-    config = write_config(
-        tmp_path,
-        f'[registry]\ndefault_model = "tiny"\ncache_dir = "{tmp_path / "c"}"\n'
-        f'[models.tiny]\nsource = "{tiny_checkpoints["llama"]}"\n'
-        f'[models.odd]\nsource = "{odd}"\n',
-    )
-    body = {"model": "odd", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    with running_server(config) as server:
-        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
-    assert response.status_code == 422, response.text
-    error = response.json()["error"]
-    assert error["code"] == "model_unsupported"
-    assert "odd.gguf: mlxserve cannot read GGUF tensor type Q4_K" in error["message"]
 
 
 def test_a_folder_holding_one_gguf_is_a_source(

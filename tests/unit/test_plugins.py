@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,10 @@ from mlxserve.plugins.tool_calls import HermesToolCalls, ToolCallFormat
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins
 
-from .conftest import BUILTIN_FAMILIES
+from ..support import BUILTIN_FAMILIES
+from ..support.plugins import write_broken_plugin
 
-ROOT = Path(__file__).resolve().parent.parent
 HOOK_NAMES = sorted(n for n in dir(hookspecs) if n.startswith("mlxserve_"))
-
-
-def write_broken_plugin(root: Path) -> Path:
-    """An installed distribution whose plugin module fails to import."""
-    dist = root / "broken_plugin-0.1.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mlxserve.plugins]\nbroken = broken_plugin_mod\n")
-    (root / "broken_plugin_mod.py").write_text(
-        "raise ImportError('needs the library frobnicate, which is not installed')\n"
-    )
-    return root
 
 
 def registry_for(tmp_path: Path, checkpoint: Path, *extra: tuple[str, object]) -> ModelRegistry:
@@ -314,13 +301,3 @@ def test_every_hook_has_a_test() -> None:
     tests = set(globals())
     missing = [name for name in HOOK_NAMES if f"test_hook_{name}" not in tests]
     assert not missing, f"hooks without a test_hook_<name>: {missing}"
-
-
-def test_every_hook_is_documented_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    pm = load_plugins().pm
-    for name in HOOK_NAMES:
-        argnames = getattr(pm.hook, name).spec.argnames
-        heading = f"{name}({', '.join(argnames)})"
-        pattern = rf"^#+ `?{re.escape(heading)}`?$"
-        assert re.search(pattern, readme, re.M), f"undocumented: {heading}"

@@ -49,9 +49,19 @@ def completion(**fields: Any) -> CompletionRequest:
     return CompletionRequest.model_validate({"prompt": "Once", **fields})
 
 
+def sampling_params(
+    request: ChatCompletionRequest | CompletionRequest,
+    entry: ModelEntry | None = None,
+    family: dict[str, float] | None = None,
+) -> SamplingParams:
+    """What ``request`` samples with on a model of this entry and family defaults."""
+    entry_defaults = entry.sampling_defaults if entry is not None else {}
+    return request.sampling().with_defaults(entry_defaults, family or {})
+
+
 def param_of(request: ChatCompletionRequest | CompletionRequest) -> str:
     with pytest.raises(InvalidParameterError) as caught:
-        request.to_sampling_params()
+        sampling_params(request)
     return caught.value.param
 
 
@@ -60,27 +70,27 @@ def param_of(request: ChatCompletionRequest | CompletionRequest) -> str:
 
 def test_request_value_beats_model_entry_which_beats_sampling_defaults() -> None:
     entry = ModelEntry(source="builtin:tiny", temperature=0.2, top_k=40, max_tokens=64)
-    params = chat(temperature=0.9).to_sampling_params(entry)
+    params = sampling_params(chat(temperature=0.9), entry)
     assert (params.temperature, params.top_k, params.max_tokens) == (0.9, 40, 64)
     assert params.top_p == SamplingParams().top_p
-    assert chat().to_sampling_params() == SamplingParams()
+    assert sampling_params(chat()) == SamplingParams()
 
 
 def test_model_entry_beats_family_defaults_which_beat_built_in_ones() -> None:
     family = {"temperature": 0.0, "top_k": 5, "presence_penalty": 0.5}
     entry = ModelEntry(source="builtin:tiny", temperature=0.3)
-    params = chat().to_sampling_params(entry, family)
+    params = sampling_params(chat(), entry, family)
     assert (params.temperature, params.top_k, params.presence_penalty) == (0.3, 5, 0.5)
-    params = chat(top_k=9, presence_penalty=0).to_sampling_params(entry, family)
+    params = sampling_params(chat(top_k=9, presence_penalty=0), entry, family)
     assert (params.top_k, params.presence_penalty) == (9, 0)
-    assert chat().to_sampling_params(None, family).temperature == 0.0
-    assert completion().to_sampling_params(None, family).top_k == 5
+    assert sampling_params(chat(), None, family).temperature == 0.0
+    assert sampling_params(completion(), None, family).top_k == 5
 
 
 def test_negative_seeds_map_into_the_engine_range() -> None:
-    assert chat(seed=-1).to_sampling_params().seed == 2**63 - 1
-    assert chat(seed=2**63 - 1).to_sampling_params().seed == 2**63 - 1
-    assert chat(seed=0).to_sampling_params().seed == 0
+    assert sampling_params(chat(seed=-1)).seed == 2**63 - 1
+    assert sampling_params(chat(seed=2**63 - 1)).seed == 2**63 - 1
+    assert sampling_params(chat(seed=0)).seed == 0
 
 
 @pytest.mark.parametrize(
@@ -103,12 +113,12 @@ def test_wire_types_are_strict(fields: dict[str, Any], loc: str) -> None:
 
 
 def test_ints_are_taken_for_float_fields() -> None:
-    assert chat(temperature=1, top_p=1).to_sampling_params().temperature == 1.0
+    assert sampling_params(chat(temperature=1, top_p=1)).temperature == 1.0
 
 
 def test_top_logprobs_needs_logprobs() -> None:
     assert param_of(chat(top_logprobs=3)) == "top_logprobs"
-    assert chat(logprobs=True, top_logprobs=3).to_sampling_params().top_logprobs == 3
+    assert sampling_params(chat(logprobs=True, top_logprobs=3)).top_logprobs == 3
 
 
 def test_error_bodies_escape_lone_surrogates() -> None:
@@ -118,42 +128,44 @@ def test_error_bodies_escape_lone_surrogates() -> None:
 
 
 def test_unknown_fields_are_ignored() -> None:
-    assert chat(parallel_tool_calls=False, store=True).to_sampling_params() == SamplingParams()
+    assert sampling_params(chat(parallel_tool_calls=False, store=True)) == SamplingParams()
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:
     entry = ModelEntry(source="builtin:tiny", max_tokens=64)
-    assert chat(max_tokens=5, max_completion_tokens=7).to_sampling_params().max_tokens == 7
-    assert chat(max_tokens=5).to_sampling_params(entry).max_tokens == 5
+    assert sampling_params(chat(max_tokens=5, max_completion_tokens=7)).max_tokens == 7
+    assert sampling_params(chat(max_tokens=5), entry).max_tokens == 5
     assert param_of(chat(max_completion_tokens=0)) == "max_completion_tokens"
 
 
 def test_completion_max_tokens_defaults_to_16_after_the_model_entry() -> None:
-    assert completion().to_sampling_params().max_tokens == 16
+    assert sampling_params(completion()).max_tokens == 16
     entry = ModelEntry(source="builtin:tiny", max_tokens=64)
-    assert completion().to_sampling_params(entry).max_tokens == 64
-    assert completion(max_tokens=3).to_sampling_params(entry).max_tokens == 3
+    assert sampling_params(completion(), entry).max_tokens == 64
+    assert sampling_params(completion(max_tokens=3), entry).max_tokens == 3
 
 
 def test_stop_string_becomes_a_tuple() -> None:
-    assert chat(stop="\n").to_sampling_params().stop == ("\n",)
-    assert chat(stop=["a", "b"]).to_sampling_params().stop == ("a", "b")
-    assert chat(stop=None).to_sampling_params().stop == ()
+    assert sampling_params(chat(stop="\n")).stop == ("\n",)
+    assert sampling_params(chat(stop=["a", "b"])).stop == ("a", "b")
+    assert sampling_params(chat(stop=None)).stop == ()
 
 
 def test_other_fields_map_to_sampling_params() -> None:
-    params = chat(
-        seed=7,
-        min_p=0.1,
-        presence_penalty=0.5,
-        frequency_penalty=-0.5,
-        repetition_penalty=1.1,
-        logit_bias={"5": 10, "9": -100},
-        ignore_eos=True,
-        stop_token_ids=[2, 3],
-        logprobs=True,
-        top_logprobs=4,
-    ).to_sampling_params()
+    params = sampling_params(
+        chat(
+            seed=7,
+            min_p=0.1,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            repetition_penalty=1.1,
+            logit_bias={"5": 10, "9": -100},
+            ignore_eos=True,
+            stop_token_ids=[2, 3],
+            logprobs=True,
+            top_logprobs=4,
+        )
+    )
     assert params.seed == 7 and params.min_p == 0.1 and params.ignore_eos
     assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
     assert params.repetition_penalty == 1.1
@@ -163,11 +175,11 @@ def test_other_fields_map_to_sampling_params() -> None:
 
 
 def test_completion_logprobs_int_means_top_logprobs() -> None:
-    params = completion(logprobs=3).to_sampling_params()
+    params = sampling_params(completion(logprobs=3))
     assert params.logprobs and params.top_logprobs == 3
-    params = completion(logprobs=0).to_sampling_params()
+    params = sampling_params(completion(logprobs=0))
     assert params.logprobs and params.top_logprobs == 0
-    assert not completion().to_sampling_params().wants_logprobs
+    assert not sampling_params(completion()).wants_logprobs
     assert param_of(completion(logprobs=21)) == "logprobs"
 
 
@@ -204,8 +216,8 @@ def test_completion_rejects_with_the_parameter_name(fields: dict[str, Any], para
 
 def test_accepted_no_op_settings() -> None:
     request = chat(n=1, tool_choice="none", response_format={"type": "text"}, tools=[])
-    request.to_sampling_params()
-    completion(n=1, best_of=1, echo=False, suffix="").to_sampling_params()
+    sampling_params(request)
+    sampling_params(completion(n=1, best_of=1, echo=False, suffix=""))
 
 
 def test_text_content_parts_are_joined() -> None:

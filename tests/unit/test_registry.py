@@ -27,10 +27,12 @@ def test_resolves_names_and_aliases(tmp_path: Path) -> None:
     registry = make_registry(
         tmp_path, '[models.demo]\nsource = "builtin:tiny-llama"\naliases = ["d", "tiny"]\n'
     )
-    assert registry.resolve("tiny")[0] == "demo"
-    assert registry.resolve("demo")[1].source == "builtin:tiny-llama"
-    with pytest.raises(ModelNotFoundError, match="'gpt-4' is not in the registry"):
-        registry.resolve("gpt-4")
+    assert registry.config.resolve_model("tiny")[0] == "demo"
+    assert registry.config.resolve_model("demo")[1].source == "builtin:tiny-llama"
+    with pytest.raises(
+        ModelNotFoundError, match=r"model 'gpt-4' does not exist \(available: demo\)"
+    ):
+        registry.load("gpt-4")
 
 
 def test_builtin_is_written_once_and_reused(tmp_path: Path) -> None:

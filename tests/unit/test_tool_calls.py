@@ -27,7 +27,7 @@ from mlxserve.plugins.tool_calls import (
     marker_token_ids,
 )
 
-from .conftest import BUILTIN_FAMILIES
+from ..support import BUILTIN_FAMILIES
 
 WEATHER = ToolCall("get_weather", '{"city": "Paris"}')
 NOW = ToolCall("now", "{}")

