@@ -11,13 +11,11 @@ interpreters. (The limits themselves and the compile pool: unit/test_schema_limi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,8 @@ import pytest
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 
 from ..support import REPO
-from ..support.processes import MLXSERVE, wait_until_healthy
+from ..support.processes import Served, served
 from ..support.schemas import MUTUAL_REQUIRED, SELF_REQUIRED, TREE, chain
-from ..support.server import free_port
 
 CONTEXT = 131072  # room for a 105 KB tool schema in the prompt (the tools path)
 ASK = [{"role": "user", "content": "Say something."}]
@@ -50,16 +47,6 @@ X_GUIDANCE = {
 # ---- a real server process ------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-
 @pytest.fixture(scope="module")
 def long_llama(tmp_path_factory: pytest.TempPathFactory, plugins) -> Path:
     dest = tmp_path_factory.mktemp("grammar-safety") / "llama"
@@ -70,28 +57,9 @@ def long_llama(tmp_path_factory: pytest.TempPathFactory, plugins) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, long_llama: Path) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("grammar-server")
-    port = free_port()
-    config = tmp / "mlxserve.toml"
-    config.write_text(
-        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp / "cache"}"\n'
-        f'[models.m]\nsource = "{long_llama}"\n'
-        f"[server]\nport = {port}\n"
-        f"[kv_cache]\nmax_sequence_length = {CONTEXT}\n"
-    )
-    log = tmp / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [MLXSERVE, "serve", "--config", str(config)], env=env, stdout=out, stderr=out
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, 90)
-        yield Served(url, process, log)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
+    context = f"[kv_cache]\nmax_sequence_length = {CONTEXT}\n"
+    with served(tmp, long_llama, extra=context) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,9 @@ class Served:
     process: subprocess.Popen
     log: Path
 
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
 
 @contextmanager
 def served(
