@@ -58,6 +58,13 @@ GAUGES: tuple[tuple[str, str, Callable[[ModelWorker], float | None]], ...] = (
     ),
     ("kv_cache_capacity_tokens", "The model's KV budget in tokens.", lambda w: w.capacity_tokens),
     (
+        "prefix_cache_enabled",
+        "1 if the model's prompts share KV blocks through the prefix cache; 0 if it is off "
+        "for the model (by configuration, or because its cache kinds cannot share blocks: "
+        "sliding, chunked, recurrent, quantized; the log says which).",
+        lambda w: float(w.prefix_caching),
+    ),
+    (
         "micro_batches",
         "Lanes the running requests are split into (one per pipeline stage; 1 on one rank).",
         lambda w: w.lanes,

@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 
-from mlxserve.core.kv.caches import CacheKind, KVCacheOptions, make_layer_cache, warn_unquantizable
+from mlxserve.core.kv.caches import CacheKind, KVCacheOptions, kind_of, servable, warn_unquantizable
 from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.gguf_mapping import GGUFModel, decoder_config, decoder_weights
 from mlxserve.plugins.tool_calls import HermesToolCalls, ToolCallFormat
@@ -71,9 +72,9 @@ class ModelFamily:
     # ---- sharding rules ----
 
     def layout(self, model: nn.Module) -> DecoderLayout:
-        """Where the embedding, layers, final norm and head live (pipeline parallelism)."""
-        head = "lm_head" if hasattr(model, "lm_head") else None
-        return DecoderLayout(model, head=head)
+        """Where the embedding, layers, final norm and head live (pipeline parallelism);
+        found in the model by default."""
+        return DecoderLayout(model)
 
     def layer_weights(self, model: nn.Module) -> list[int]:
         """Relative cost of each layer (bytes of its weights), used to split by memory."""
@@ -81,7 +82,7 @@ class ModelFamily:
 
     def supports_tensor_parallel(self, model: nn.Module) -> bool:
         """Whether :meth:`shard_tensors` can split this model's tensors across ranks."""
-        return hasattr(model, "shard")
+        return callable(getattr(model, "shard", None))
 
     def shard_tensors(self, model: nn.Module, group: mx.distributed.Group) -> None:
         """Split each layer's weights across the ranks of ``group`` (tensor parallelism)."""
@@ -91,22 +92,33 @@ class ModelFamily:
 
     # ---- KV cache ----
 
+    def cache_templates(self, model: nn.Module) -> list[Any]:
+        """The model's own cache of each layer: mlx-lm's ``make_cache``, else full ones."""
+        make = getattr(model, "make_cache", None)
+        if callable(make):
+            return list(make())
+        return [KVCache() for _ in model.layers]
+
     def cache_kinds(self, model: nn.Module) -> list[CacheKind]:
-        """The kind of KV cache each layer needs."""
-        return ["full"] * self.layout(model).num_layers
+        """The kind of cache each of :meth:`cache_templates` is."""
+        return [kind_of(t) for t in self.cache_templates(model)]
 
     def sliding_window(self, model: nn.Module) -> int | None:
         """The window of the family's sliding-window layers, if it has any."""
-        return None
+        windows = [t.max_size for t in self.cache_templates(model) if kind_of(t) == "sliding"]
+        return windows[0] if windows else None
 
     def make_cache(
         self, model: nn.Module, options: KVCacheOptions, layers: Sequence[int]
     ) -> list[Any]:
-        """One fresh cache per layer in ``layers`` (the layers this rank runs)."""
-        kinds = self.cache_kinds(model)
+        """One fresh cache per layer in ``layers`` (the layers this rank runs); every cache
+        when the model has fewer caches than layers (layers that share one) and the rank
+        runs them all."""
+        templates, kinds = self.cache_templates(model), self.cache_kinds(model)
+        if len(templates) != len(model.layers) and len(layers) == len(model.layers):
+            layers = range(len(templates))
         warn_unquantizable([kinds[i] for i in layers], options, self.name)
-        window = self.sliding_window(model)
-        return [make_layer_cache(kinds[i], options, window) for i in layers]
+        return [servable(templates[i], kinds[i], options) for i in layers]
 
     # ---- GGUF files ----
 

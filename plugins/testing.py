@@ -20,6 +20,7 @@ Each check raises AssertionError with a message that says what differs.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Iterator
@@ -27,9 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
+from mlxserve.core.kv.batching import unbatchable
 from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.model.exactness import check_stage
+from mlxserve.core.model.layout import SplitError
 from mlxserve.core.model.loader import load_stage
 from mlxserve.core.model.stages import PipelineStage, split_even, stage_ranges
 from mlxserve.plugins.family import ModelFamily
@@ -75,23 +80,25 @@ def _fresh_cache(family: ModelFamily, stage: PipelineStage, bits: int | None = N
 
 
 def check_loads(family: ModelFamily, path: Path) -> None:
-    """The checkpoint loads, and the layout's forward pass equals the model's own ``__call__``."""
+    """The checkpoint loads, and mlxserve's forward pass (the family's layout and caches)
+    equals mlx-lm's own: its model call with its own caches."""
     stage = _load(family, path)
-    ours = stage.forward(_tokens(), [None] * len(stage.layers))
+    ours = stage.forward(_tokens(), _fresh_cache(family, stage))
     reference, _ = load_model(path, get_model_classes=family.model_classes)
-    _assert_close(ours, reference(_tokens()), "layout forward vs the model's own forward")
+    expected = reference(_tokens(), cache=make_prompt_cache(reference))
+    _assert_close(ours, expected, "layout forward vs the model's own forward")
     assert ours.shape[-1] == stage.layout.vocab_size, "logits are not vocab-sized"
 
 
 def check_kv_cache(family: ModelFamily, path: Path, bits: int | None = None) -> None:
-    """Prefill then decode one token at a time with the family's caches equals no cache.
+    """Prefill then decode one token at a time with the family's caches equals one pass.
 
     The prompt is longer than a tiny model's sliding window, so windowed caches rotate.
     With ``bits`` the cache is quantized and the check only bounds the error loosely.
     """
     stage = _load(family, path)
     tokens = _tokens()
-    full = stage.forward(tokens, [None] * len(stage.layers))
+    full = stage.forward(tokens, _fresh_cache(family, stage))
     cache = _fresh_cache(family, stage, bits)
     split = tokens.shape[1] - 4
     steps = [stage.forward(tokens[:, :split], cache)[:, -1:]]
@@ -108,15 +115,43 @@ def check_pipeline_split(family: ModelFamily, path: Path, num_stages: int = 2) -
     """Stages that each load only their own layers, run in turn, give the unsplit logits."""
     whole = _load(family, path)
     tokens = _tokens()
-    expected = whole.forward(tokens, [None] * len(whole.layers))
+    expected = whole.forward(tokens, _fresh_cache(family, whole))
     ranges = stage_ranges(split_even(whole.layout.num_layers, num_stages))
-    h = tokens
+    h = None
     for i, layers in enumerate(ranges):
         stage = _load(family, path, layers, first=i == 0, last=i == len(ranges) - 1)
-        present = [j for j, m in enumerate(stage.layout.layer_modules) if m is not None]
+        present = [j for j, m in enumerate(stage.layout.layer_modules) if m.parameters()]
         assert present == list(layers), f"stage {i} kept layers {present}, not {list(layers)}"
-        h = stage.forward(h, _fresh_cache(family, stage))
+        h = stage.forward(tokens, _fresh_cache(family, stage), hidden=h)
+    assert h is not None
     _assert_close(h, expected, f"{num_stages}-stage pipeline vs unsplit")
+
+
+def splits(family: ModelFamily, path: Path) -> bool:
+    """Whether the model can be cut into pipeline stages (else the layout refuses, saying
+    why: that is a valid answer, never a wrong split)."""
+    layout = _load(family, path).layout
+    try:
+        layout.check_split([layout.num_layers // 2])
+    except SplitError:
+        return False
+    return True
+
+
+def check_exactness(family: ModelFamily, path: Path, num_stages: int = 2) -> None:
+    """mlxserve's exactness check at load passes: on the whole model, and on each stage of
+    a split (chunked prefill, decode steps and a left-padded batch, against mlx-lm)."""
+    stages = [_load(family, path)]
+    ranges = stage_ranges(split_even(stages[0].layout.num_layers, num_stages))
+    if splits(family, path):
+        stages += [
+            _load(family, path, layers, first=i == 0, last=i == len(ranges) - 1)
+            for i, layers in enumerate(ranges)
+        ]
+    for stage in stages:
+        model_type = str(getattr(stage.layout.model, "model_type", family.name))
+        make = functools.partial(_fresh_cache, family, stage)
+        check_stage(stage, make, model_type=model_type, batchable=not unbatchable(make()))
 
 
 def check_family(family: ModelFamily, tmp_path: Path, model_types: list[str] | None = None) -> None:
@@ -125,7 +160,9 @@ def check_family(family: ModelFamily, tmp_path: Path, model_types: list[str] | N
         path = write_tiny_checkpoint(family, Path(tmp_path) / model_type, model_type=model_type)
         check_loads(family, path)
         check_kv_cache(family, path)
-        check_pipeline_split(family, path)
+        if splits(family, path):
+            check_pipeline_split(family, path)
+        check_exactness(family, path)
         weights = family.layer_weights(_load(family, path).layout.model)
         assert len(weights) > 1 and all(w > 0 for w in weights), f"layer weights {weights}"
 

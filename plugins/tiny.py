@@ -81,7 +81,7 @@ def write_tiny_checkpoint(
         ``dest`` as a Path.
     """
     model_type = model_type or family.model_types[0]
-    if model_type not in family.model_types:
+    if model_type not in family.model_types and "*" not in family.model_types:
         raise ValueError(
             f"family {family.name!r} has no model type {model_type!r} "
             f"(it has: {', '.join(family.model_types)})"
@@ -103,9 +103,14 @@ def write_tiny_checkpoint(
     if family.bos_token:
         config["bos_token_id"] = tokenizer.token_to_id(family.bos_token)
 
+    if isinstance(config.get("text_config"), dict):  # nested: the text model reads its own
+        config["text_config"] = {**config["text_config"], "vocab_size": config["vocab_size"]}
+
     mx.random.seed(seed)
     model = build_model(family.model_classes, config)
     weights = dict(tree_flatten(model.parameters()))
+    if config.get("tie_word_embeddings"):  # some mlx-lm models tie only if the head is absent
+        weights.pop("lm_head.weight", None)
     mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
 
     _write_json(dest / "config.json", config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.core.errors import ModelNotFoundError
+from mlxserve.core.kv.batching import unbatchable
 from mlxserve.core.kv.caches import KVCacheOptions
 from mlxserve.core.model.dtype import settle_compute_dtype
+from mlxserve.core.model.exactness import check_stage
 from mlxserve.core.model.loader import build_lazy, build_skeleton, materialize
 from mlxserve.core.model.stages import PipelineStage
 from mlxserve.plugins.family import ModelFamily
@@ -24,6 +27,8 @@ from mlxserve.registry.packaged import recommended_sampling
 from mlxserve.registry.placement import Placement, plan_placement
 from mlxserve.registry.plugins import Plugins
 from mlxserve.registry.store import ModelStore
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mlxserve.core.config.schema import Config, ModelEntry
@@ -70,7 +75,9 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         """The longest sequence the model was trained for (its max_position_embeddings)."""
-        return int(self.config.get("max_position_embeddings") or 2**31)
+        text = self.config.get("text_config") or {}
+        longest = self.config.get("max_position_embeddings") or text.get("max_position_embeddings")
+        return int(longest or 2**31)
 
     @property
     def vocab_size(self) -> int:
@@ -139,8 +146,6 @@ class ModelRegistry:
         Only the weights of the layers this rank (or stage) runs are read into memory. On
         several ranks every rank must call this at the same time (they agree on the split).
         """
-        from mlx_lm.utils import load_tokenizer
-
         canonical, entry = self.config.resolve_model(name)
         hook = self.plugins.hook
         placement = None
@@ -160,11 +165,11 @@ class ModelRegistry:
             )
             self._settle_dtype(canonical, layout, *self._share(placement, layout))
             stage = self._materialize_share(family, layout, placement)
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        tokenizer = load_tokenizer_of(path, config.get("eos_token_id"))
         template = hook.mlxserve_chat_template(family=family, tokenizer=tokenizer._tokenizer)
         if template:
             tokenizer._tokenizer.chat_template = template
-        return LoadedModel(
+        loaded = LoadedModel(
             canonical,
             family,
             stage,
@@ -177,6 +182,14 @@ class ModelRegistry:
             weight_hashes=Path(self.config.registry.cache_dir) / WEIGHT_HASHES_FILE,
             recommended=recommended_sampling(entry.source),
         )
+        if entry.check_exactness:
+            check_stage(
+                stage,
+                lambda: loaded.make_cache(KVCacheOptions()),
+                model_type=str(config.get("model_type")),
+                batchable=not unbatchable(loaded.make_cache(KVCacheOptions())),
+            )
+        return loaded
 
     def _downloads_own_layers_only(self, source_kind: str) -> bool:
         return (
@@ -261,6 +274,22 @@ class ModelRegistry:
             prev_rank=None if first else rank + 1,
             next_rank=None if last else rank - 1,
         )
+
+
+def load_tokenizer_of(path: Path, eos_token_ids: Any) -> Any:
+    """mlx-lm's tokenizer wrapper of a checkpoint, even of a model type transformers does not
+    know (its AutoTokenizer reads config.json, and fails on one it cannot parse)."""
+    from mlx_lm.utils import load_tokenizer
+    from transformers import PretrainedConfig
+
+    try:
+        return load_tokenizer(path, eos_token_ids=eos_token_ids)
+    except (ValueError, KeyError, AttributeError) as exc:
+        log.info(
+            "%s: transformers cannot read its config.json (%s); tokenizer files only", path, exc
+        )
+        extra = {"config": PretrainedConfig()}
+        return load_tokenizer(path, tokenizer_config_extra=extra, eos_token_ids=eos_token_ids)
 
 
 def read_model_config(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pluggy
 from mlxserve.core.errors import UnknownModelTypeError, UnsupportedModelError
 from mlxserve.core.sampling.params import DEFAULTABLE_PARAMS, InvalidParameterError, SamplingParams
 from mlxserve.plugins import defaults, hookspecs
+from mlxserve.plugins.families.generic import ANY_MODEL_TYPE, mlx_lm_module
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tool_calls import ToolCallFormat
 
@@ -98,7 +99,16 @@ class Plugins:
         """
         claims = [e for e in self.families if model_type in e.family.model_types]
         if not claims:
-            known = ", ".join(sorted({t for e in self.families for t in e.family.model_types}))
+            claims = [e for e in self.families if ANY_MODEL_TYPE in e.family.model_types]
+            if claims and mlx_lm_module({"model_type": model_type}) is None:
+                raise UnknownModelTypeError(
+                    f"model_type {model_type!r} is not supported: no enabled plugin claims "
+                    f"it and mlx-lm {mlx_lm_version()} has no model of it"
+                )
+        if not claims:
+            known = ", ".join(
+                sorted({t for e in self.families for t in e.family.model_types} - {"*"})
+            )
             raise UnknownModelTypeError(
                 f"no enabled plugin claims model_type {model_type!r} "
                 f"(claimed: {known or 'none'}); install a plugin for it or check [plugins] enabled"
@@ -229,3 +239,9 @@ def load_plugins(
         pm.trace.root.setwriter(lambda message: log.debug("hook: %s", message.rstrip()))
         pm.enable_tracing()
     return Plugins(pm, infos)
+
+
+def mlx_lm_version() -> str:
+    from importlib.metadata import version
+
+    return version("mlx-lm")

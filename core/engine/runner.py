@@ -9,21 +9,12 @@ from typing import Any
 import mlx.core as mx
 
 from mlxserve.core.engine.plan import PrefillChunk, StepPlan
+from mlxserve.core.kv.batching import end_padding, merge, pad_left
 from mlxserve.core.kv.disk_tier import BlockSpec
 from mlxserve.core.kv.prefix_store import PrefixStore
 from mlxserve.core.model.stages import PipelineStage
 
 Cache = list[Any]
-
-
-def check_batchable(cache: Cache) -> None:
-    """The engine batches sequences by merging their caches; refuse kinds that cannot merge."""
-    for layer_cache in cache:
-        if not hasattr(type(layer_cache), "merge"):
-            raise ValueError(
-                f"{type(layer_cache).__name__} cannot be batched; "
-                "continuous batching needs caches that merge (full, sliding or latent)"
-            )
 
 
 @dataclass
@@ -47,9 +38,12 @@ class ModelRunner:
         make_cache: Callable[[], Cache],
         lockstep: bool = False,
         block_size: int = 16,
+        batchable: bool = True,
     ) -> None:
         self.stage = stage
         self.make_cache = make_cache
+        # Caches that cannot merge run one sequence at a time, as they are.
+        self.batchable = batchable
         self.block_size = block_size
         self.prefix_store = PrefixStore(block_size, self._probe_block_spec)
         # Across ranks, each forward pass's sends and receives must happen in plan order.
@@ -129,12 +123,10 @@ class ModelRunner:
     def _probe_block_spec(self) -> BlockSpec:
         # A one-token forward pass that is never evaluated: MLX is lazy, so building its
         # graph gives the caches' shapes and dtypes without computing anything.
-        layout, cache = self.stage.layout, self.make_cache()
-        if self.stage.first:
-            inputs = mx.zeros((1, 1), mx.int32)
-        else:
-            inputs = mx.zeros((1, 1, layout.hidden_size), layout.hidden_dtype)
-        self.stage.forward(inputs, cache)
+        cache, tokens = self.make_cache(), mx.zeros((1, 1), mx.int32)
+        self.stage.layout.forward(
+            tokens, cache, self.stage.layers, hidden=self.stage.input_like(tokens)
+        )
 
         def one_block(array: mx.array) -> tuple[tuple[int, ...], mx.Dtype]:
             batch, heads, _, *rest = array.shape
@@ -152,7 +144,7 @@ class ModelRunner:
                     self.prefix_store.restore(chunk.reused, cache)
             logits = self.stage.forward(mx.array([chunk.tokens]), cache)
             if chunk.last:
-                return logits, [type(c).merge([c]) for c in cache]
+                return logits, [merge([c]) for c in cache] if self.batchable else cache
             self.prefilling[chunk.request_id] = cache
             return logits, cache
         longest = max(len(c.tokens) for c in group)
@@ -160,10 +152,13 @@ class ModelRunner:
         rows = [[0] * pad + list(c.tokens) for pad, c in zip(padding, group, strict=True)]
         tokens = mx.array(rows)
         per_layer = zip(*(self.make_cache() for _ in group), strict=True)
-        cache = [type(caches[0]).merge(list(caches)) for caches in per_layer]
+        cache = [merge(caches) for caches in per_layer]
         for layer_cache in cache:
-            layer_cache.prepare(left_padding=padding)
-        return self.stage.forward(tokens, cache), cache
+            pad_left(layer_cache, padding)
+        logits = self.stage.forward(tokens, cache)
+        for layer_cache in cache:
+            end_padding(layer_cache)
+        return logits, cache
 
     def _join(self, lane: Lane, request_ids: list[str], cache: Cache) -> None:
         if lane.cache is None:

@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlxserve.core.engine.plan import StepPlan
-from mlxserve.core.engine.runner import ModelRunner, check_batchable
+from mlxserve.core.engine.runner import ModelRunner
 from mlxserve.core.engine.scheduler import Scheduler
 from mlxserve.core.engine.sequence import RequestOutput, Sequence
+from mlxserve.core.kv.batching import unbatchable
 from mlxserve.core.kv.blocks import BlockManager
-from mlxserve.core.kv.caches import KVCacheOptions, budget_tokens, bytes_per_token
+from mlxserve.core.kv.caches import KVCacheOptions, budget_tokens, cache_sizes, kind_of
 from mlxserve.core.kv.disk_tier import DiskTier
 from mlxserve.core.model.stages import PipelineStage
 from mlxserve.core.sampling.constraint import join_masks, start_masks
@@ -122,12 +123,14 @@ class ModelWorker:
         self.runner = make_runner(model, settings, lockstep=announce is not None)
         # Whole blocks only: a sequence is admitted only if all of its blocks can be.
         self.capacity_tokens = self._capacity(can_measure) // kv.block_size * kv.block_size
-        self.prefix_caching = kv.prefix_cache and shares_blocks(model.make_cache(kv.options))
-        if kv.prefix_cache and not self.prefix_caching:
+        unshared = unshareable_kinds(model.make_cache(kv.options))
+        self.prefix_caching = kv.prefix_cache and not unshared
+        if kv.prefix_cache and unshared:
             log.warning(
-                "%s: its KV caches cannot share blocks (sliding window or quantized); "
-                "prefix caching is off for it",
+                "%s: its %s caches cannot share blocks; prefix caching is off for it "
+                "(mlxserve_prefix_cache_enabled 0)",
                 model.name,
+                " and ".join(unshared),
             )
         self.key = model.fingerprint
         if kv.disk_dir and self.prefix_caching:
@@ -147,16 +150,23 @@ class ModelWorker:
 
     def _capacity(self, can_measure: bool) -> int:
         kv = self.kv
+        batch = self.settings.max_batch_size if self.runner.batchable else 1
         if kv.budget_kind != "tokens" and not can_measure:
-            return self.settings.max_batch_size * kv.max_sequence_length
-        per_token = bytes_per_token(self.model.stage, self.model.make_cache(kv.options))
-        tokens = budget_tokens(kv.budget_kind, kv.budget_value, kv.reserved_memory_mb, per_token)
+            return batch * kv.max_sequence_length
+        per_token, fixed = cache_sizes(self.model.stage, self.model.make_cache(kv.options))
+        # Recurrent state takes the same bytes whatever a sequence's length: a full batch's
+        # worth is set aside before the budget is counted in tokens.
+        reserved_mb = kv.reserved_memory_mb + -(-batch * fixed // 2**20)
+        tokens = budget_tokens(kv.budget_kind, kv.budget_value, reserved_mb, per_token)
+        if kv.budget_kind == "bytes":
+            tokens = max(0, kv.budget_value - batch * fixed) // per_token
         log.info(
-            "%s: KV budget %d tokens (%.1f MiB, %d bytes a token)",
+            "%s: KV budget %d tokens (%.1f MiB, %d bytes a token%s)",
             self.model.name,
             tokens,
             tokens * per_token / 2**20,
             per_token,
+            f"; {fixed} bytes of state a sequence, {batch} set aside" if fixed else "",
         )
         return tokens
 
@@ -165,7 +175,8 @@ class ModelWorker:
         blocks = BlockManager(self.capacity_tokens // block_size, block_size)
         salt = self.key if self.prefix_caching else None
         from_disk = self._from_disk if self.runner.prefix_store.disk is not None else None
-        return Scheduler(s.max_batch_size, s.prefill_step_size, blocks, salt, from_disk, self.lanes)
+        batch = s.max_batch_size if self.runner.batchable else 1
+        return Scheduler(batch, s.prefill_step_size, blocks, salt, from_disk, self.lanes)
 
     def _from_disk(self, block_hash: str, keep: Collection[str]) -> bool:
         store = self.runner.prefix_store
@@ -259,10 +270,24 @@ class ModelWorker:
 def make_runner(model: ServedModel, settings: EngineSettings, lockstep: bool) -> ModelRunner:
     """A runner for ``model`` whose caches come from its family's cache factory."""
     kv = settings.kv_for(model.name)
-    check_batchable(model.make_cache(kv.options))
-    return ModelRunner(model.stage, lambda: model.make_cache(kv.options), lockstep, kv.block_size)
+    alone = unbatchable(model.make_cache(kv.options))
+    if alone:
+        log.warning(
+            "%s: its %s caches cannot be batched; it runs one sequence at a time",
+            model.name,
+            " and ".join(alone),
+        )
+    return ModelRunner(
+        model.stage, lambda: model.make_cache(kv.options), lockstep, kv.block_size, not alone
+    )
 
 
-def shares_blocks(cache: list[Any]) -> bool:
-    """Whether KV blocks of these caches can be copied out and back in (plain caches only)."""
-    return all(type(layer_cache) is KVCache for layer_cache in cache)
+def unshareable_kinds(cache: list[Any]) -> list[str]:
+    """The kinds among these caches whose KV blocks cannot be copied out and back in
+    (plain caches only can): none if the model can use the prefix cache."""
+    kinds = {
+        "quantized" if isinstance(c, QuantizedKVCache) else kind_of(c)
+        for c in cache
+        if type(c) is not KVCache
+    }
+    return sorted(kinds)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, CacheList, ChunkedKVCache, KVCache, RotatingKVCache
 
 from mlxserve.core.distributed.cluster import available_memory
+from mlxserve.core.kv.chunked import ChunkedCache
 from mlxserve.core.kv.quantized import QuantizedCache
 from mlxserve.core.model.stages import PipelineStage
 
 log = logging.getLogger(__name__)
 
-CacheKind = Literal["full", "sliding", "latent"]
+CacheKind = Literal["full", "sliding", "latent", "chunked", "recurrent", "composite", "other"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +35,23 @@ class KVCacheOptions:
             raise ValueError(f"KV cache bits must be 4 or 8 (got {self.bits})")
 
 
+def kind_of(cache: Any) -> CacheKind:
+    """The kind of a layer's cache, as mlx-lm's ``make_cache`` (or a family) made it."""
+    if isinstance(cache, CacheList):
+        return "composite"
+    if isinstance(cache, ArraysCache):
+        return "recurrent"
+    if isinstance(cache, (ChunkedKVCache, ChunkedCache)):
+        return "chunked"
+    if isinstance(cache, RotatingKVCache):
+        return "sliding"
+    if isinstance(cache, KVCache):
+        return "full"
+    return "other"
+
+
 def make_layer_cache(kind: CacheKind, options: KVCacheOptions, window: int | None = None) -> Any:
-    """One layer's cache.
+    """One layer's cache of a kind that needs nothing but a size.
 
     ``full`` keeps every key and value; ``sliding`` keeps the last ``window`` tokens;
     ``latent`` keeps a compressed latent per token (DeepSeek's MLA) in a plain cache.
@@ -47,6 +64,23 @@ def make_layer_cache(kind: CacheKind, options: KVCacheOptions, window: int | Non
     if kind == "full" and options.bits is not None:
         return QuantizedCache(group_size=options.group_size, bits=options.bits)
     return KVCache()
+
+
+def servable(template: Any, kind: CacheKind, options: KVCacheOptions) -> Any:
+    """The cache mlxserve serves a layer with, from the one mlx-lm's ``make_cache`` gives:
+    quantized if asked and the layer is full attention, chunked attention in a kind that
+    batches, anything else as it is (fresh, not shared with the template)."""
+    if isinstance(template, CacheList):
+        return CacheList(*(servable(c, kind_of(c), KVCacheOptions()) for c in template.caches))
+    if isinstance(template, ChunkedKVCache):
+        return ChunkedCache(template.chunk_size)
+    if type(template) is KVCache:
+        return make_layer_cache("full" if kind == "full" else "latent", options)
+    if isinstance(template, RotatingKVCache):
+        return RotatingKVCache(max_size=template.max_size, keep=template.keep)
+    if isinstance(template, ArraysCache):
+        return ArraysCache(len(template.cache))
+    return copy.deepcopy(template)
 
 
 def warn_unquantizable(kinds: list[CacheKind], options: KVCacheOptions, family: str) -> None:
@@ -62,18 +96,29 @@ def warn_unquantizable(kinds: list[CacheKind], options: KVCacheOptions, family: 
         )
 
 
-def bytes_per_token(stage: PipelineStage, cache: list[Any]) -> int:
-    """KV bytes one token takes in ``stage``'s layers, measured on the fresh ``cache``.
+def _sizes(cache: Any) -> tuple[float, int]:
+    """(bytes a token adds, bytes a sequence holds whatever its length) of a used cache."""
+    if isinstance(cache, CacheList):
+        parts = [_sizes(c) for c in cache.caches]
+        return sum(p for p, _ in parts), sum(f for _, f in parts)
+    if isinstance(cache, ArraysCache):
+        return 0.0, cache.nbytes
+    keys = getattr(cache, "keys", None)
+    if isinstance(keys, (tuple, list)):
+        keys = keys[0]
+    if keys is None:
+        return float(cache.nbytes), 0
+    return cache.nbytes / keys.shape[2], 0
 
-    Runs each layer once on one zero hidden state, locally (no other rank takes part).
-    """
-    layout = stage.layout
-    h = mx.zeros((1, 1, layout.hidden_size), dtype=layout.hidden_dtype)
-    for index, layer_cache in zip(stage.layers, cache, strict=True):
-        h = layout.run_layer(index, h, layer_cache)
-    mx.eval(h, [c.state for c in cache])
-    allocated = [c.keys[0] if isinstance(c.keys, tuple) else c.keys for c in cache]
-    return max(1, round(sum(c.nbytes / k.shape[2] for c, k in zip(cache, allocated, strict=True))))
+
+def cache_sizes(stage: PipelineStage, cache: list[Any]) -> tuple[int, int]:
+    """(bytes per token, fixed bytes per sequence) of ``stage``'s caches, measured on the
+    fresh ``cache`` by one local forward pass of one token (no other rank takes part)."""
+    tokens = mx.zeros((1, 1), mx.int32)
+    out = stage.layout.forward(tokens, cache, stage.layers, hidden=stage.input_like(tokens))
+    mx.eval(out, [c.state for c in cache])
+    sizes = [_sizes(c) for c in cache]
+    return max(1, round(sum(p for p, _ in sizes))), sum(f for _, f in sizes)
 
 
 def budget_tokens(kind: str, value: int, reserved_mb: int, per_token: int) -> int:

@@ -84,8 +84,7 @@ def materialize(
     if (layers.start, layers.stop) != (0, layout.num_layers) or not (first and last):
         layout.keep_only(layers, first=first, last=last)
     for layer in layout.layer_modules:
-        if layer is not None:
-            mx.eval(layer.parameters())
+        mx.eval(layer.parameters())
     mx.eval(layout.model.parameters())
     parallelize_linears(layout.model, cpu_split())
     return PipelineStage(layout, layers, first, last, group, prev_rank, next_rank)

@@ -85,7 +85,7 @@ class PipelineStage:
 
     On several ranks, a stage that is not first receives its input from ``prev_rank`` and
     one that is not last sends its output on to ``next_rank``; with no ranks set, the
-    caller passes hidden states between stages itself.
+    caller passes hidden states between stages itself (``hidden``).
     """
 
     layout: DecoderLayout
@@ -96,26 +96,28 @@ class PipelineStage:
     prev_rank: int | None = None
     next_rank: int | None = None
 
-    def forward(self, x: mx.array, caches: Sequence[Any]) -> mx.array:
-        """Run this stage on token ids ``x`` (B, L); hidden states or logits out.
+    def forward(
+        self, tokens: mx.array, caches: Sequence[Any], hidden: mx.array | None = None
+    ) -> mx.array:
+        """Run this stage on token ids ``tokens`` (B, L); hidden states or logits out.
 
-        Only the first stage embeds ``x``; the others receive hidden states from
-        ``prev_rank``, or take ``x`` as hidden states when there is no previous rank.
-        ``caches`` holds one cache per layer of this stage, in order.
+        Every stage sees the tokens (a model may build per-layer inputs from them); a stage
+        that is not first also takes the previous stage's output: ``hidden``, or received
+        from ``prev_rank``. ``caches`` holds this stage's caches, in order.
         """
+        if not self.first and hidden is None:
+            if self.prev_rank is None:
+                raise ValueError("a stage that is not first needs the previous stage's output")
+            shape, dtype = self.layout.boundary_shape(tokens, self.layers.start)
+            hidden = mx.distributed.recv(shape, dtype, self.prev_rank, group=self.group)
+        out = self.layout.forward(tokens, caches, self.layers, hidden=hidden)
+        if not self.last and self.next_rank is not None:
+            return mx.distributed.send(out, self.next_rank, group=self.group)
+        return out
+
+    def input_like(self, tokens: mx.array) -> mx.array | None:
+        """A zero hidden state of the shape this stage takes with ``tokens`` (None if first)."""
         if self.first:
-            h = self.layout.embed_tokens(x)
-        elif self.prev_rank is not None:
-            shape = (*x.shape[:2], self.layout.hidden_size)
-            h = mx.distributed.recv(
-                shape, self.layout.hidden_dtype, self.prev_rank, group=self.group
-            )
-        else:
-            h = x
-        for index, cache in zip(self.layers, caches, strict=True):
-            h = self.layout.run_layer(index, h, cache)
-        if self.last:
-            return self.layout.logits(h)
-        if self.next_rank is not None:
-            return mx.distributed.send(h, self.next_rank, group=self.group)
-        return h
+            return None
+        shape, dtype = self.layout.boundary_shape(tokens, self.layers.start)
+        return mx.zeros(shape, dtype)

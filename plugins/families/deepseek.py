@@ -1,4 +1,5 @@
-"""DeepSeek: V2 and V3 (mixture of experts; V3 caches a compressed latent per token)."""
+"""DeepSeek: V2, V3, V3.2 and V4.1 (mixture of experts; V3 caches a compressed latent per
+token, V3.2 adds an indexer's keys beside it, V4.1 compresses its own per-layer caches)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
 
 from mlxserve.core.kv.caches import CacheKind
-from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 from mlxserve.plugins.tool_calls import (
     MarkerParser,
     Region,
@@ -125,30 +125,24 @@ class DeepSeekToolCalls(ToolCallFormat):
         return f"{OUTPUTS_BEGIN}{OUTPUT_BEGIN}{content}{OUTPUT_END}{OUTPUTS_END}"
 
 
-def array_mask(h: Any, cache: Any, layer: nn.Module) -> Any:
-    """MLA attention adds the mask to its scores, so it needs a real array, not "causal"."""
-    return create_attention_mask(h, cache, return_array=True)
-
-
 class DeepSeek(ModelFamily):
     name = "deepseek"
-    model_types = ("deepseek_v3", "deepseek_v2")
+    model_types = ("deepseek_v3", "deepseek_v2", "deepseek_v32", "deepseek_v41")
     chat_template = CHAT_TEMPLATE
     bos_token = "<｜begin▁of▁sentence｜>"
     stop_tokens = ("<｜end▁of▁sentence｜>",)
     control_tokens = ("<｜User｜>", "<｜Assistant｜>")
     tool_call_format = DeepSeekToolCalls()
 
-    def layout(self, model: nn.Module) -> DecoderLayout:
-        if model.args.model_type in LATENT_TYPES:
-            return DecoderLayout(model, mask=array_mask)
-        return DecoderLayout(model)
-
     def cache_kinds(self, model: nn.Module) -> list[CacheKind]:
-        kind: CacheKind = "latent" if model.args.model_type in LATENT_TYPES else "full"
-        return [kind] * len(model.model.layers)
+        kinds = super().cache_kinds(model)
+        if model.args.model_type in LATENT_TYPES:  # MLA's latents, which are not quantized
+            return ["latent" if kind == "full" else kind for kind in kinds]
+        return kinds
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
+        if model_type in TINY_CONFIGS:
+            return TINY_CONFIGS[model_type]
         routing = (
             {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1, "topk_group": 1}
             if model_type == "deepseek_v3"

@@ -7,13 +7,13 @@ from typing import Any, ClassVar
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models import llama4
 
-from mlxserve.core.kv.caches import CacheKind
-from mlxserve.core.model.layout import DecoderLayout, MaskFn
+from mlxserve.plugins.families import llama4_batch
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.gguf_mapping import GGUFModel, unpermute_rows
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 from mlxserve.plugins.tool_calls import (
     MarkerParser,
     Region,
@@ -35,16 +35,6 @@ CHAT_TEMPLATE = (
     "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-
-
-def sliding_window_mask(window: int | None) -> MaskFn:
-    """Causal mask; layers marked ``use_sliding`` see only the last ``window`` tokens."""
-
-    def mask(h: Any, cache: Any, layer: nn.Module) -> Any:
-        sliding = window is not None and getattr(layer, "use_sliding", False)
-        return create_attention_mask(h, cache, window_size=window if sliding else None)
-
-    return mask
 
 
 PYTHON_TAG = "<|python_tag|>"
@@ -97,7 +87,7 @@ class LlamaToolCalls(ToolCallFormat):
 
 class Llama(ModelFamily):
     name = "llama"
-    model_types = ("llama",)
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "llama4", "llama4_text")
     chat_template = CHAT_TEMPLATE
     bos_token = "<|begin_of_text|>"
     # Declared as wide as ModelFamily's, so that families built on Llama's may differ.
@@ -106,15 +96,10 @@ class Llama(ModelFamily):
     tool_call_format: ClassVar[ToolCallFormat | None] = LlamaToolCalls()
     gguf_architectures: ClassVar[tuple[str, ...]] = ("llama",)
 
-    def layout(self, model: nn.Module) -> DecoderLayout:
-        head = "lm_head" if hasattr(model, "lm_head") else None
-        return DecoderLayout(model, head=head, mask=sliding_window_mask(self.sliding_window(model)))
-
-    def cache_kinds(self, model: nn.Module) -> list[CacheKind]:
-        return ["sliding" if t == "sliding_attention" else "full" for t in model.args.layer_types]
-
-    def sliding_window(self, model: nn.Module) -> int | None:
-        return model.model.sliding_window
+    def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type[Any]]:
+        if config["model_type"] == "llama4":
+            return llama4_batch.Model, llama4.ModelArgs
+        return super().model_classes(config)
 
     def gguf_weights(self, gguf: GGUFModel, config: dict[str, Any]) -> dict[str, mx.array]:
         heads = {
@@ -129,6 +114,8 @@ class Llama(ModelFamily):
         return weights
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
+        if model_type != "llama":
+            return TINY_CONFIGS[model_type]
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",

@@ -1,4 +1,4 @@
-"""Mistral: Mistral 7B and its kin, including checkpoints with sliding-window attention."""
+"""Mistral: Mistral 7B and its kin (sliding-window attention), Ministral 3, Mistral 3 and 4."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 import mlx.nn as nn
 from mlx_lm.models import llama
 
+from mlxserve.core.kv.caches import CacheKind
 from mlxserve.plugins.families.llama import Llama
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 from mlxserve.plugins.tool_calls import (
     MarkerParser,
     Region,
@@ -129,6 +131,11 @@ class MistralToolCalls(ToolCallFormat):
         return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
+# Model types mlx-lm has a module of; the others (mistral, and "llama" from a GGUF file) are
+# Llama's architecture.
+MLX_LM_MODULES = ("mistral3", "ministral3", "mistral4")
+
+
 class SlidingWindowModel(llama.Model):
     """Llama's model with every layer windowed, as config.json's ``sliding_window`` asks.
 
@@ -147,7 +154,7 @@ class SlidingWindowModel(llama.Model):
 
 class Mistral(Llama):
     name = "mistral"
-    model_types = ("mistral",)
+    model_types = ("mistral", "mistral3", "ministral3", "mistral4")
     chat_template = CHAT_TEMPLATE
     bos_token = "<s>"
     stop_tokens = ("</s>",)
@@ -156,12 +163,22 @@ class Mistral(Llama):
     gguf_architectures = ()  # llama.cpp writes Mistral as "llama": the Llama family converts it
 
     def model_classes(self, config: dict[str, Any]) -> tuple[type[nn.Module], type[Any]]:
+        if config["model_type"] in MLX_LM_MODULES:
+            return super().model_classes(config)
         windowed = config.get("sliding_window") and not config.get("layer_types")
         return (SlidingWindowModel if windowed else llama.Model), llama.ModelArgs
 
+    def cache_kinds(self, model: nn.Module) -> list[CacheKind]:
+        kinds = super().cache_kinds(model)
+        if model.args.model_type == "mistral4":  # MLA's latents, which are not quantized
+            return ["latent" if kind == "full" else kind for kind in kinds]
+        return kinds
+
     def tiny_config(self, model_type: str) -> dict[str, Any]:
+        if model_type != "mistral":
+            return TINY_CONFIGS[model_type]
         return {
-            **super().tiny_config(model_type),
+            **super().tiny_config("llama"),
             "architectures": ["MistralForCausalLM"],
             "model_type": "mistral",
             "sliding_window": 32,

@@ -1,4 +1,4 @@
-"""Qwen: Alibaba's Qwen2 and Qwen3, dense and mixture-of-experts."""
+"""Qwen: Alibaba's Qwen2, Qwen3, Qwen3-Next and Qwen3.5, dense and mixture-of-experts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 from mlxserve.plugins.tool_calls import HermesToolCalls
 
 CHAT_TEMPLATE = (
@@ -52,7 +53,15 @@ _TINY: dict[str, dict[str, Any]] = {
 
 class Qwen(ModelFamily):
     name = "qwen"
-    model_types = ("qwen3", "qwen2", "qwen3_moe", "qwen2_moe")
+    model_types = (
+        "qwen3",
+        "qwen2",
+        "qwen3_moe",
+        "qwen2_moe",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "qwen3_next",
+    )
     chat_template = CHAT_TEMPLATE
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
     control_tokens = ("<|im_start|>",)
@@ -60,6 +69,8 @@ class Qwen(ModelFamily):
     gguf_architectures = ("qwen2", "qwen3")
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
+        if model_type in TINY_CONFIGS:
+            return TINY_CONFIGS[model_type]
         return {"model_type": model_type, **_TINY[model_type]}
 
 

@@ -1,17 +1,14 @@
 """An example third-party family plugin: Google's Gemma (first generation).
 
-Gemma scales its embeddings by sqrt(hidden_size) before the first layer, so its sharding
-rule overrides the layout's ``embed_tokens``; everything else is mlxserve's default.
+It names the model type, its chat template and its special tokens; everything else is
+mlxserve's default, derived from mlx-lm's model (which scales Gemma's embeddings itself).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from mlxserve.plugins import DecoderLayout, ModelFamily, hookimpl
+from mlxserve.plugins import ModelFamily, hookimpl
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -21,11 +18,6 @@ CHAT_TEMPLATE = (
 )
 
 
-class GemmaLayout(DecoderLayout):
-    def embed_tokens(self, tokens: mx.array) -> mx.array:
-        return super().embed_tokens(tokens) * (self.model.args.hidden_size**0.5)
-
-
 class Gemma(ModelFamily):
     name = "gemma"
     model_types = ("gemma",)
@@ -33,9 +25,6 @@ class Gemma(ModelFamily):
     bos_token = "<bos>"
     stop_tokens = ("<end_of_turn>", "<eos>")
     control_tokens = ("<start_of_turn>",)
-
-    def layout(self, model: nn.Module) -> DecoderLayout:
-        return GemmaLayout(model, head=None)
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
         return {

@@ -46,6 +46,20 @@ def test_two_pipeline_ranks_equal_one(family: str, tmp_path: Path, tiny_checkpoi
         assert again["choices"][0]["text"] == expected[2]
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_next", "deepseek_v32", "llama4", "gpt_oss"])
+def test_two_pipeline_ranks_equal_one_for_each_cache_kind(
+    model_type: str, tmp_path: Path, today_checkpoints
+) -> None:
+    """Recurrent, composite, chunked and sliding caches, each cut into two stages."""
+    checkpoint = today_checkpoints[model_type]
+    expected = single_rank_texts(tmp_path, checkpoint)
+    text = two_ranks_config(tmp_path, checkpoint, 'strategy = "pipeline"\n')
+    with launched(tmp_path, text) as (url, _):
+        stages = httpx.get(url + "/health").json()["placement"]["m"]["stages"]
+        assert [s["layers"] for s in stages] == [[2, 3], [0, 1]]
+        assert [completion(url, p) for p in PROMPTS] == expected
+
+
 # Short and long prompts; with 16-token prefill chunks the long ones take several steps.
 MIXED = [[7, 3, 99, 14], list(range(10, 80)), [200] * 5, list(range(300, 345)), [11] * 12]
 SMALL_CHUNKS = "[performance]\nprefill_step_size = 16\n"

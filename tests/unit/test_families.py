@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import RotatingKVCache
 
 from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.model.exactness import ExactnessError
 from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.testing import (
+    check_exactness,
     check_family,
     check_kv_cache,
-    check_loads,
     check_pipeline_split,
 )
 from mlxserve.plugins.tiny import write_tiny_checkpoint
@@ -33,30 +38,50 @@ def test_example_plugin_family_passes_the_author_kit(plugins: Plugins, tmp_path:
     check_family(plugins.family("gemma"), tmp_path)
 
 
-def test_kit_catches_a_wrong_sharding_rule(plugins: Plugins, tmp_path: Path) -> None:
-    """Gemma without its embedding scale: the kit must notice the layout is wrong."""
+class UnscaledLayout(DecoderLayout):
+    """Gemma's forward pass written out by hand, without its embedding scale."""
+
+    def run(self, tokens: mx.array, cache: Sequence[Any]) -> mx.array:
+        inner = self.model.model
+        h = inner.embed_tokens(tokens)
+        mask = create_attention_mask(h, cache[0])
+        for layer, layer_cache in zip(inner.layers, cache, strict=True):
+            h = layer(h, mask, layer_cache)
+        return inner.embed_tokens.as_linear(inner.norm(h))
+
+
+def test_the_exactness_check_refuses_a_layout_that_drops_the_embedding_scale(
+    plugins: Plugins, tmp_path: Path
+) -> None:
     gemma = plugins.family("gemma")
 
     class Unscaled(type(gemma)):  # type: ignore[misc]
         def layout(self, model):  # noqa: ANN001, ANN202
-            return DecoderLayout(model, head=None)
+            return UnscaledLayout(model)
 
     path = write_tiny_checkpoint(gemma, tmp_path / "gemma")
-    with pytest.raises(AssertionError, match="layout forward"):
-        check_loads(Unscaled(), path)
+    with pytest.raises(
+        ExactnessError,
+        match=r"gemma: layers 0-3 differ .* at the prefill in two chunks: .*"
+        r"layer 0 is the first whose output differs",
+    ):
+        check_exactness(Unscaled(), path)
 
 
-def test_kit_catches_a_wrong_mask(builtin_families: dict[str, ModelFamily], tmp_path: Path) -> None:
-    """Mistral's windowed layers masked as if they saw everything: caches and masks disagree."""
+def test_the_exactness_check_refuses_caches_that_forget_too_soon(
+    builtin_families: dict[str, ModelFamily], tmp_path: Path
+) -> None:
+    """Mistral's 32-token windows kept in 8-token caches: refused, not served. (Full caches
+    would be exact: the model's own mask keeps its windows.)"""
     mistral = builtin_families["mistral"]
 
-    class Unwindowed(type(mistral)):  # type: ignore[misc]
-        def layout(self, model):  # noqa: ANN001, ANN202
-            return DecoderLayout(model, head=None if not hasattr(model, "lm_head") else "lm_head")
+    class Forgetful(type(mistral)):  # type: ignore[misc]
+        def cache_templates(self, model):  # noqa: ANN001, ANN202
+            return [RotatingKVCache(max_size=8) for _ in model.layers]
 
     path = write_tiny_checkpoint(mistral, tmp_path / "mistral")
-    with pytest.raises(AssertionError):
-        check_loads(Unwindowed(), path)
+    with pytest.raises(ExactnessError, match="mistral: layers 0-3 differ"):
+        check_exactness(Forgetful(), path, num_stages=1)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -68,6 +93,7 @@ def test_quantized_kv_cache_stays_close(
 
 def test_three_stage_split(builtin_families: dict[str, ModelFamily], tiny_checkpoints) -> None:
     check_pipeline_split(builtin_families["qwen"], tiny_checkpoints["qwen"], num_stages=3)
+    check_exactness(builtin_families["qwen"], tiny_checkpoints["qwen"], num_stages=3)
 
 
 def test_cache_kinds(builtin_families: dict[str, ModelFamily], tiny_checkpoints) -> None:

@@ -10,6 +10,7 @@ from mlx_lm.models.cache import RotatingKVCache
 from mlxserve.core.config.schema import load_config
 from mlxserve.core.errors import UnknownModelTypeError
 from mlxserve.core.kv.caches import KVCacheOptions
+from mlxserve.core.model.exactness import ExactnessError
 from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins import ModelFamily, hookimpl, hookspecs
 from mlxserve.plugins.families.llama import Llama
@@ -35,7 +36,7 @@ def registry_for(tmp_path: Path, checkpoint: Path, *extra: tuple[str, object]) -
 def test_builtins_are_found_through_the_entry_point_group() -> None:
     plugins = load_plugins()
     builtin = {e.family.name for e in plugins.families if e.plugin.builtin}
-    assert builtin == set(BUILTIN_FAMILIES)
+    assert builtin == {*BUILTIN_FAMILIES, "generic"}
     for entry in plugins.families:
         if entry.plugin.builtin:
             assert entry.plugin.package == "mlxserve"
@@ -189,8 +190,16 @@ def test_eos_token_ids_add_the_family_stop_tokens_in_the_vocabulary(
 
 
 def test_unknown_model_type_names_it() -> None:
-    with pytest.raises(UnknownModelTypeError, match="'mamba'"):
-        load_plugins().family_for("mamba")
+    with pytest.raises(UnknownModelTypeError, match="'no_such_type' is not supported: .* mlx-lm"):
+        load_plugins().family_for("no_such_type")
+    with pytest.raises(UnknownModelTypeError, match="no enabled plugin claims .*'no_such_type'"):
+        load_plugins(enabled=["llama"]).family_for("no_such_type")
+
+
+def test_a_type_only_mlx_lm_knows_is_served_by_the_generic_family() -> None:
+    plugins = load_plugins()
+    assert plugins.family_for("mamba").name == "generic"
+    assert plugins.family_for("qwen3_next").name == "qwen"
 
 
 # ---- one test per hook -----------------------------------------------------------------
@@ -223,11 +232,24 @@ def test_hook_mlxserve_kv_cache_factory(tmp_path: Path, tiny_checkpoints: dict[s
     class Windowed:
         @hookimpl
         def mlxserve_kv_cache_factory(self, family, model, options, layers):  # noqa: ANN001, ANN201
-            return [RotatingKVCache(max_size=8) for _ in layers]
+            return [RotatingKVCache(max_size=1024) for _ in layers]
 
     registry = registry_for(tmp_path, tiny_checkpoints["llama"], ("windowed", Windowed()))
     caches = registry.load("tiny").make_cache(KVCacheOptions())
     assert len(caches) == 4 and all(type(c) is RotatingKVCache for c in caches)
+
+
+def test_a_cache_factory_that_changes_the_output_is_refused_at_load(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path]
+) -> None:
+    class TooShort:
+        @hookimpl
+        def mlxserve_kv_cache_factory(self, family, model, options, layers):  # noqa: ANN001, ANN201
+            return [RotatingKVCache(max_size=8) for _ in layers]
+
+    registry = registry_for(tmp_path, tiny_checkpoints["llama"], ("short", TooShort()))
+    with pytest.raises(ExactnessError, match="llama: layers 0-3 differ from mlx-lm's"):
+        registry.load("tiny")
 
 
 def test_hook_mlxserve_chat_template(tmp_path: Path, tiny_checkpoints: dict[str, Path]) -> None:

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 
 from mlxserve.core.config.schema import load_config
 from mlxserve.core.errors import ModelNotFoundError, UnknownModelTypeError
+from mlxserve.core.kv.caches import KVCacheOptions
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import load_plugins
 
@@ -93,12 +94,15 @@ def test_a_stage_holds_only_its_own_weights(tmp_path: Path, tiny_checkpoints) ->
     assert not any(n.startswith(("model.layers.0.", "model.layers.1.")) for n in names)
     assert not any(n.startswith("model.embed_tokens") for n in names)
     assert any(n.startswith("lm_head") for n in names)
+    assert any(n.startswith("model.layers.3.") for n in names)
     nbytes = sum(p.nbytes for _, p in tree_flatten(last.stage.layout.model.parameters()))
     total = sum(p.nbytes for _, p in tree_flatten(whole.stage.layout.model.parameters()))
     assert nbytes < total * 0.75
     tokens = mx.array([[1, 2, 3, 4, 5]])
     first = registry.load("x", layers=range(0, 2), first=True, last=False)
-    h = first.stage.forward(tokens, [None, None])
+    h = first.stage.forward(tokens, first.make_cache(KVCacheOptions()))
     assert mx.allclose(
-        last.stage.forward(h, [None, None]), whole.stage.forward(tokens, [None] * 4), atol=1e-5
+        last.stage.forward(tokens, last.make_cache(KVCacheOptions()), hidden=h),
+        whole.stage.forward(tokens, whole.make_cache(KVCacheOptions())),
+        atol=1e-5,
     )

@@ -1,0 +1,102 @@
+"""Today's model types served through a real server, against mlx-lm's own generation: greedy
+tokens equal, concurrent requests equal one at a time, a repeated prompt answered the same
+(from the prefix cache where the cache kinds share blocks, and /metrics says where not)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import openai
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load_model
+
+from mlxserve.registry.models import load_tokenizer_of
+
+from ..conftest import TODAY_TYPES
+from ..support.server import RunningServer, running_server, write_config
+
+PROMPTS = [[5, 9, 77, 120, 33, 8, 250, 19], [42] * 40, list(range(3, 70)), [300, 7] * 13]
+MAX_TOKENS = 12
+# Every layer's KV in plain caches: their blocks are shared through the prefix cache.
+SHARE_BLOCKS = {"llama4_text", "mistral3", "ministral3", "mistral4", "glm4_moe", "smollm3", "phi3"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, today_checkpoints) -> Iterator[RunningServer]:
+    tmp = tmp_path_factory.mktemp("today-server")
+    models = "".join(f'[models.{t}]\nsource = "{path}"\n' for t, path in today_checkpoints.items())
+    config = write_config(
+        tmp,
+        f'[registry]\ndefault_model = "phi3"\ncache_dir = "{tmp / "cache"}"\n'
+        f"max_loaded_models = {len(today_checkpoints)}\n{models}"
+        "[kv_cache]\nmax_sequence_length = 512\nreserved_memory_mb = 0\n",
+    )
+    with running_server(config) as running:
+        yield running
+
+
+def complete(server: RunningServer, model: str, prompt: list[int]) -> tuple[str, int]:
+    """Greedy text of a token-id prompt through the official client; and its cached tokens."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=120)
+    reply = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    details = reply.usage.prompt_tokens_details if reply.usage else None
+    return reply.choices[0].text, (details.cached_tokens or 0) if details else 0
+
+
+def mlx_lm_greedy(path: Path, prompt: list[int]) -> str:
+    """mlx-lm's own generation of the same tokens (its model, its caches, its loop)."""
+    model, _ = load_model(path)
+    steps = generate_step(
+        mx.array(prompt), model, max_tokens=MAX_TOKENS, sampler=lambda x: mx.argmax(x, axis=-1)
+    )
+    tokenizer = load_tokenizer_of(path, None)
+    return tokenizer._tokenizer.decode([int(t) for t, _ in steps], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("model_type", list(TODAY_TYPES))
+def test_greedy_tokens_equal_mlx_lm(
+    model_type: str, server: RunningServer, today_checkpoints
+) -> None:
+    for prompt in PROMPTS[:3]:
+        text, _ = complete(server, model_type, prompt)
+        assert text == mlx_lm_greedy(today_checkpoints[model_type], prompt), prompt
+
+
+@pytest.mark.parametrize("model_type", list(TODAY_TYPES))
+def test_concurrent_requests_equal_one_at_a_time(model_type: str, server: RunningServer) -> None:
+    alone = [complete(server, model_type, p)[0] for p in PROMPTS]
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: complete(server, model_type, p)[0], PROMPTS))
+    assert together == alone
+
+
+@pytest.mark.parametrize("model_type", list(TODAY_TYPES))
+def test_a_repeated_prompt_is_answered_the_same(model_type: str, server: RunningServer) -> None:
+    prompt = [11, *range(100, 166)]
+    first, _ = complete(server, model_type, prompt)
+    again, cached = complete(server, model_type, prompt)
+    assert again == first
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    enabled = re.search(rf'mlxserve_prefix_cache_enabled\{{model="{model_type}"\}} (\S+)', metrics)
+    assert enabled is not None
+    if model_type in SHARE_BLOCKS:
+        assert cached == 64 and float(enabled.group(1)) == 1.0
+    else:
+        assert cached == 0 and float(enabled.group(1)) == 0.0
+
+
+def test_the_families_claim_todays_types(plugins) -> None:
+    for model_type, family in TODAY_TYPES.items():
+        assert plugins.family_for(model_type).name == family, model_type
