@@ -37,6 +37,28 @@ LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# A mixture-of-experts layer's router and experts, each expert tensor stacked over the experts
+# (experts, out, in), as mlx-lm's SwitchGLU keeps them (Qwen MoE's names).
+MOE_LAYER_TENSORS = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+    "ffn_up_exps": "mlp.switch_mlp.up_proj",
+    "ffn_down_exps": "mlp.switch_mlp.down_proj",
+}
+# llama.cpp architectures mlxserve's own families do not convert, and why (MLX 0.32, mlx-lm
+# 0.32); the refusal says so. A plugin family may still claim them.
+UNMAPPED_ARCHITECTURES = {
+    "gpt-oss": "its experts are MXFP4 tensors, which MLX's GGUF reader skips without a word",
+    "llama4": (
+        "llama.cpp fixes its no-rope layers, chunked attention and attention temperature in "
+        "code, not in the file, and mlx-lm's llama4_text is only the dense variant (Scout and "
+        "Maverick are mixtures of experts)"
+    ),
+    "gemma3": (
+        "no built-in family serves gemma3_text, and llama.cpp stores its norms with Gemma's +1 "
+        "and fixes its sliding-window pattern and local rope base in code, not in the file"
+    ),
+}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3's rope scaling, one factor per rotary pair
 # MLX reads a quantized tensor NAME.weight as NAME.weight, NAME.scales and NAME.biases.
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias|scales|biases)")
@@ -125,6 +147,34 @@ def decoder_config(gguf: GGUFModel) -> dict[str, Any]:
     return config
 
 
+def moe_config(gguf: GGUFModel) -> dict[str, Any]:
+    """config.json keys of a mixture of experts as mlx-lm's Qwen MoE models read them
+    (``num_experts``, ...), from llama.cpp's ``expert_*`` keys; layers without a router
+    (``ffn_gate_inp``) are dense. llama.cpp always renormalizes the chosen experts' weights
+    (softmax gating), so ``norm_topk_prob`` is true; a file that scales them is refused."""
+    layers = gguf.required("block_count")
+    dense = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in gguf.tensors]
+    if len(dense) == layers:
+        raise UnsupportedModelError(
+            f"{gguf.path.name}: its metadata says GGUF architecture {gguf.architecture!r}, "
+            f"but it has no experts (no ffn_gate_inp tensors)"
+        )
+    scale = gguf.value("expert_weights_scale")
+    if scale not in (None, 0, 1):
+        raise UnsupportedModelError(
+            f"{gguf.path.name}: {gguf.architecture}.expert_weights_scale is {scale}, "
+            f"which mlxserve cannot convert"
+        )
+    return {
+        "num_experts": gguf.required("expert_count"),
+        "num_experts_per_tok": gguf.required("expert_used_count"),
+        "moe_intermediate_size": gguf.required("expert_feed_forward_length"),
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": dense,
+    }
+
+
 def rope_scaling(gguf: GGUFModel) -> dict[str, Any] | None:
     """config.json's ``rope_scaling`` from ``rope.scaling.*`` (linear and yarn), or None."""
     kind = gguf.value("rope.scaling.type")
@@ -195,12 +245,12 @@ def _special_token_ids(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return ids
 
 
-def decoder_weight_name(name: str) -> str | None:
+def decoder_weight_name(name: str, layer_tensors: Mapping[str, str] = LAYER_TENSORS) -> str | None:
     """The mlx-lm name of a llama.cpp tensor name, or None if it is not a decoder's."""
     if match := _LAYER_NAME.fullmatch(name):
         index, part, suffix = match.groups()
-        if part in LAYER_TENSORS:
-            return f"model.layers.{index}.{LAYER_TENSORS[part]}.{suffix}"
+        if part in layer_tensors:
+            return f"model.layers.{index}.{layer_tensors[part]}.{suffix}"
         return None
     if match := _GLOBAL_NAME.fullmatch(name):
         part, suffix = match.groups()
@@ -209,13 +259,16 @@ def decoder_weight_name(name: str) -> str | None:
     return None
 
 
-def decoder_weights(gguf: GGUFModel, family: str) -> dict[str, mx.array]:
-    """Every tensor under its mlx-lm name; tensors a decoder has no place for are an error."""
+def decoder_weights(
+    gguf: GGUFModel, family: str, layer_tensors: Mapping[str, str] = LAYER_TENSORS
+) -> dict[str, mx.array]:
+    """Every tensor under its mlx-lm name (a layer's by ``layer_tensors``, e.g. with
+    ``MOE_LAYER_TENSORS`` added); tensors a decoder has no place for are an error."""
     weights, strays = {}, []
     for name, tensor in gguf.tensors.items():
         if name == ROPE_FREQS:  # in config.json's rope_scaling
             continue
-        renamed = decoder_weight_name(name)
+        renamed = decoder_weight_name(name, layer_tensors)
         if renamed is None:
             strays.append(name)
         else:

@@ -10,9 +10,10 @@ wrongly, as of MLX 0.32), fails on others and drops a few without a word.
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import mlx.core as mx
 import numpy as np
@@ -25,6 +26,9 @@ from mlxserve.registry.plugins import Plugins
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 QUANT_GROUP_SIZE = 32  # the block of Q4_0, Q4_1 and Q8_0, which MLX keeps as its group
+# The sizes of GGUF's fixed-size metadata value types, by type number (8 is a string, 9 an array).
+_VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
 
 
 def gguf_file_of(path: Path) -> Path | None:
@@ -53,8 +57,8 @@ def write_gguf_checkpoint(
     The family that claims the file's architecture maps its config and tensors; with
     ``family_name`` (a ``[models.NAME] family``) that family does, if it claims it too.
     """
+    family = converting_family(gguf_path, plugins, family_name)
     gguf = read_gguf(gguf_path)
-    family = _converting_family(plugins, gguf.architecture, family_name)
     config = family.gguf_config(gguf)
     weights = family.gguf_weights(gguf, config)
     quantization = quantization_of(weights)
@@ -128,6 +132,64 @@ def _python(value: Any) -> Any:
     if value.dtype == mx.float32:  # the shortest decimal that is this float32: 1e-05, not 9.99e-06
         return float(str(np.float32(float(value))))
     return value.item()
+
+
+def converting_family(
+    gguf_path: Path, plugins: Plugins, family_name: str | None = None
+) -> ModelFamily:
+    """The family that converts a GGUF file, known from its header alone: a file of an
+    architecture no family converts is refused, naming it, before its tensors are read."""
+    return _converting_family(plugins, gguf_architecture(gguf_path), family_name)
+
+
+def gguf_architecture(path: Path) -> str:
+    """A GGUF file's ``general.architecture`` (``""`` if it has none), read from its header:
+    only the metadata values before that key are read, and they are skipped, not parsed."""
+    try:
+        with path.open("rb") as file:
+            if file.read(4) != b"GGUF":
+                raise ValueError("no GGUF magic number")
+            (version,) = struct.unpack("<I", _read(file, 4))
+            order = "<" if version & 0xFFFF else ">"  # a big-endian file's version reads swapped
+            _, count = struct.unpack(f"{order}QQ", _read(file, 16))
+            for _ in range(count):
+                key = _read_string(file, order)
+                (kind,) = struct.unpack(f"{order}I", _read(file, 4))
+                if key == "general.architecture" and kind == _STRING:
+                    return _read_string(file, order)
+                _skip_value(file, order, kind)
+    except (OSError, ValueError, UnicodeDecodeError, struct.error) as exc:
+        raise UnsupportedModelError(f"{path}: not a GGUF file mlxserve can read ({exc})") from exc
+    return ""
+
+
+def _read(file: BinaryIO, size: int) -> bytes:
+    data = file.read(size)
+    if len(data) != size:
+        raise ValueError("the header ends early")
+    return data
+
+
+def _read_string(file: BinaryIO, order: str) -> str:
+    (size,) = struct.unpack(f"{order}Q", _read(file, 8))
+    return _read(file, size).decode("utf-8")
+
+
+def _skip_value(file: BinaryIO, order: str, kind: int) -> None:
+    if kind == _STRING:
+        (size,) = struct.unpack(f"{order}Q", _read(file, 8))
+        file.seek(size, 1)
+    elif kind == _ARRAY:
+        item, count = struct.unpack(f"{order}IQ", _read(file, 12))
+        if item in _VALUE_SIZES:
+            file.seek(_VALUE_SIZES[item] * count, 1)
+        else:
+            for _ in range(count):
+                _skip_value(file, order, item)
+    elif kind in _VALUE_SIZES:
+        file.seek(_VALUE_SIZES[kind], 1)
+    else:
+        raise ValueError(f"unknown metadata value type {kind}")
 
 
 def _converting_family(plugins: Plugins, architecture: str, family_name: str | None) -> ModelFamily:

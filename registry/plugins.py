@@ -17,6 +17,7 @@ from mlxserve.core.sampling.params import DEFAULTABLE_PARAMS, InvalidParameterEr
 from mlxserve.plugins import defaults, hookspecs
 from mlxserve.plugins.families.generic import ANY_MODEL_TYPE, mlx_lm_module
 from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.gguf_mapping import UNMAPPED_ARCHITECTURES
 from mlxserve.plugins.tool_calls import ToolCallFormat
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,12 @@ class Plugins:
         if not claims:
             archs = {a for e in self.families for a in e.family.gguf_architectures}
             known = ", ".join(sorted(archs))
+            reason = UNMAPPED_ARCHITECTURES.get(architecture)
+            why = f"; mlxserve's own families do not convert it: {reason}" if reason else ""
             raise UnsupportedModelError(
                 f"no enabled plugin converts GGUF architecture {architecture!r} "
-                f"(converted: {known or 'none'}); install a plugin for it, or serve an MLX "
-                f"checkpoint of the model instead"
+                f"(converted: {known or 'none'}){why}; install a plugin for it, or serve an "
+                f"MLX checkpoint of the model instead"
             )
         return _first_claim(claims, f"GGUF architecture {architecture!r}")
 

@@ -20,7 +20,11 @@ from mlxserve.core.config.schema import source_kind
 from mlxserve.core.errors import HubUnavailableError, MlxserveError, ModelNotFoundError
 from mlxserve.plugins.tiny import RANDOM_WEIGHTS_NOTE, is_tiny_checkpoint, write_tiny_checkpoint
 from mlxserve.registry.fingerprint import WEIGHT_HASHES_FILE, WeightHashes
-from mlxserve.registry.gguf_checkpoint import gguf_file_of, write_gguf_checkpoint
+from mlxserve.registry.gguf_checkpoint import (
+    converting_family,
+    gguf_file_of,
+    write_gguf_checkpoint,
+)
 from mlxserve.registry.packaged import PACKAGED_MODELS
 from mlxserve.registry.plugins import Plugins
 
@@ -126,7 +130,9 @@ class ModelStore:
 
     def gguf(self, gguf_path: Path, family: str | None = None) -> Path:
         """The MLX checkpoint converted from a GGUF file, converted atomically on first use
-        into ``cache_dir``/gguf/NAME-KEY (KEY: the file's contents and ``family``)."""
+        into ``cache_dir``/gguf/NAME-KEY (KEY: the file's contents and ``family``). A file of
+        an architecture no family converts is refused before it is read (or hashed)."""
+        converting_family(gguf_path, self.plugins, family)
         path = self._gguf_dir(gguf_path, family)
         if not (path / "config.json").is_file():
             log.info("converting %s into %s", gguf_path, path)

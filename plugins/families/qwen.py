@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import mlx.core as mx
+
 from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.gguf_mapping import (
+    LAYER_TENSORS,
+    MOE_LAYER_TENSORS,
+    GGUFModel,
+    decoder_config,
+    decoder_weights,
+    moe_config,
+)
 from mlxserve.plugins.hookspecs import hookimpl
 from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 from mlxserve.plugins.tool_calls import HermesToolCalls
@@ -66,7 +76,17 @@ class Qwen(ModelFamily):
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
     control_tokens = ("<|im_start|>",)
     tool_call_format = HermesToolCalls()
-    gguf_architectures = ("qwen2", "qwen3")
+    gguf_architectures = ("qwen2", "qwen3", "qwen3moe")
+
+    def gguf_config(self, gguf: GGUFModel) -> dict[str, Any]:
+        if gguf.architecture == "qwen3moe":
+            return {"model_type": "qwen3_moe", **decoder_config(gguf), **moe_config(gguf)}
+        return super().gguf_config(gguf)
+
+    def gguf_weights(self, gguf: GGUFModel, config: dict[str, Any]) -> dict[str, mx.array]:
+        if gguf.architecture == "qwen3moe":
+            return decoder_weights(gguf, self.name, {**LAYER_TENSORS, **MOE_LAYER_TENSORS})
+        return super().gguf_weights(gguf, config)
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
         if model_type in TINY_CONFIGS:

@@ -19,6 +19,7 @@ ARCHITECTURES = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
     "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE,
 }
 CONTROL = 3
 NORMAL = 1
@@ -57,7 +58,8 @@ def write_gguf(
     *,
     dequantized: bool = False,
 ) -> Path:
-    """A GGUF of a tiny checkpoint; 2-D weights in ``tensor_type``, the rest in F32.
+    """A GGUF of a tiny checkpoint; 2-D and 3-D weights (stacked experts) in ``tensor_type``,
+    the rest in F32.
 
     ``dequantized``: the weights quantized to ``tensor_type`` and back, written as F32.
     """
@@ -77,18 +79,23 @@ def write_gguf(
         writer.add_value_length(config["head_dim"])
     if config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
+    if config.get("num_experts"):  # what llama.cpp's Qwen MoE converter writes
+        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     add_tokenizer(writer, checkpoint)
     if config.get("rope_scaling", {}).get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     names = gguf.get_tensor_name_map(ARCHITECTURES[architecture], config["num_hidden_layers"])
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for name, tensor in sorted(mx.load(str(checkpoint / "model.safetensors")).items()):
+        name = name.replace(".switch_mlp.", ".experts.")  # the experts, stacked as llama.cpp does
         data = np.array(tensor.astype(mx.float32))
         projection = name.split(".")[-2]
         if architecture == "llama" and projection in heads:
             data = llama_cpp_row_order(data, heads[projection])
         kind = tensor_type
-        if dequantized and data.ndim == 2:
+        if dequantized and data.ndim >= 2:
             data = gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)
             kind = gguf.GGMLQuantizationType.F32
         add_tensor(writer, names.get_name(name, try_suffixes=(".weight", ".bias")), data, kind)

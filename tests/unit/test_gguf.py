@@ -38,11 +38,14 @@ def tiny_ggufs(
     """model -> (tiny checkpoint, the same as an F32 GGUF), written once; llama.cpp writes
     Mistral as a Llama."""
     root = tmp_path_factory.mktemp("gguf")
-    qwen2 = write_tiny_checkpoint(builtin_families["qwen"], root / "qwen2", model_type="qwen2")
+    qwen = builtin_families["qwen"]
+    qwen2 = write_tiny_checkpoint(qwen, root / "qwen2", model_type="qwen2")
+    qwen3_moe = write_tiny_checkpoint(qwen, root / "qwen3_moe", model_type="qwen3_moe")
     models = {
         "llama": (tiny_checkpoints["llama"], "llama"),
         "qwen2": (qwen2, "qwen2"),
         "qwen3": (tiny_checkpoints["qwen"], "qwen3"),
+        "qwen3_moe": (qwen3_moe, "qwen3moe"),
         "mistral": (tiny_checkpoints["mistral"], "llama"),
     }
     return {
@@ -65,7 +68,7 @@ def registry(
     return ModelRegistry(load_config(toml, env={}), plugins)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral"])
 def test_a_gguf_of_a_tiny_checkpoint_gives_its_greedy_tokens(
     name: str, tmp_path: Path, plugins: Plugins, tiny_ggufs: dict[str, tuple[Path, Path]]
 ) -> None:
@@ -85,16 +88,21 @@ def test_a_gguf_of_a_tiny_checkpoint_gives_its_greedy_tokens(
     assert not converted.random_weights  # only tiny checkpoints say so, not GGUF files
 
 
+@pytest.mark.parametrize(
+    ("model", "architecture"), [("llama", "llama"), ("qwen3_moe", "qwen3moe")], ids=["llama", "moe"]
+)
 @pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda kind: kind.name)
 def test_quantized_tensors_are_read_as_their_values(
     kind: gguf.GGMLQuantizationType,
+    model: str,
+    architecture: str,
     tmp_path: Path,
     plugins: Plugins,
     tiny_ggufs: dict[str, tuple[Path, Path]],
 ) -> None:
-    checkpoint = tiny_ggufs["llama"][0]
-    quantized = write_gguf(checkpoint, tmp_path / "q.gguf", "llama", kind)
-    dequantized = write_gguf(checkpoint, tmp_path / "f.gguf", "llama", kind, dequantized=True)
+    checkpoint = tiny_ggufs[model][0]
+    quantized = write_gguf(checkpoint, tmp_path / "q.gguf", architecture, kind)
+    dequantized = write_gguf(checkpoint, tmp_path / "f.gguf", architecture, kind, dequantized=True)
     store = ModelStore(tmp_path / "c", plugins)
     converted = store.locate(str(quantized))
     config = json.loads((converted / "config.json").read_text())
@@ -165,6 +173,60 @@ def test_an_unconverted_architecture_is_named(tmp_path: Path, plugins: Plugins) 
     path = write_tiny_gguf(tmp_path / "phi.gguf", architecture="phi2")
     with pytest.raises(UnsupportedModelError, match="GGUF architecture 'phi2'.*qwen2, qwen3"):
         ModelStore(tmp_path / "c", plugins).locate(str(path))
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kind", "reason"),
+    [
+        ("gpt-oss", Q.MXFP4, "experts are MXFP4"),
+        ("gemma3", Q.Q4_K, "no built-in family serves gemma3_text"),
+        ("llama4", Q.F32, "no-rope layers, chunked attention"),
+    ],
+)
+def test_an_unmapped_architecture_is_refused_before_its_tensors_are_read(
+    architecture: str,
+    kind: gguf.GGMLQuantizationType,
+    reason: str,
+    tmp_path: Path,
+    plugins: Plugins,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = write_tiny_gguf(tmp_path / "m.gguf", architecture=architecture, kind=kind)
+
+    def never(*args: object) -> None:
+        raise AssertionError("a refused GGUF was read")
+
+    monkeypatch.setattr("mlxserve.registry.gguf_checkpoint.read_gguf", never)
+    monkeypatch.setattr("mlxserve.registry.store.WeightHashes.of", never)
+    with pytest.raises(UnsupportedModelError) as refused:
+        ModelStore(tmp_path / "c", plugins).locate(str(path))
+    message = str(refused.value)
+    assert f"GGUF architecture {architecture!r} (converted: llama, qwen2, qwen3, qwen3moe)" in (
+        message
+    )
+    assert reason in message and kind.name + " (" not in message
+
+
+def test_the_architecture_is_read_from_the_header_wherever_it_is(tmp_path: Path) -> None:
+    from mlxserve.registry.gguf_checkpoint import gguf_architecture
+
+    writer = gguf.GGUFWriter(str(tmp_path / "late.gguf"), "qwen3moe")
+    writer.add_token_list(["a", "b", "ccc"])
+    writer.add_token_scores([0.5, 0.25, 0.125])
+    writer.add_string("general.name", "late")
+    metadata = writer.kv_data[0]
+    metadata["general.architecture"] = metadata.pop("general.architecture")  # last, not first
+    writer.add_tensor("token_embd.weight", np.zeros((2, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    keys = list(gguf.GGUFReader(tmp_path / "late.gguf").fields)
+    assert keys[-1] == "general.architecture"
+    assert gguf_architecture(tmp_path / "late.gguf") == "qwen3moe"
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(20))
+    with pytest.raises(UnsupportedModelError, match="not a GGUF file mlxserve can read"):
+        gguf_architecture(tmp_path / "not.gguf")
 
 
 def test_a_folder_holding_one_gguf_is_a_source(
