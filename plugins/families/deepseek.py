@@ -14,6 +14,7 @@ from mlxserve.core.kv.caches import CacheKind
 from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.reasoning import ThinkTags
 from mlxserve.plugins.tool_calls import (
     MarkerParser,
     Region,
@@ -138,6 +139,7 @@ class DeepSeek(ModelFamily):
     stop_tokens = ("<｜end▁of▁sentence｜>",)
     control_tokens = ("<｜User｜>", "<｜Assistant｜>")
     tool_call_format = DeepSeekToolCalls()
+    reasoning_format = ThinkTags()
 
     def layout(self, model: nn.Module) -> DecoderLayout:
         if model.args.model_type in LATENT_TYPES:

@@ -6,6 +6,7 @@ from typing import Any
 
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.reasoning import ThinkTags
 from mlxserve.plugins.tool_calls import HermesToolCalls
 
 CHAT_TEMPLATE = (
@@ -57,6 +58,7 @@ class Qwen(ModelFamily):
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
     control_tokens = ("<|im_start|>",)
     tool_call_format = HermesToolCalls()
+    reasoning_format = ThinkTags()
     gguf_architectures = ("qwen2", "qwen3")
 
     def tiny_config(self, model_type: str) -> dict[str, Any]:
