@@ -5,6 +5,12 @@ from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.gguf_mapping import GGUFModel
 from mlxserve.plugins.hookspecs import hookimpl, hookspec
+from mlxserve.plugins.reasoning import (
+    ReasoningFormat,
+    ReasoningParser,
+    ReasoningPiece,
+    ThinkTags,
+)
 from mlxserve.plugins.tool_calls import TextPiece, ToolCall, ToolCallFormat, ToolCallParser
 
 __all__ = [
@@ -13,7 +19,11 @@ __all__ = [
     "GGUFModel",
     "KVCacheOptions",
     "ModelFamily",
+    "ReasoningFormat",
+    "ReasoningParser",
+    "ReasoningPiece",
     "TextPiece",
+    "ThinkTags",
     "ToolCall",
     "ToolCallFormat",
     "ToolCallParser",

@@ -126,17 +126,19 @@ def _apply_chat_template(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     tokenize: bool,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> Any:
+    extra = dict(template_kwargs or {})
     if not _uses_tools(messages, tools):
         return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=tokenize
+            messages, add_generation_prompt=True, tokenize=tokenize, **extra
         )
     if fmt is None:
         owner = f"the {family.name} family" if family is not None else "this model"
         raise ValueError(f"{owner} has no tool-call format, so it cannot use tools")
     support = TemplateSupport.of(tokenizer)
     prepared = chat_messages(fmt, messages, support)
-    kwargs = {"tools": tools} if tools and support.tools else {}
+    kwargs = {**extra, "tools": tools} if tools and support.tools else extra
     attempts = [prepared]
     if tools and not support.tools:
         prompt = fmt.tools_prompt(tools)
@@ -162,6 +164,7 @@ def render_chat_prompt(
     fmt: ToolCallFormat | None,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """Prompt token ids for OpenAI-shaped chat ``messages`` and function ``tools``.
 
@@ -177,12 +180,17 @@ def render_chat_prompt(
         messages: dicts with role, content and, where they apply, tool_calls
             (arguments as JSON text), tool_call_id and name.
         tools: OpenAI function tools, or None.
+        template_kwargs: extra variables for the template's render (``enable_thinking``...).
 
     Raises:
         ValueError: tools or tool turns for a family with no tool-call format.
         Exception: whatever the chat template raises for messages it rejects.
     """
-    return list(_apply_chat_template(tokenizer, family, fmt, messages, tools, tokenize=True))
+    return list(
+        _apply_chat_template(
+            tokenizer, family, fmt, messages, tools, tokenize=True, template_kwargs=template_kwargs
+        )
+    )
 
 
 def render_chat_text(
@@ -191,6 +199,9 @@ def render_chat_text(
     fmt: ToolCallFormat | None,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> str:
     """:func:`render_chat_prompt` as text, before tokenizing."""
-    return _apply_chat_template(tokenizer, family, fmt, messages, tools, tokenize=False)
+    return _apply_chat_template(
+        tokenizer, family, fmt, messages, tools, tokenize=False, template_kwargs=template_kwargs
+    )

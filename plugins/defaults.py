@@ -11,6 +11,7 @@ from mlxserve.core.kv.caches import KVCacheOptions
 from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.reasoning import ReasoningFormat
 from mlxserve.plugins.tool_calls import ToolCallFormat
 
 
@@ -34,3 +35,8 @@ def mlxserve_chat_template(family: ModelFamily, tokenizer: Any) -> str:
 @hookimpl(trylast=True)
 def mlxserve_tool_call_format(family: ModelFamily) -> ToolCallFormat | None:
     return family.tool_call_format
+
+
+@hookimpl(trylast=True)
+def mlxserve_reasoning_format(family: ModelFamily) -> ReasoningFormat | None:
+    return family.reasoning_format

@@ -13,6 +13,7 @@ from mlx_lm.models.cache import KVCache
 from mlxserve.core.kv.caches import CacheKind, KVCacheOptions, kind_of, servable, warn_unquantizable
 from mlxserve.core.model.layout import DecoderLayout
 from mlxserve.plugins.gguf_mapping import GGUFModel, decoder_config, decoder_weights
+from mlxserve.plugins.reasoning import ReasoningFormat
 from mlxserve.plugins.tool_calls import HermesToolCalls, ToolCallFormat
 
 
@@ -43,6 +44,9 @@ class ModelFamily:
         tool_call_format: how the family's models see tools and write tool calls (a
             :class:`~mlxserve.plugins.tool_calls.ToolCallFormat`); None if they cannot call
             tools. The default is Hermes-style ``<tool_call>{...}</tool_call>`` blocks.
+        reasoning_format: how the family's thinking models set their reasoning apart from
+            the answer (a :class:`~mlxserve.plugins.reasoning.ReasoningFormat`, e.g.
+            ``ThinkTags()`` for ``<think>…</think>``); None (the default) if they do not.
         gguf_architectures: the ``general.architecture`` values of GGUF files this family
             converts (empty: none); :meth:`gguf_config` and :meth:`gguf_weights` map them.
 
@@ -58,6 +62,7 @@ class ModelFamily:
     control_tokens: ClassVar[tuple[str, ...]] = ()
     sampling_defaults: ClassVar[dict[str, float]] = {}
     tool_call_format: ClassVar[ToolCallFormat | None] = HermesToolCalls()
+    reasoning_format: ClassVar[ReasoningFormat | None] = None
     gguf_architectures: ClassVar[tuple[str, ...]] = ()
 
     # ---- building the model ----

@@ -2,7 +2,7 @@
 
 A family plugin usually implements only :func:`mlxserve_families`. The other hooks let a
 plugin replace one piece of another family (a better sharding rule, a different KV cache,
-a tool-call format)
+a tool-call or reasoning format)
 without copying it; mlxserve's own behaviour is itself a ``trylast`` implementation of each,
 so any plugin's answer comes first.
 """
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mlxserve.core.kv.caches import KVCacheOptions
     from mlxserve.core.model.layout import DecoderLayout
     from mlxserve.plugins.family import ModelFamily
+    from mlxserve.plugins.reasoning import ReasoningFormat
     from mlxserve.plugins.tool_calls import ToolCallFormat
 
 PROJECT = "mlxserve"
@@ -101,4 +102,18 @@ def mlxserve_tool_call_format(family: ModelFamily) -> ToolCallFormat | None:
 
     First non-None result wins; the default is ``family.tool_call_format``, which is None
     for a family whose models cannot call tools.
+    """
+
+
+@hookspec(firstresult=True)
+def mlxserve_reasoning_format(family: ModelFamily) -> ReasoningFormat | None:
+    """Give the reasoning format of a family's models: whether a prompt opens a reasoning
+    block, how the reply's reasoning is told from its answer, and what ends the reasoning.
+
+    :param family: the model's family.
+    :return: a :class:`~mlxserve.plugins.reasoning.ReasoningFormat`, or None to leave it
+        to others.
+
+    First non-None result wins; the default is ``family.reasoning_format``, which is None
+    for a family whose models do not think aloud.
     """

@@ -8,6 +8,7 @@ it talks gibberish.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ def write_tiny_checkpoint(
     model_type: str | None = None,
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
+    chat_template: str | None = None,
+    extra_tokens: Sequence[str] = (),
 ) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` into ``dest``.
 
@@ -76,6 +79,9 @@ def write_tiny_checkpoint(
         model_type: which of the family's model types (default: its first).
         seed: the random seed of the weights; the same seed gives the same checkpoint.
         overrides: config.json values to change, e.g. a bigger ``hidden_size`` for benchmarks.
+        chat_template: the tokenizer's chat template (default: the family's).
+        extra_tokens: more special tokens, each one token of the vocabulary (e.g. a
+            reasoning format's ``<think>`` and ``</think>``).
 
     Returns:
         ``dest`` as a Path.
@@ -89,7 +95,7 @@ def write_tiny_checkpoint(
     dest = Path(dest).expanduser()
     dest.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer(_special_tokens(family))
+    tokenizer = build_tokenizer([*_special_tokens(family), *extra_tokens])
     tokenizer.save(str(dest / "tokenizer.json"))
     eos = family.stop_tokens[0]
     config = {
@@ -124,7 +130,7 @@ def write_tiny_checkpoint(
             "add_bos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": config["max_position_embeddings"],
-            "chat_template": family.chat_template,
+            "chat_template": chat_template or family.chat_template,
         },
     )
     _write_json(

@@ -20,6 +20,7 @@ from mlxserve.core.model.exactness import check_stage
 from mlxserve.core.model.loader import build_lazy, build_skeleton, materialize
 from mlxserve.core.model.stages import PipelineStage
 from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.reasoning import ReasoningFormat
 from mlxserve.plugins.tiny import is_tiny_checkpoint
 from mlxserve.plugins.tool_calls import ToolCallFormat, marker_token_ids
 from mlxserve.registry.fingerprint import WEIGHT_HASHES_FILE, checkpoint_fingerprint
@@ -62,11 +63,20 @@ class LoadedModel:
         return self.plugins.hook.mlxserve_tool_call_format(family=self.family)
 
     @functools.cached_property
+    def reasoning_format(self) -> ReasoningFormat | None:
+        """How this model sets its reasoning apart (its family's format, or a plugin's)."""
+        return self.plugins.hook.mlxserve_reasoning_format(family=self.family)
+
+    @functools.cached_property
     def hidden_special_tokens(self) -> frozenset[int] | None:
         """The special tokens left out of generated text: all (None), or all but the tool-call
-        markers when they are special tokens of this checkpoint (the parser needs them)."""
-        fmt = self.tool_call_format
+        and reasoning markers when they are special tokens of this checkpoint (the parsers
+        need them)."""
+        fmt, reasoning = self.tool_call_format, self.reasoning_format
         markers = set(marker_token_ids(fmt, self.tokenizer).values()) if fmt else set()
+        if reasoning is not None:
+            added = self.tokenizer._tokenizer.get_added_vocab()
+            markers.update(added[m] for m in reasoning.markers if m in added)
         if not markers:
             return None
         decoder = self.tokenizer._tokenizer.added_tokens_decoder

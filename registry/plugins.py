@@ -18,6 +18,7 @@ from mlxserve.plugins import defaults, hookspecs
 from mlxserve.plugins.families.generic import ANY_MODEL_TYPE, mlx_lm_module
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.gguf_mapping import UNMAPPED_ARCHITECTURES
+from mlxserve.plugins.reasoning import ReasoningFormat
 from mlxserve.plugins.tool_calls import ToolCallFormat
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,9 @@ def family_problems(family: object) -> list[str]:
     fmt = getattr(family, "tool_call_format", None)
     if fmt is not None and not isinstance(fmt, ToolCallFormat):
         problems.append("tool_call_format must be a ToolCallFormat or None")
+    reasoning = getattr(family, "reasoning_format", None)
+    if reasoning is not None and not isinstance(reasoning, ReasoningFormat):
+        problems.append("reasoning_format must be a ReasoningFormat or None")
     return problems + _sampling_problems(getattr(family, "sampling_defaults", {}))
 
 

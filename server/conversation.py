@@ -23,6 +23,7 @@ from mlxserve.core.config.schema import Config
 from mlxserve.core.engine.engine import Engine
 from mlxserve.core.engine.sequence import TokenLogprob, Usage
 from mlxserve.core.metrics import EngineMetrics
+from mlxserve.plugins.reasoning import ReasoningParser, ReasoningPiece, ReplyPiece
 from mlxserve.plugins.tool_calls import TextPiece, ToolCall, ToolCallParser
 from mlxserve.server.generation import Admitted, admit, outputs, stop_watching, watch_disconnect
 from mlxserve.server.protocol.request import Conversation, Prompt, RequestedSampling
@@ -34,6 +35,13 @@ class TextDelta:
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """New reasoning text of a thinking model (never content, never parsed for tool calls)."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ class Finished:
     stop_sequence: str | None = None  # the stop string the reply ended on, if it did
 
 
-Event = TextDelta | ToolCallEvent | Finished
+Event = ReasoningDelta | TextDelta | ToolCallEvent | Finished
 
 
 def new_call_id() -> str:
@@ -70,6 +78,7 @@ class Reply:
     prompt: Prompt
     parser: ToolCallParser | None  # None: the reply is all text
     request: Request
+    reasoning: ReasoningParser | None = None  # None: the reply has no reasoning
 
     @property
     def model_name(self) -> str:
@@ -84,16 +93,22 @@ class Reply:
         """
         watcher = watch_disconnect(engine, self.admitted, self.request)
         calls = 0
+        answering = self.reasoning is None
         try:
             async for output in outputs(engine, self.admitted):
                 if output.finish_reason == "abort":  # its client went away: no one to tell
                     continue  # (and no Finished: "abort" is none of its reasons)
                 pieces = self._parse(output.text, final=output.finish_reason is not None)
-                logprobs = output.logprobs
+                answering = answering or any(
+                    not isinstance(piece, ReasoningPiece) for piece in pieces
+                )
+                logprobs = output.logprobs if answering else ()  # the answer's tokens only
                 for piece in pieces:
                     if isinstance(piece, ToolCall):
                         yield ToolCallEvent(calls, new_call_id(), piece.name, piece.arguments)
                         calls += 1
+                    elif isinstance(piece, ReasoningPiece):
+                        yield ReasoningDelta(piece.text)
                     elif piece.text or logprobs:
                         yield TextDelta(piece.text, logprobs)
                         logprobs = ()
@@ -108,11 +123,22 @@ class Reply:
         finally:
             await stop_watching(watcher)
 
-    def _parse(self, text: str, final: bool) -> list[TextPiece | ToolCall]:
-        if self.parser is None:
-            return [TextPiece(text)]
-        pieces = self.parser.feed(text) if text else []
-        return pieces + self.parser.finish() if final else pieces
+    def _parse(self, text: str, final: bool) -> list[ReasoningPiece | TextPiece | ToolCall]:
+        """The reasoning first, then the answer's text and tool calls: calls are read in
+        the answer alone."""
+        split: list[ReplyPiece] = [TextPiece(text)]
+        if self.reasoning is not None:
+            split = self.reasoning.feed(text) if text else []
+            split += self.reasoning.finish() if final else []
+        pieces: list[ReasoningPiece | TextPiece | ToolCall] = []
+        for piece in split:
+            if isinstance(piece, ReasoningPiece) or self.parser is None:
+                pieces.append(piece)
+            elif piece.text:
+                pieces += self.parser.feed(piece.text)
+        if final and self.parser is not None:
+            pieces += self.parser.finish()
+        return pieces
 
 
 async def start(
@@ -131,4 +157,8 @@ async def start(
     fmt = admitted.model.tool_call_format
     calls_tools = isinstance(prompt, Conversation) and prompt.calls_tools
     parser = fmt.parser() if fmt is not None and calls_tools else None
-    return Reply(admitted, prompt, parser, request)
+    thinks = admitted.model.reasoning_format
+    reasoning = None
+    if thinks is not None and isinstance(prompt, Conversation):
+        reasoning = thinks.parser(inside=admitted.reasoning_open)
+    return Reply(admitted, prompt, parser, request, reasoning)

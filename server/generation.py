@@ -25,6 +25,7 @@ from mlxserve.core.errors import ContextLengthError, EngineUnavailableError
 from mlxserve.core.metrics import EngineMetrics
 from mlxserve.core.sampling.constraint import Constraint, GrammarError, compile_constraint
 from mlxserve.core.sampling.params import InvalidParameterError, SamplingParams
+from mlxserve.core.sampling.thinking import Thinking
 from mlxserve.plugins.chat_prompt import render_chat_prompt
 from mlxserve.plugins.tool_calls import marker_token_ids
 from mlxserve.server.errors import GenerationError, OutputFormatError, RequestTimeoutError
@@ -51,6 +52,7 @@ class Admitted:
     deadline: float
     metrics: EngineMetrics | None = None
     prompt_tokens: int = 0
+    reasoning_open: bool = False  # the prompt opened a reasoning block: the reply starts in it
 
     def ended_early(self, kind: str) -> None:
         if self.metrics is not None:
@@ -61,16 +63,29 @@ def _context_error(limit: int, what: str) -> ContextLengthError:
     return ContextLengthError(f"this model's context is {limit} tokens, but the prompt has {what}")
 
 
-def prepare(
-    prompt: Prompt, model: ServedModel, tokenizer: Any, limit: int
-) -> tuple[list[int], str | None]:
-    """A request's prompt token ids, checked against the model, and the grammar that
-    constrains its output (llguidance Lark text; None: unconstrained). Runs on a tokenizing
-    thread, with that thread's own copy of the model's tokenizer.
+@dataclass(frozen=True)
+class Prepared:
+    """A request's prompt token ids, the grammar that constrains its output (llguidance Lark
+    text; None: unconstrained), and, when the prompt opens a reasoning block, the token ids
+    of the marker that ends it (empty: the reply does not start in reasoning)."""
+
+    ids: list[int]
+    grammar: str | None
+    reasoning_end: tuple[int, ...] = ()
+
+
+# Enough of a prompt's end to hold the marker that opens a reasoning block, and whitespace.
+REASONING_TAIL_TOKENS = 16
+
+
+def prepare(prompt: Prompt, model: ServedModel, tokenizer: Any, limit: int) -> Prepared:
+    """The prompt, checked against the model, and its grammar (see :class:`Prepared`). Runs
+    on a tokenizing thread, with that thread's own copy of the model's tokenizer.
 
     A conversation goes through the model's chat template and tool-call format; forced tool
-    calls and JSON output formats become its grammar. A raw prompt is tokenized as it is (or
-    taken as token ids); its output format is its grammar.
+    calls and JSON output formats become its grammar, which follows the reasoning when the
+    prompt opens a reasoning block. A raw prompt is tokenized as it is (or taken as token
+    ids); its output format is its grammar.
     """
     if isinstance(prompt, RawPrompt):
         text_or_ids = prompt.prompt
@@ -85,8 +100,17 @@ def prepare(
     if not (min(ids) >= 0 and max(ids) < vocab):
         raise InvalidParameterError("prompt", f"token ids must be below {vocab}")
     if isinstance(prompt, RawPrompt):
-        return ids, grammar_for_response_format(prompt.response_format)
-    return ids, _chat_grammar(prompt, model, tokenizer)
+        return Prepared(ids, grammar_for_response_format(prompt.response_format))
+    return Prepared(
+        ids, _chat_grammar(prompt, model, tokenizer), _reasoning_end(ids, model, tokenizer)
+    )
+
+
+def _reasoning_end(ids: list[int], model: ServedModel, tokenizer: Any) -> tuple[int, ...]:
+    fmt = model.reasoning_format
+    if fmt is None or not fmt.opens_in(tokenizer.decode(ids[-REASONING_TAIL_TOKENS:])):
+        return ()
+    return tuple(tokenizer.encode(fmt.end, add_special_tokens=False))
 
 
 def _chat_prompt(conversation: Conversation, model: ServedModel, tokenizer: Any) -> list[int]:
@@ -97,6 +121,7 @@ def _chat_prompt(conversation: Conversation, model: ServedModel, tokenizer: Any)
             model.tool_call_format,
             conversation.messages,
             conversation.tools,
+            conversation.template_kwargs,
         )
     except InvalidParameterError:
         raise
@@ -168,17 +193,32 @@ async def admit(
         raise _context_error(limit, f"{chars} characters, far more than fit")
     slot = engine.reserve()  # before any work that grows with the request
     try:
-        ids, grammar = await with_own_tokenizer(
+        prepared = await with_own_tokenizer(
             model.tokenizer, lambda tokenizer: prepare(prompt, model, tokenizer, limit)
         )
         constraint = None
-        if grammar is not None:
-            constraint = await _constraint(model, grammar, prompt.grammar_param)
-        stream = engine.submit(model, ids, params, constraint=constraint, slot=slot)
+        if prepared.grammar is not None:
+            constraint = await _constraint(model, prepared.grammar, prompt.grammar_param)
+        thinking = _thinking(prompt, prepared, constraint)
+        if thinking is not None:
+            constraint = None  # thinking holds it until the reasoning ends
+        stream = engine.submit(
+            model, prepared.ids, params, constraint=constraint, slot=slot, thinking=thinking
+        )
     finally:
         slot.release()  # a no-op once the request is queued
     deadline = time.monotonic() + config.server.request_timeout_s
-    return Admitted(name, model, stream, params, deadline, metrics, len(ids))
+    opened = bool(prepared.reasoning_end)
+    return Admitted(name, model, stream, params, deadline, metrics, len(prepared.ids), opened)
+
+
+def _thinking(prompt: Prompt, prepared: Prepared, constraint: Constraint | None) -> Thinking | None:
+    """What the engine must do about a reasoning block the prompt opens: end it at the
+    request's budget, and keep the grammar for the answer after it."""
+    budget = prompt.thinking_budget if isinstance(prompt, Conversation) else None
+    if not prepared.reasoning_end or (budget is None and constraint is None):
+        return None
+    return Thinking(prepared.reasoning_end, budget=budget, grammar=constraint)
 
 
 def watch_disconnect(engine: Engine, admitted: Admitted, request: Request) -> asyncio.Task[None]:

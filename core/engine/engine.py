@@ -33,6 +33,7 @@ from mlxserve.core.errors import (
 )
 from mlxserve.core.sampling.constraint import Constraint
 from mlxserve.core.sampling.params import SamplingParams
+from mlxserve.core.sampling.thinking import Thinking
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,10 +200,13 @@ class Engine:
         *,
         constraint: Constraint | None = None,
         slot: QueueSlot | None = None,
+        thinking: Thinking | None = None,
     ) -> RequestStream:
         """Queue a request; its stream yields outputs until one has a finish_reason.
 
         ``constraint`` (compiled off the event loop) is the grammar its output must follow.
+        ``thinking``: its output opens inside a thinking block (with a budget, or a grammar
+        that waits for the block's end).
         ``slot`` is the place in the queue :meth:`reserve` gave it before it was prepared
         (without one, a place is taken now).
 
@@ -220,7 +224,7 @@ class Engine:
             slot.release()
             raise
         slot.taken = True
-        return self._queue(model, prompt_ids, params, request_id, constraint)
+        return self._queue(model, prompt_ids, params, request_id, constraint, thinking)
 
     def reserve(self) -> QueueSlot:
         """A place in the queue, taken before a request does any work that grows with its
@@ -269,6 +273,7 @@ class Engine:
         params: SamplingParams,
         request_id: str | None,
         constraint: Constraint | None,
+        thinking: Thinking | None = None,
     ) -> RequestStream:
         limit = self._longest_sequence(model)
         request_id = request_id or uuid.uuid4().hex
@@ -284,6 +289,7 @@ class Engine:
             text=TextStream(model.tokenizer, params.stop, model.hidden_special_tokens),
             stream=stream,
             constraint=constraint,
+            thinking=thinking,
         )
         self.streams[request_id] = stream
         self._send(self._on_submit, model.name, seq)

@@ -212,9 +212,16 @@ class Scheduler:
             )
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        thinking = seq.thinking
+        if thinking is not None and thinking.inside:
+            chosen = thinking.choose(token, seq.eos_ids)
+            if chosen != token:  # the end of the thinking, forced: not what was sampled
+                token, logprob = chosen, None
         seq.append(token)
         if seq.constraint is not None:
             seq.constraint.consume(token)
+        elif thinking is not None and thinking.inside:
+            seq.constraint = thinking.see(token)
         params = seq.params
         reason: str | None
         if token in params.stop_token_ids or (token in seq.eos_ids and not params.ignore_eos):

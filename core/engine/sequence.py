@@ -9,6 +9,7 @@ from typing import Any
 
 from mlxserve.core.engine.detokenizer import TextStream
 from mlxserve.core.sampling.params import SamplingParams
+from mlxserve.core.sampling.thinking import Thinking
 
 
 class Status(Enum):
@@ -77,6 +78,7 @@ class Sequence:
     reused: tuple[str, ...] = ()
     reservation: Any = None
     constraint: Any = None  # a core.constraint.Constraint: the grammar its output must follow
+    thinking: Thinking | None = None  # its open thinking block (a budget, a waiting grammar)
     lane: int = 0  # its micro-batch (see Scheduler)
 
     @property

@@ -45,8 +45,8 @@ class ServedModel(Protocol):
     """What the engine and the server use of a loaded model (the registry's LoadedModel is
     one): everything either reads of a model is declared here.
 
-    ``family`` and ``tool_call_format`` are a plugin's ModelFamily and ToolCallFormat; they
-    are typed loosely because core imports no other room.
+    ``family``, ``tool_call_format`` and ``reasoning_format`` are a plugin's ModelFamily,
+    ToolCallFormat and ReasoningFormat; they are typed loosely because core imports no other room.
     """
 
     name: str  # the canonical name, as [models.NAME]
@@ -83,6 +83,11 @@ class ServedModel(Protocol):
     @property
     def tool_call_format(self) -> Any:
         """How it sees tools and writes tool calls (a ToolCallFormat), or None if it cannot."""
+        ...
+
+    @property
+    def reasoning_format(self) -> Any:
+        """How it sets its reasoning apart from its answer (a ReasoningFormat), or None."""
         ...
 
     @property

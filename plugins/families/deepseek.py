@@ -13,6 +13,7 @@ import mlx.nn as nn
 from mlxserve.core.kv.caches import CacheKind
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.reasoning import ThinkTags
 from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 from mlxserve.plugins.tool_calls import (
     MarkerParser,
@@ -133,6 +134,7 @@ class DeepSeek(ModelFamily):
     stop_tokens = ("<｜end▁of▁sentence｜>",)
     control_tokens = ("<｜User｜>", "<｜Assistant｜>")
     tool_call_format = DeepSeekToolCalls()
+    reasoning_format = ThinkTags()
 
     def cache_kinds(self, model: nn.Module) -> list[CacheKind]:
         kinds = super().cache_kinds(model)

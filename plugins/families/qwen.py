@@ -16,6 +16,7 @@ from mlxserve.plugins.gguf_mapping import (
     moe_config,
 )
 from mlxserve.plugins.hookspecs import hookimpl
+from mlxserve.plugins.reasoning import ThinkTags
 from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 from mlxserve.plugins.tool_calls import HermesToolCalls
 
@@ -76,6 +77,7 @@ class Qwen(ModelFamily):
     stop_tokens = ("<|im_end|>", "<|endoftext|>")
     control_tokens = ("<|im_start|>",)
     tool_call_format = HermesToolCalls()
+    reasoning_format = ThinkTags()
     gguf_architectures = ("qwen2", "qwen3", "qwen3moe")
 
     def gguf_config(self, gguf: GGUFModel) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from mlxserve.server.protocol.openai import (
     at_most,
     printable,
 )
-from mlxserve.server.protocol.request import Conversation, RequestedSampling
+from mlxserve.server.protocol.request import Conversation, RequestedSampling, template_kwargs
 
 # HTTP status -> Anthropic's error type
 ERROR_TYPES = {
@@ -143,6 +143,15 @@ class ToolChoice(OpenAIBaseModel):
     disable_parallel_tool_use: bool = False
 
 
+class ThinkingConfig(OpenAIBaseModel):
+    """``thinking``: "enabled" with a ``budget_tokens`` (the most tokens the thinking may
+    take before it is ended and the answer begins), "adaptive" (no budget) or "disabled"."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: Int | None = Field(None, ge=1, le=INT32_MAX)
+    display: Literal["summarized", "omitted"] | None = None
+
+
 class MessagesRequest(OpenAIBaseModel):
     """A ``POST /v1/messages`` body."""
 
@@ -158,6 +167,7 @@ class MessagesRequest(OpenAIBaseModel):
     top_k: Int | None = Field(None, ge=0, le=INT32_MAX)
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    thinking: ThinkingConfig | None = None
 
     @field_validator("system", mode="before")
     @classmethod
@@ -186,14 +196,28 @@ class MessagesRequest(OpenAIBaseModel):
             )
         if self.tool_choice and self.tool_choice.type == "tool" and not self.tool_choice.name:
             raise InvalidParameterError("tool_choice.name", "type 'tool' needs the tool's name")
+        thinking = self.thinking
+        if thinking is not None and thinking.type == "enabled":
+            budget = thinking.budget_tokens
+            if budget is None:
+                raise InvalidParameterError("thinking.budget_tokens", "type 'enabled' needs it")
+            if budget >= self.max_tokens:
+                raise InvalidParameterError(
+                    "thinking.budget_tokens",
+                    f"must be less than max_tokens ({budget} >= {self.max_tokens})",
+                )
 
     def conversation(self) -> Conversation:
         """The request as the shared pipeline's conversation."""
+        thinking = self.thinking
+        enabled = None if thinking is None else thinking.type != "disabled"
         return Conversation(
             self.chat_messages(),
             self.tool_dicts(),
             self.tool_choice_name(),
             self.parallel_tool_calls,
+            template_kwargs=template_kwargs(None, thinking=enabled),
+            thinking_budget=thinking.budget_tokens if thinking and enabled else None,
         )
 
     def sampling(self) -> RequestedSampling:
@@ -273,6 +297,14 @@ class MessagesRequest(OpenAIBaseModel):
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
 
+class ThinkingOut(BaseModel):
+    """A thinking model's reasoning; mlxserve signs nothing, so ``signature`` is empty."""
+
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""
+
+
 class TextOut(BaseModel):
     type: Literal["text"] = "text"
     text: str
@@ -299,7 +331,7 @@ class MessageResponse(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextOut | ToolUseOut] = []
+    content: list[ThinkingOut | TextOut | ToolUseOut] = []
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
     usage: MessageUsage = MessageUsage()

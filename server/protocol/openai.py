@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -27,7 +28,13 @@ from mlxserve.core.sampling.params import (
     MAX_STOP_TOKEN_IDS,
     InvalidParameterError,
 )
-from mlxserve.server.protocol.request import Conversation, RawPrompt, RequestedSampling
+from mlxserve.server.protocol.request import (
+    Conversation,
+    RawPrompt,
+    RequestedSampling,
+    template_chars,
+    template_kwargs,
+)
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -140,6 +147,64 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 TokenId = Annotated[int, Strict(), Field(ge=0)]
 Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+MAX_TEMPLATE_KWARGS = 64
+MAX_TEMPLATE_KWARGS_CHARS = 65_536
+# What apply_chat_template itself takes or the render sets: a request cannot override them.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "messages",
+        "conversation",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "raise_exception",
+        "strftime_now",
+    }
+)
+TEMPLATE_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _template_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    for key in kwargs:
+        if not TEMPLATE_VARIABLE.match(key):
+            raise PydanticCustomError(
+                "template_variable",
+                "keys must be template variable names (letters, digits and _, at most 64), "
+                "not {key!r}",
+                {"key": printable(key[:80])},
+            )
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise PydanticCustomError(
+                "template_variable", "{key!r} is set by the server, not by a request", {"key": key}
+            )
+    chars = template_chars([], [kwargs])
+    if chars > MAX_TEMPLATE_KWARGS_CHARS:
+        raise PydanticCustomError(
+            "too_long",
+            "must have at most {limit} characters in all, not {count}",
+            {"limit": MAX_TEMPLATE_KWARGS_CHARS, "count": chars},
+        )
+    return kwargs
+
+
+TemplateKwargs = Annotated[
+    dict[str, Any],
+    Field(max_length=MAX_TEMPLATE_KWARGS),
+    AfterValidator(_template_kwargs),
+]
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -337,6 +402,16 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
+    reasoning_effort: ReasoningEffort | None = Field(
+        None,
+        description="Passed to the chat template as reasoning_effort; 'none' also sets "
+        "enable_thinking false.",
+    )
+    chat_template_kwargs: TemplateKwargs | None = Field(
+        None,
+        description="Extra variables for the chat template's render, e.g. "
+        '{"enable_thinking": false}.',
+    )
 
     def check_supported(self) -> None:
         """Raise InvalidParameterError for a well-formed request this server cannot serve."""
@@ -366,6 +441,9 @@ class ChatCompletionRequest(_SamplingRequest):
             tool_choice=self.tool_choice_name(),
             parallel_tool_calls=self.parallel_tool_calls is not False,
             response_format=self.response_format,
+            template_kwargs=template_kwargs(
+                self.chat_template_kwargs, effort=self.reasoning_effort
+            ),
         )
 
     def prompt_messages(self) -> list[dict[str, Any]]:
@@ -536,12 +614,14 @@ class DeltaToolCall(_Response):
 
 
 class ChatResponseMessage(_Response):
-    """The generated message of a chat choice."""
+    """The generated message of a chat choice; ``reasoning_content`` is a thinking model's
+    reasoning, apart from its answer."""
 
     _keep_none = frozenset({"content"})
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
 
 
@@ -574,6 +654,7 @@ class DeltaMessage(_Response):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

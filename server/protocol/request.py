@@ -31,7 +31,9 @@ class Conversation:
     "function", "function": {"name", "arguments"}}]``, arguments as JSON text),
     ``tool_call_id`` and ``name``. ``tools`` are OpenAI function tools (``{"type":
     "function", "function": {"name", "description", "parameters"}}``). ``tool_choice`` is
-    "none", "auto", "required" or the name of one tool.
+    "none", "auto", "required" or the name of one tool. ``template_kwargs`` go into the chat
+    template's render (e.g. ``enable_thinking``); ``thinking_budget`` is the most tokens a
+    reasoning block the prompt opens may take before its end is forced.
     """
 
     messages: list[dict[str, Any]]
@@ -39,6 +41,8 @@ class Conversation:
     tool_choice: str = "auto"
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    thinking_budget: int | None = None
 
     def __post_init__(self) -> None:
         names = [tool["function"]["name"] for tool in self.tools]
@@ -62,7 +66,7 @@ class Conversation:
     @property
     def chars(self) -> int:
         """How many characters reach the chat template (counted before any tokenizing)."""
-        return template_chars(self.messages, self.tools)
+        return template_chars(self.messages, [*self.tools, self.template_kwargs])
 
     @property
     def grammar_param(self) -> str:
@@ -112,6 +116,28 @@ def template_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) 
         elif item is not None:
             total += 8  # a number or a boolean, written out
     return total
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+
+
+def template_kwargs(
+    given: Mapping[str, Any] | None,
+    *,
+    effort: str | None = None,
+    thinking: bool | None = None,
+) -> dict[str, Any]:
+    """The chat template's extra variables: what a request's reasoning switches say
+    (``reasoning_effort``; effort "none" or thinking off: ``enable_thinking=False``), under
+    the request's own ``chat_template_kwargs``."""
+    kwargs: dict[str, Any] = {}
+    if effort is not None:
+        kwargs["reasoning_effort"] = effort
+        if effort == "none":
+            kwargs["enable_thinking"] = False
+    if thinking is not None:
+        kwargs["enable_thinking"] = thinking
+    return {**kwargs, **(given or {})}
 
 
 @dataclass(frozen=True)

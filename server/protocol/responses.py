@@ -15,14 +15,15 @@ from mlxserve.server.protocol.openai import (
     Float,
     Int,
     OpenAIBaseModel,
+    ReasoningEffort,
     Text,
     at_most,
     printable,
 )
-from mlxserve.server.protocol.request import Conversation, RequestedSampling
+from mlxserve.server.protocol.request import Conversation, RequestedSampling, template_kwargs
 
 STATELESS = "mlxserve keeps no state; send the whole conversation in input"
-ITEM_TYPES = ("message", "function_call", "function_call_output")
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 def _unsupported_kinds(values: Any, allowed: tuple[str, ...], what: str, hint: str) -> Any:
@@ -77,10 +78,18 @@ class FunctionCallOutputItem(OpenAIBaseModel):
         return _unsupported_kinds(output, ("input_text", "output_text"), "output parts", hint)
 
 
+class ReasoningItem(OpenAIBaseModel):
+    """A reasoning item of an earlier reply, sent back: accepted and left out of the prompt
+    (chat templates drop past reasoning too)."""
+
+    type: Literal["reasoning"]
+
+
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(
         lambda v: v.get("type", "message") if isinstance(v, dict) else getattr(v, "type", None)
     ),
@@ -118,6 +127,14 @@ class TextConfig(OpenAIBaseModel):
     format: TextFormat | None = None
 
 
+class ReasoningConfig(OpenAIBaseModel):
+    """``reasoning``: ``effort`` reaches the chat template as ``reasoning_effort`` ("none"
+    also turns thinking off); ``summary`` is accepted (the reasoning comes whole)."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesRequest(OpenAIBaseModel):
     """A ``POST /v1/responses`` body."""
 
@@ -128,6 +145,7 @@ class ResponsesRequest(OpenAIBaseModel):
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
     max_output_tokens: Int | None = None
     temperature: Float | None = None
     top_p: Float | None = None
@@ -170,6 +188,7 @@ class ResponsesRequest(OpenAIBaseModel):
             self.tool_choice_name(),
             self.parallel_tool_calls is not False,
             self.response_format(),
+            template_kwargs(None, effort=self.reasoning.effort if self.reasoning else None),
         )
 
     def sampling(self) -> RequestedSampling:
@@ -196,6 +215,8 @@ class ResponsesRequest(OpenAIBaseModel):
         )
         names: dict[str, str] = {}
         for item in items:
+            if isinstance(item, ReasoningItem):
+                continue
             if isinstance(item, MessageItem):
                 role = "system" if item.role == "developer" else item.role
                 messages.append({"role": role, "content": _joined(item.content)})
@@ -271,6 +292,21 @@ class OutputText(BaseModel):
     logprobs: list[Any] = []
 
 
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str = ""
+
+
+class OutputReasoning(BaseModel):
+    """A thinking model's reasoning, whole (``content``); it has no summary."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = []
+    content: list[ReasoningText] = []
+    status: Literal["in_progress", "completed", "incomplete"] = "in_progress"
+
+
 class OutputMessage(BaseModel):
     type: Literal["message"] = "message"
     id: str
@@ -327,7 +363,7 @@ class ResponseObject(BaseModel):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[OutputMessage | OutputFunctionCall] = []
+    output: list[OutputReasoning | OutputMessage | OutputFunctionCall] = []
     parallel_tool_calls: bool = True
     previous_response_id: str | None = None
     reasoning: dict[str, Any] | None = None

@@ -9,7 +9,14 @@ from pydantic import BaseModel
 
 from mlxserve.core.engine.sequence import TokenLogprob, Usage
 from mlxserve.core.engine.worker import ServedModel
-from mlxserve.server.conversation import Event, Finished, TextDelta, ToolCallEvent, start
+from mlxserve.server.conversation import (
+    Event,
+    Finished,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+    start,
+)
 from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from mlxserve.server.generation import timings, token_text, usage_info
 from mlxserve.server.http.body import OffLoopJsonRoute
@@ -86,6 +93,8 @@ async def chat_completions(
             return DeltaMessage(role=role, **fields)
 
         def render(event: Event) -> list[BaseModel]:
+            if isinstance(event, ReasoningDelta):
+                return [chunk(choices=[ChunkChoice(delta=delta(reasoning_content=event.text))])]
             if isinstance(event, TextDelta):
                 logprobs = _chat_logprobs(model, list(event.logprobs))
                 return [
@@ -115,11 +124,13 @@ async def chat_completions(
 
         return await sse_response(reply.events(engine), render)
 
-    text, calls = [], []
+    text, reasoning, calls = [], [], []
     logprobs: list[TokenLogprob] = []
     finished = Finished("stop", Usage(prompt_tokens=0, completion_tokens=0))
     async for event in reply.events(engine):
-        if isinstance(event, TextDelta):
+        if isinstance(event, ReasoningDelta):
+            reasoning.append(event.text)
+        elif isinstance(event, TextDelta):
             text.append(event.text)
             logprobs.extend(event.logprobs)
         elif isinstance(event, ToolCallEvent):
@@ -129,7 +140,9 @@ async def chat_completions(
             finished = event
     content = "".join(text)
     message = ChatResponseMessage(
-        content=content if content or not calls else None, tool_calls=calls or None
+        content=content if content or not calls else None,
+        reasoning_content="".join(reasoning) or None,
+        tool_calls=calls or None,
     )
     return ChatCompletionResponse(
         id=response_id,

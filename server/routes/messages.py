@@ -8,7 +8,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from mlxserve.server.conversation import Event, Finished, TextDelta, ToolCallEvent, start
+from mlxserve.server.conversation import (
+    Event,
+    Finished,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+    start,
+)
 from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from mlxserve.server.errors import stream_error_kind
 from mlxserve.server.http.body import OffLoopJsonRoute
@@ -18,6 +25,7 @@ from mlxserve.server.protocol.anthropic import (
     MessageUsage,
     StopReason,
     TextOut,
+    ThinkingOut,
     ToolUseOut,
     anthropic_error_body,
 )
@@ -50,12 +58,13 @@ class MessageWriter:
     stream events that build them the same way on the client's side.
 
     Whitespace before any other text is held back, so a reply that is only tool calls has
-    no empty text block.
+    no empty text block. A thinking model's reasoning is a thinking block before them.
     """
 
     def __init__(self, message: MessageResponse) -> None:
         self.message = message
         self.text: TextOut | None = None
+        self.thinking: ThinkingOut | None = None
         self.held = ""
 
     def start(self) -> list[dict[str, Any]]:
@@ -65,11 +74,34 @@ class MessageWriter:
         ]
 
     def on(self, event: Event) -> list[dict[str, Any]]:
+        if isinstance(event, ReasoningDelta):
+            return self._thinking(event.text)
         if isinstance(event, TextDelta):
             return self._text(event.text)
         if isinstance(event, ToolCallEvent):
             return self._call(event)
         return self._finish(event)
+
+    def _thinking(self, text: str) -> list[dict[str, Any]]:
+        events = []
+        if self.thinking is None:
+            self.thinking = ThinkingOut(thinking="")
+            self.message.content.append(self.thinking)
+            events.append(self._block_start(self.thinking.model_dump()))
+        self.thinking.thinking += text
+        delta = {"type": "thinking_delta", "thinking": text}
+        return events + [{"type": "content_block_delta", "index": self._index, "delta": delta}]
+
+    def _close_thinking(self) -> list[dict[str, Any]]:
+        block, self.thinking = self.thinking, None
+        if block is None:
+            return []
+        index = self.message.content.index(block)
+        delta = {"type": "signature_delta", "signature": block.signature}
+        return [
+            {"type": "content_block_delta", "index": index, "delta": delta},
+            {"type": "content_block_stop", "index": index},
+        ]
 
     def _text(self, text: str, *, flush: bool = False) -> list[dict[str, Any]]:
         events = []
@@ -77,6 +109,7 @@ class MessageWriter:
             if not (self.held + text).strip() and not flush:
                 self.held += text
                 return []
+            events += self._close_thinking()
             self.text = TextOut(text="")
             self.message.content.append(self.text)
             events.append(self._block_start(self.text.model_dump()))
@@ -99,7 +132,7 @@ class MessageWriter:
         return [{"type": "content_block_stop", "index": self._index}]
 
     def _call(self, call: ToolCallEvent) -> list[dict[str, Any]]:
-        events, self.held = self._close_text(), ""
+        events, self.held = self._close_thinking() + self._close_text(), ""
         tool_id = "toolu_" + call.id.removeprefix("call_")
         block = ToolUseOut(id=tool_id, name=call.name, input=_tool_input(call.arguments))
         self.message.content.append(block)
@@ -111,7 +144,9 @@ class MessageWriter:
         ]
 
     def _finish(self, finished: Finished) -> list[dict[str, Any]]:
-        events = self._text("", flush=True) if self.held and not self.message.content else []
+        events = self._close_thinking()
+        answered = any(block.type != "thinking" for block in self.message.content)
+        events += self._text("", flush=True) if self.held and not answered else []
         events += self._close_text()
         message = self.message
         stop_sequence = finished.stop_sequence if finished.reason == "stop" else None

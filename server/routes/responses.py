@@ -8,7 +8,14 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 
-from mlxserve.server.conversation import Event, Finished, TextDelta, ToolCallEvent, start
+from mlxserve.server.conversation import (
+    Event,
+    Finished,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallEvent,
+    start,
+)
 from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from mlxserve.server.errors import renamed_params, stream_error_kind
 from mlxserve.server.http.body import OffLoopJsonRoute
@@ -16,7 +23,9 @@ from mlxserve.server.protocol.responses import (
     IncompleteDetails,
     OutputFunctionCall,
     OutputMessage,
+    OutputReasoning,
     OutputText,
+    ReasoningText,
     ResponseError,
     ResponseObject,
     ResponsesRequest,
@@ -44,13 +53,14 @@ class ResponseWriter:
     events that build it the same way on the client's side.
 
     Whitespace before any other text is held back, so a reply that is only tool calls has
-    no empty message item.
+    no empty message item. A thinking model's reasoning is a reasoning item before them.
     """
 
     def __init__(self, response: ResponseObject) -> None:
         self.response = response
         self.sequence_number = 0
         self.message: OutputMessage | None = None
+        self.reasoning: OutputReasoning | None = None
         self.held = ""
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -67,11 +77,60 @@ class ResponseWriter:
         ]
 
     def on(self, event: Event) -> list[dict[str, Any]]:
+        if isinstance(event, ReasoningDelta):
+            return self._reasoning(event.text)
         if isinstance(event, TextDelta):
             return self._text(event.text)
         if isinstance(event, ToolCallEvent):
             return self._call(event)
         return self._finish(event)
+
+    def _reasoning(self, text: str) -> list[dict[str, Any]]:
+        events = []
+        if self.reasoning is None:
+            self.reasoning = OutputReasoning(id=_id("rs"))
+            index = len(self.response.output)
+            self.response.output.append(self.reasoning)
+            events.append(
+                self.event(
+                    "response.output_item.added",
+                    output_index=index,
+                    item=self.reasoning.model_dump(),
+                )
+            )
+            self.reasoning.content.append(ReasoningText())
+            events.append(
+                self.event(
+                    "response.content_part.added",
+                    item_id=self.reasoning.id,
+                    output_index=index,
+                    content_index=0,
+                    part=self.reasoning.content[0].model_dump(),
+                )
+            )
+        self.reasoning.content[0].text += text
+        where = self._reasoning_where(self.reasoning)
+        return events + [self.event("response.reasoning_text.delta", **where, delta=text)]
+
+    def _reasoning_where(self, item: OutputReasoning) -> dict[str, Any]:
+        index = self.response.output.index(item)
+        return {"item_id": item.id, "output_index": index, "content_index": 0}
+
+    def _close_reasoning(self, status: Literal["completed", "incomplete"]) -> list[dict[str, Any]]:
+        item, self.reasoning = self.reasoning, None
+        if item is None or item.status != "in_progress":
+            return []
+        item.status = status
+        where, part = self._reasoning_where(item), item.content[0]
+        return [
+            self.event("response.reasoning_text.done", **where, text=part.text),
+            self.event("response.content_part.done", **where, part=part.model_dump()),
+            self.event(
+                "response.output_item.done",
+                output_index=where["output_index"],
+                item=item.model_dump(),
+            ),
+        ]
 
     def _open_message(self) -> list[dict[str, Any]]:
         self.message = OutputMessage(id=_id("msg"))
@@ -96,7 +155,7 @@ class ResponseWriter:
             if not (self.held + text).strip():
                 self.held += text
                 return []
-            events = self._open_message()
+            events = self._close_reasoning("completed") + self._open_message()
         assert self.message is not None
         text, self.held = self.held + text, ""
         self.message.content[0].text += text
@@ -126,7 +185,8 @@ class ResponseWriter:
         ]
 
     def _call(self, call: ToolCallEvent) -> list[dict[str, Any]]:
-        events, self.held = self._close_message("completed"), ""
+        events = self._close_reasoning("completed") + self._close_message("completed")
+        self.held = ""
         item = OutputFunctionCall(id=_id("fc"), call_id=call.id, name=call.name)
         index = len(self.response.output)
         self.response.output.append(item)
@@ -142,12 +202,12 @@ class ResponseWriter:
         ]
 
     def _finish(self, finished: Finished) -> list[dict[str, Any]]:
-        events = []
-        if not self.response.output:  # an empty reply is still a message
-            events = self._open_message()
+        truncated = finished.reason == "length"
+        events = self._close_reasoning("incomplete" if truncated else "completed")
+        if not any(item.type != "reasoning" for item in self.response.output):
+            events += self._open_message()  # an empty answer is still a message
             if self.held:
                 events += self._text("")
-        truncated = finished.reason == "length"
         events += self._close_message("incomplete" if truncated else "completed")
         usage = finished.usage
         self.response.usage = ResponseUsage(
@@ -206,6 +266,7 @@ async def create_response(
             temperature=params.temperature,
             top_p=params.top_p,
             text=body.echoed_text(),
+            reasoning=body.reasoning.model_dump(exclude_none=True) if body.reasoning else None,
             tool_choice=body.echoed_tool_choice(),
             tools=[tool.model_dump(exclude_none=True) for tool in body.tools or ()],
             user=body.user,

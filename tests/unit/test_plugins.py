@@ -12,7 +12,7 @@ from mlxserve.core.errors import UnknownModelTypeError
 from mlxserve.core.kv.caches import KVCacheOptions
 from mlxserve.core.model.exactness import ExactnessError
 from mlxserve.core.model.layout import DecoderLayout
-from mlxserve.plugins import ModelFamily, hookimpl, hookspecs
+from mlxserve.plugins import ModelFamily, ReasoningFormat, ThinkTags, hookimpl, hookspecs
 from mlxserve.plugins.families.llama import Llama
 from mlxserve.plugins.tool_calls import HermesToolCalls, ToolCallFormat
 from mlxserve.registry.models import ModelRegistry
@@ -131,6 +131,11 @@ class ToolFormatNotAFormat(DefaultOutOfRange):
     tool_call_format = "hermes"
 
 
+class ReasoningFormatNotAFormat(DefaultOutOfRange):
+    sampling_defaults = {}
+    reasoning_format = "<think>"
+
+
 class GGUFArchitectureNotAString(Llama):
     name = "bad-gguf"
     gguf_architectures = ("llama", "")
@@ -151,6 +156,7 @@ class Broken:
         (UnknownDefault(), "sampling_defaults has unknown keys temprature"),
         (DefaultOutOfRange(), "sampling_defaults temperature: must be between 0 and 100"),
         (ToolFormatNotAFormat(), "tool_call_format must be a ToolCallFormat or None"),
+        (ReasoningFormatNotAFormat(), "reasoning_format must be a ReasoningFormat or None"),
         (GGUFArchitectureNotAString(), "gguf_architectures must be a tuple of non-empty strings"),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, ModelFamily) else "",
@@ -297,6 +303,25 @@ def test_hook_mlxserve_tool_call_format() -> None:
     llama, mistral = plugins.family("llama"), plugins.family("mistral")
     assert plugins.hook.mlxserve_tool_call_format(family=llama).name == "hermes"
     assert plugins.hook.mlxserve_tool_call_format(family=mistral) is mistral.tool_call_format
+
+
+def test_hook_mlxserve_reasoning_format() -> None:
+    plugins = load_plugins()
+    for name in ("qwen", "deepseek"):
+        fmt = plugins.hook.mlxserve_reasoning_format(family=plugins.family(name))
+        assert isinstance(fmt, ThinkTags) and fmt.end == "</think>"
+    for name in ("llama", "mistral"):
+        assert plugins.hook.mlxserve_reasoning_format(family=plugins.family(name)) is None
+
+    class ReasoningLlama:
+        @hookimpl
+        def mlxserve_reasoning_format(self, family: ModelFamily) -> ReasoningFormat | None:
+            return ThinkTags("<reasoning>", "</reasoning>") if family.name == "llama" else None
+
+    plugins = load_plugins(extra=[("reasoning-llama", ReasoningLlama())])
+    llama, qwen = plugins.family("llama"), plugins.family("qwen")
+    assert plugins.hook.mlxserve_reasoning_format(family=llama).end == "</reasoning>"
+    assert plugins.hook.mlxserve_reasoning_format(family=qwen) is qwen.reasoning_format
 
 
 def test_family_template_is_the_fallback_when_the_tokenizer_has_none(
