@@ -135,6 +135,8 @@ class DeepSeek(ModelFamily):
     control_tokens = ("<｜User｜>", "<｜Assistant｜>")
     tool_call_format = DeepSeekToolCalls()
     reasoning_format = ThinkTags()
+    # DeepSeek R1's and V3.1's recommendation (greedy decoding makes them repeat themselves).
+    sampling_defaults = {"temperature": 0.6, "top_p": 0.95}
 
     def cache_kinds(self, model: nn.Module) -> list[CacheKind]:
         kinds = super().cache_kinds(model)

@@ -78,6 +78,8 @@ class Qwen(ModelFamily):
     control_tokens = ("<|im_start|>",)
     tool_call_format = HermesToolCalls()
     reasoning_format = ThinkTags()
+    # Qwen3's recommendation for thinking (its main generation; greedy makes it repeat itself).
+    sampling_defaults = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
     gguf_architectures = ("qwen2", "qwen3", "qwen3moe")
 
     def gguf_config(self, gguf: GGUFModel) -> dict[str, Any]:

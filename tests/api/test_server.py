@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import mlx.core as mx
@@ -370,26 +371,26 @@ def test_engine_failure_is_an_error_response_and_serving_goes_on(
     from mlxserve.plugins import hookimpl
     from mlxserve.registry.plugins import load_plugins
 
-    class FailOnToken13:
+    class FailOnToken17:  # a token the exactness check's probe does not use
         @hookimpl
         def mlxserve_sharding_rule(self, family, model):  # noqa: ANN001, ANN201
             layout = family.layout(model)
-            embed = layout.embed_tokens
+            run = layout.run
 
-            def embed_tokens(tokens: mx.array) -> mx.array:
-                if (tokens == 13).any().item():
-                    raise RuntimeError("token 13 is cursed")
-                return embed(tokens)
+            def cursed_run(tokens: mx.array, cache: Any) -> mx.array:
+                if (tokens == 17).any().item():
+                    raise RuntimeError("token 17 is cursed")
+                return run(tokens, cache)
 
-            layout.embed_tokens = embed_tokens
+            layout.run = cursed_run
             return layout
 
-    plugins = load_plugins(extra=[("fail", FailOnToken13())])
+    plugins = load_plugins(extra=[("fail", FailOnToken17())])
     config = small_config(tmp_path, tiny_checkpoints["llama"])
     with running_server(config, plugins) as srv:
-        failed = post(srv, "/v1/completions", json={"model": "m", "prompt": [4, 13, 5]})
+        failed = post(srv, "/v1/completions", json={"model": "m", "prompt": [4, 17, 5]})
         assert failed.status_code == 500
-        assert "token 13 is cursed" in error_of(failed)["message"]
+        assert "token 17 is cursed" in error_of(failed)["message"]
         ok = post(srv, "/v1/completions", json={"model": "m", "prompt": [4, 5], "max_tokens": 3})
         assert ok.status_code == 200
         assert get(srv, "/health").status_code == 200
