@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlxserve.core.distributed.cluster import Cluster
-from mlxserve.core.errors import ModelNotFoundError
+from mlxserve.core.errors import ModelNotFoundError, UnsupportedModelError
 from mlxserve.core.kv.batching import unbatchable
 from mlxserve.core.kv.caches import KVCacheOptions
 from mlxserve.core.model.dtype import settle_compute_dtype
-from mlxserve.core.model.exactness import check_stage
+from mlxserve.core.model.exactness import check_stage, settle_embedding
 from mlxserve.core.model.loader import build_lazy, build_skeleton, materialize
 from mlxserve.core.model.stages import PipelineStage
 from mlxserve.plugins.family import ModelFamily
@@ -164,7 +164,8 @@ class ModelRegistry:
         else:
             path = self.checkpoint(canonical, download=download)
             family = self.family_of(canonical, path)
-        model, config = build_lazy(path, family.model_classes, partial=placement is not None)
+        partial = placement is not None  # this rank fetched only its own layers' files
+        model, config = build_lazy(path, family.model_classes, partial=partial)
         layout = hook.mlxserve_sharding_rule(family=family, model=model)
         if layers is not None:
             self._settle_dtype(canonical, layout, layers, first=first, last=last)
@@ -192,6 +193,13 @@ class ModelRegistry:
             weight_hashes=Path(self.config.registry.cache_dir) / WEIGHT_HASHES_FILE,
             recommended=recommended_sampling(entry.source),
         )
+        caches = functools.partial(loaded.make_cache, KVCacheOptions())
+        if settle_embedding(stage, caches) and partial:
+            raise UnsupportedModelError(
+                f"{canonical}: the layers of rank {self.cluster.rank} use the embeddings, "
+                "which this rank did not download (it fetched only its own layers' files); "
+                'serve it with [distributed] strategy = "tensor" or from a local copy'
+            )
         if entry.check_exactness:
             check_stage(
                 stage,

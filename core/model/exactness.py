@@ -216,7 +216,6 @@ def check_stage(
     where = f"layers {stage.layers.start}-{stage.layers.stop - 1}"
     limit = tolerance(stage.layout.hidden_dtype)
     try:
-        settle_embedding(probe)
         reference = probe.reference()
         runs = [probe.chunked(), *([probe.batched()] if batchable else [])]
     except Exception as exc:
@@ -239,19 +238,23 @@ def check_stage(
     return seconds
 
 
-def settle_embedding(probe: _Probe) -> None:
-    """A stage cut without the embedding takes it back if its outputs depend on it (a model
-    may compute per-layer inputs from the embeddings as well as the first layer's input)."""
-    stand_in = probe.layout.unused_embedding()
+def settle_embedding(stage: PipelineStage, make_cache: Callable[[], list[Any]]) -> bool:
+    """Give back the embedding to a stage cut without it whose outputs depend on it (a model
+    may compute per-layer inputs from the embeddings as well as the first layer's input);
+    whether it did (its weights are then read from the checkpoint)."""
+    stand_in = stage.layout.unused_embedding()
     if stand_in is None:
-        return
+        return False
+    probe = _Probe(stage, make_cache, batchable=False)
     tokens, hidden = probe.tokens[:, :8], probe._hidden(0, 8)
     outputs = []
     for fill in (0.0, 1.0):
         stand_in.fill = fill
-        outputs.append(probe.forward(tokens, probe.make_cache(), hidden))
+        outputs.append(probe.forward(tokens, make_cache(), hidden))
     stand_in.fill = 0.0
-    if not mx.array_equal(outputs[0], outputs[1]).item():
-        real = probe.layout.restore_embedding()
-        mx.eval(real.parameters())
-        log.info("layers %s use the embeddings: this stage keeps them", probe.stage.layers)
+    if mx.array_equal(outputs[0], outputs[1]).item():
+        return False
+    real = stage.layout.restore_embedding()
+    mx.eval(real.parameters())
+    log.info("layers %s use the embeddings: this stage keeps them", stage.layers)
+    return True

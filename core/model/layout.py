@@ -361,14 +361,12 @@ class DecoderLayout:
         return "other"
 
     def weight_needed(self, key: str, layers: range, *, first: bool, last: bool) -> bool:
-        """Whether the stage (``layers``, ``first``, ``last``) may need the weight ``key``.
-
-        The embedding is kept within reach of every stage: a stage whose layers turn out to
-        need it (per-layer inputs computed from it) reads it then.
-        """
+        """Whether the stage (``layers``, ``first``, ``last``) needs the weight ``key``."""
         owner = self.weight_owner(key)
         if isinstance(owner, int):
             return owner in layers
+        if owner == "embed":
+            return first or (last and self.head is None)
         if owner in ("norm", "head"):
             return last
         return True

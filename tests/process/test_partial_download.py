@@ -28,7 +28,7 @@ rank = int(sys.argv[1])
 registry = ModelRegistry(load_config(sys.argv[2], env={}), load_plugins(), Cluster(None, rank, 2))
 loaded = registry.load("m", download=True)
 layers = loaded.stage.layout.layer_modules
-owned = [i for i, layer in enumerate(layers) if layer is not None]
+owned = [i for i, layer in enumerate(layers) if layer.parameters()]
 weight = layers[owned[0]].self_attn.q_proj.weight
 print(json.dumps({
     "layers": owned,
