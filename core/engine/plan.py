@@ -13,7 +13,9 @@ class PrefillChunk:
 
     ``last`` means the chunk completes the prompt: the sequence then samples its first token
     and joins the decode batch. ``reused`` names the cached KV blocks (by hash) that hold the
-    first ``start`` tokens, on a sequence's first chunk.
+    first ``start`` tokens, on a sequence's first chunk. ``snapshot`` names the block the
+    chunk ends with when the sequence's recurrent state must be copied there (for the prefix
+    cache of a model with recurrent layers; see scheduler.py).
     """
 
     request_id: str
@@ -21,6 +23,7 @@ class PrefillChunk:
     start: int
     last: bool
     reused: tuple[str, ...] = ()
+    snapshot: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,8 @@ class StepPlan:
 
     ``save`` lists, per finished sequence, the (block index, hash) of the full KV blocks to
     keep in the prefix cache before its caches are freed; ``evict`` the cached blocks to drop.
+    ``keep_states`` attaches a finished sequence's recurrent-state snapshot to a cached block
+    (request id, block hash); ``drop_states`` forgets blocks' snapshots (their KV stays).
 
     ``decode_ids`` is the decode batch in row order; ``prefill`` holds groups of chunks,
     each group run as one forward pass (several whole fresh prompts, or one chunk).
@@ -45,6 +50,8 @@ class StepPlan:
     decode_ids: tuple[str, ...] = ()
     decode_tokens: tuple[int, ...] = ()
     prefill: tuple[tuple[PrefillChunk, ...], ...] = ()
+    keep_states: tuple[tuple[str, str], ...] = ()
+    drop_states: tuple[str, ...] = ()
 
     @property
     def joining_ids(self) -> tuple[str, ...]:
@@ -65,7 +72,9 @@ class StepPlan:
             out.uint(len(group))
             for c in group:
                 out.text(c.request_id).uints(c.tokens).uint(c.start).uint(c.last)
-                out.texts(c.reused)
+                out.texts(c.reused).text(c.snapshot)
+        out.texts(r for r, _ in self.keep_states).texts(h for _, h in self.keep_states)
+        out.texts(self.drop_states)
         return bytes(out.data)
 
     @classmethod
@@ -80,8 +89,21 @@ class StepPlan:
         prefill = tuple(
             tuple(_read_chunk(read) for _ in range(read.uint())) for _ in range(read.uint())
         )
-        return cls(lane, release, tuple(save), evict, decode_ids, decode_tokens, prefill)
+        keep_states = tuple(zip(read.texts(), read.texts(), strict=True))
+        drop_states = read.texts()
+        return cls(
+            lane,
+            release,
+            tuple(save),
+            evict,
+            decode_ids,
+            decode_tokens,
+            prefill,
+            keep_states,
+            drop_states,
+        )
 
 
 def _read_chunk(read: Reader) -> PrefillChunk:
-    return PrefillChunk(read.text(), read.uints(), read.uint(), bool(read.uint()), read.texts())
+    request_id, tokens, start, last = read.text(), read.uints(), read.uint(), bool(read.uint())
+    return PrefillChunk(request_id, tokens, start, last, read.texts(), read.text())

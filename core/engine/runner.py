@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlxserve.core.engine.plan import PrefillChunk, StepPlan
 from mlxserve.core.kv.batching import end_padding, merge, pad_left
 from mlxserve.core.kv.disk_tier import BlockSpec
-from mlxserve.core.kv.prefix_store import PrefixStore
+from mlxserve.core.kv.prefix_store import PrefixStore, snapshot
 from mlxserve.core.model.stages import PipelineStage
 
 Cache = list[Any]
@@ -49,6 +49,8 @@ class ModelRunner:
         # Across ranks, each forward pass's sends and receives must happen in plan order.
         self.lockstep = lockstep
         self.prefilling: dict[str, Cache] = {}
+        # Recurrent state copied where a sequence's prompt reached the block its plan named.
+        self.snapshots: dict[str, list[Any]] = {}
         self.lanes: dict[int, Lane] = {}
 
     def lane(self, index: int = 0) -> Lane:
@@ -63,6 +65,10 @@ class ModelRunner:
         """Run one step; the logits (one row per ``plan.sample_ids``), or None."""
         lane = self.lane(plan.lane)
         self._save(plan.save, lane)
+        for request_id, block_hash in plan.keep_states:
+            self.prefix_store.keep_state(block_hash, self.snapshots.pop(request_id))
+        for block_hash in plan.drop_states:
+            self.prefix_store.states.pop(block_hash, None)
         self.prefix_store.evict(plan.evict)
         self.release(plan.release, plan.lane)
         assert list(plan.decode_ids) == lane.rows, "step plan and decode batch disagree"
@@ -81,7 +87,7 @@ class ModelRunner:
             else:
                 touched.append(cache)
         sampled = mx.concatenate(outputs) if outputs else None
-        mx.eval(sampled, [[c.state for c in cache] for cache in touched])
+        mx.eval(sampled, [[c.state for c in cache] for cache in touched], self.snapshots)
         return sampled
 
     def _sync(self, output: mx.array) -> mx.array:
@@ -94,6 +100,7 @@ class ModelRunner:
         gone = set(request_ids)
         for request_id in gone:
             self.prefilling.pop(request_id, None)
+            self.snapshots.pop(request_id, None)
         lane = self.lane(lane_index)
         keep = [i for i, r in enumerate(lane.rows) if r not in gone]
         if len(keep) == len(lane.rows):
@@ -108,6 +115,7 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.prefilling.clear()
+        self.snapshots.clear()
         self.prefix_store.clear()
         self.lanes.clear()
 
@@ -143,6 +151,8 @@ class ModelRunner:
                 if chunk.reused:
                     self.prefix_store.restore(chunk.reused, cache)
             logits = self.stage.forward(mx.array([chunk.tokens]), cache)
+            if chunk.snapshot:
+                self.snapshots[chunk.request_id] = snapshot(cache)
             if chunk.last:
                 return logits, [merge([c]) for c in cache] if self.batchable else cache
             self.prefilling[chunk.request_id] = cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
 
 from mlxserve.core.engine.plan import PrefillChunk, StepPlan
@@ -24,6 +24,12 @@ class Scheduler:
 
     With ``lanes`` > 1 the sequences are split into that many micro-batches (lanes), each
     planned on its own by :meth:`schedule`; a new sequence joins the least busy lane.
+
+    A model with recurrent layers (``snapshots`` > 0) can reuse cached blocks only up to a
+    block where its recurrent state was copied: each prompt's prefill stops at its last whole
+    block (the most a repeat of it may reuse), the runner copies the state there, and when the
+    sequence ends that copy is kept with the block; the ``snapshots`` most recently used are
+    kept, the others forgotten (their KV blocks stay for attention, but no longer end a reuse).
     """
 
     def __init__(
@@ -34,6 +40,7 @@ class Scheduler:
         prefix_salt: str | None = None,
         from_disk: Callable[[str, Collection[str]], bool] | None = None,
         lanes: int = 1,
+        snapshots: int = 0,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
@@ -47,6 +54,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.to_release: list[list[str]] = [[] for _ in range(lanes)]
         self.admitting = True
+        self.snapshots = snapshots
+        self.with_state: OrderedDict[str, None] = OrderedDict()  # blocks ending a reuse, LRU
+        self.keep_states: list[list[tuple[str, str]]] = [[] for _ in range(lanes)]
+        self.drop_states: list[str] = []
 
     @property
     def num_active(self) -> int:
@@ -86,6 +97,7 @@ class Scheduler:
         """The next step of ``lane``: call again only once its results are in."""
         release, self.to_release[lane] = tuple(self.to_release[lane]), []
         save, self.to_save[lane] = tuple(self.to_save[lane]), []
+        keep_states, self.keep_states[lane] = tuple(self.keep_states[lane]), []
         while self.admitting and self.waiting and self._may_admit(lane):
             if not self._reserve(self.waiting[0]):
                 break
@@ -93,14 +105,20 @@ class Scheduler:
             seq.status, seq.lane = Status.PREFILLING, lane
             self.prefilling.append(seq)
         running = [s for s in self.running if s.lane == lane]
+        evict = tuple(self.blocks.take_evicted()) if self.blocks else ()
+        for block_hash in evict:
+            self.with_state.pop(block_hash, None)
+        drop_states, self.drop_states = tuple(self.drop_states), []
         return StepPlan(
             lane=lane,
             release=release,
             save=save,
-            evict=tuple(self.blocks.take_evicted()) if self.blocks else (),
+            evict=evict,
             decode_ids=tuple(s.request_id for s in running),
             decode_tokens=tuple(s.last_token for s in running),
             prefill=self._prefill_groups(lane),
+            keep_states=keep_states,
+            drop_states=drop_states,
         )
 
     def _reserve(self, seq: Sequence) -> bool:
@@ -112,6 +130,9 @@ class Scheduler:
             hashes = block_hashes(seq.prompt_ids, self.blocks.block_size, self.prefix_salt)
             at_most = (len(seq.prompt_ids) - 1) // self.blocks.block_size  # one must be run
             reused = self.blocks.cached_prefix(hashes)[:at_most]
+            if self.snapshots:
+                reused = self._up_to_a_snapshot(reused)
+                self._plan_snapshot(seq, hashes, at_most, len(reused))
             from_disk = self.from_disk
             if from_disk is not None:
                 for block_hash in hashes[len(reused) : at_most]:
@@ -126,6 +147,22 @@ class Scheduler:
         seq.cached_tokens = seq.num_prefilled = len(reused) * self.blocks.block_size
         return True
 
+    def _up_to_a_snapshot(self, reused: list[str]) -> list[str]:
+        """The cached run cut back to its last block that has a recurrent-state snapshot."""
+        for end in range(len(reused), 0, -1):
+            if reused[end - 1] in self.with_state:
+                self.with_state.move_to_end(reused[end - 1])
+                return reused[:end]
+        return []
+
+    def _plan_snapshot(self, seq: Sequence, hashes: list[str], at_most: int, reused: int) -> None:
+        """Copy the state at the prompt's last whole block, unless that copy exists already."""
+        if at_most > reused and hashes[at_most - 1] not in self.with_state:
+            seq.snapshot = (
+                at_most * self.blocks.block_size if self.blocks else 0,
+                hashes[at_most - 1],
+            )
+
     def _prefill_groups(self, lane: int) -> tuple[tuple[PrefillChunk, ...], ...]:
         budget = self.prefill_step_size
         fresh: list[PrefillChunk] = []
@@ -137,12 +174,16 @@ class Scheduler:
                 break
             size = min(seq.prompt_remaining, budget)
             start = seq.num_prefilled
+            snapshot = ""
+            if seq.snapshot is not None and start < seq.snapshot[0] <= start + size:
+                size, snapshot = seq.snapshot[0] - start, seq.snapshot[1]
             chunk = PrefillChunk(
                 seq.request_id,
                 tuple(seq.prompt_ids[start : start + size]),
                 start,
                 last=size == seq.prompt_remaining,
                 reused=seq.reused if start == seq.cached_tokens else (),
+                snapshot=snapshot,
             )
             budget -= size
             longest = max([size, *(len(c.tokens) for c in fresh)])
@@ -261,6 +302,8 @@ class Scheduler:
             if added:
                 blocks = tuple((i, h) for i, h in enumerate(full) if h in added)
                 self.to_save[seq.lane].append((seq.request_id, blocks))
+            if seq.snapshot is not None and seq.snapshot[1] in full:
+                self._keep_snapshot(seq)
             seq.reservation = None
         if seq.status == Status.WAITING:
             self.waiting.remove(seq)
@@ -270,6 +313,18 @@ class Scheduler:
             self.to_release[seq.lane].append(seq.request_id)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+
+    def _keep_snapshot(self, seq: Sequence) -> None:
+        assert seq.snapshot is not None and self.blocks is not None
+        block_hash = seq.snapshot[1]
+        cached = block_hash in self.blocks.in_use or block_hash in self.blocks.idle
+        if not cached or block_hash in self.with_state:
+            return
+        self.with_state[block_hash] = None
+        self.keep_states[seq.lane].append((seq.request_id, block_hash))
+        while len(self.with_state) > self.snapshots:
+            oldest, _ = self.with_state.popitem(last=False)
+            self.drop_states.append(oldest)
 
     def drain(self) -> list[Sequence]:
         """Every sequence, ended or not, for when the model goes away or fails."""

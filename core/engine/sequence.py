@@ -76,6 +76,7 @@ class Sequence:
     token_counts: dict[int, int] = field(default_factory=dict)
     stream: Any = None
     reused: tuple[str, ...] = ()
+    snapshot: tuple[int, str] | None = None  # where its recurrent state is copied (see Scheduler)
     reservation: Any = None
     constraint: Any = None  # a core.constraint.Constraint: the grammar its output must follow
     thinking: Thinking | None = None  # its open thinking block (a budget, a waiting grammar)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, QuantizedKVCache
 
 from mlxserve.core.engine.plan import StepPlan
 from mlxserve.core.engine.runner import ModelRunner
@@ -18,7 +18,9 @@ from mlxserve.core.engine.sequence import RequestOutput, Sequence
 from mlxserve.core.kv.batching import unbatchable
 from mlxserve.core.kv.blocks import BlockManager
 from mlxserve.core.kv.caches import KVCacheOptions, budget_tokens, cache_sizes, kind_of
+from mlxserve.core.kv.chunked import ChunkedCache
 from mlxserve.core.kv.disk_tier import DiskTier
+from mlxserve.core.kv.prefix_store import kv_parts, state_parts
 from mlxserve.core.model.stages import PipelineStage
 from mlxserve.core.sampling.constraint import join_masks, start_masks
 from mlxserve.core.sampling.sampler import sample_each
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
     from mlxserve.core.engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
+# Copies of recurrent state kept for the prefix cache, per batch slot (their memory is set
+# aside from the KV budget like a running sequence's state).
+SNAPSHOTS_PER_BATCH_SLOT = 2
 
 
 class ModelShare(Protocol):
@@ -126,10 +131,14 @@ class ModelWorker:
         self._next_lane = 0
         self.steps = self.overlapped_steps = 0
         self.runner = make_runner(model, settings, lockstep=announce is not None)
+        sample = model.make_cache(kv.options)
+        unshared = unshareable_kinds(sample)
+        self.prefix_caching = kv.prefix_cache and not unshared
+        # A model with recurrent layers reuses blocks up to copies of its state (scheduler.py).
+        recurrent = self.prefix_caching and bool(state_parts(sample))
+        self.snapshot_slots = SNAPSHOTS_PER_BATCH_SLOT * settings.max_batch_size if recurrent else 0
         # Whole blocks only: a sequence is admitted only if all of its blocks can be.
         self.capacity_tokens = self._capacity(can_measure) // kv.block_size * kv.block_size
-        unshared = unshareable_kinds(model.make_cache(kv.options))
-        self.prefix_caching = kv.prefix_cache and not unshared
         if kv.prefix_cache and unshared:
             log.warning(
                 "%s: its %s caches cannot share blocks; prefix caching is off for it "
@@ -139,7 +148,9 @@ class ModelWorker:
             )
         self.key = model.fingerprint
         if kv.disk_dir and self.prefix_caching:
-            if can_use_disk:
+            if len(kv_parts(sample)) != len(sample):
+                log.warning("%s: the KV disk tier keeps plain caches only; it is off", model.name)
+            elif can_use_disk:
                 store = self.runner.prefix_store
                 store.disk = DiskTier(
                     Path(kv.disk_dir),
@@ -156,6 +167,7 @@ class ModelWorker:
     def _capacity(self, can_measure: bool) -> int:
         kv = self.kv
         batch = self.settings.max_batch_size if self.runner.batchable else 1
+        batch += self.snapshot_slots
         if kv.budget_kind != "tokens" and not can_measure:
             return batch * kv.max_sequence_length
         per_token, fixed = cache_sizes(self.model.stage, self.model.make_cache(kv.options))
@@ -181,7 +193,9 @@ class ModelWorker:
         salt = self.key if self.prefix_caching else None
         from_disk = self._from_disk if self.runner.prefix_store.disk is not None else None
         batch = s.max_batch_size if self.runner.batchable else 1
-        return Scheduler(batch, s.prefill_step_size, blocks, salt, from_disk, self.lanes)
+        return Scheduler(
+            batch, s.prefill_step_size, blocks, salt, from_disk, self.lanes, self.snapshot_slots
+        )
 
     def _from_disk(self, block_hash: str, keep: Collection[str]) -> bool:
         store = self.runner.prefix_store
@@ -287,12 +301,19 @@ def make_runner(model: ServedModel, settings: EngineSettings, lockstep: bool) ->
     )
 
 
-def unshareable_kinds(cache: list[Any]) -> list[str]:
-    """The kinds among these caches whose KV blocks cannot be copied out and back in
-    (plain caches only can): none if the model can use the prefix cache."""
-    kinds = {
-        "quantized" if isinstance(c, QuantizedKVCache) else kind_of(c)
-        for c in cache
-        if type(c) is not KVCache
-    }
+def unshareable_kinds(cache: Collection[Any]) -> list[str]:
+    """The kinds among these caches that cannot join the prefix cache: none if the model can.
+
+    Plain caches (full, latent, and chunked ones, which keep every key) are kept block by
+    block, composite ones by their parts, recurrent state as copies at chosen blocks; a window
+    drops tokens and quantized or a model's own caches have no blocks to copy.
+    """
+    kinds: set[str] = set()
+    for c in cache:
+        if isinstance(c, CacheList):
+            kinds.update(unshareable_kinds(c.caches))
+        elif isinstance(c, QuantizedKVCache):
+            kinds.add("quantized")
+        elif type(c) not in (KVCache, ChunkedCache, ArraysCache):
+            kinds.add(kind_of(c))
     return sorted(kinds)

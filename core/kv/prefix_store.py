@@ -13,10 +13,38 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache, CacheList
 
 from mlxserve.core.kv.disk_tier import BlockData, BlockSpec, DiskTier
 
 log = logging.getLogger(__name__)
+
+
+def kv_parts(cache: Sequence[Any]) -> list[Any]:
+    """The caches whose keys and values are kept block by block: every layer's plain cache,
+    the plain caches inside composite ones; not recurrent state."""
+    parts = []
+    for layer_cache in cache:
+        if isinstance(layer_cache, CacheList):
+            parts.extend(kv_parts(layer_cache.caches))
+        elif not isinstance(layer_cache, ArraysCache):
+            parts.append(layer_cache)
+    return parts
+
+
+def state_parts(cache: Sequence[Any]) -> list[ArraysCache]:
+    """The recurrent layers' caches, whose whole state is copied at chosen blocks."""
+    return [c for c in cache if isinstance(c, ArraysCache)]
+
+
+def snapshot(cache: Sequence[Any]) -> list[list[Any]]:
+    """A copy of the recurrent state of one sequence's caches."""
+    return [_copied(c.cache) for c in state_parts(cache)]
+
+
+def _copied(arrays: Sequence[Any]) -> list[Any]:
+    # New array objects: a slice assignment to the cache's arrays must not reach the copy.
+    return [None if a is None else mx.array(a) for a in arrays]
 
 
 class PrefixStore:
@@ -29,6 +57,8 @@ class PrefixStore:
     def __init__(self, block_size: int, probe_spec: Callable[[], BlockSpec]) -> None:
         self.block_size = block_size
         self.blocks: dict[str, BlockData] = {}
+        # Recurrent layers' state after a block, for the blocks where it was copied.
+        self.states: dict[str, list[Any]] = {}
         self.disk: DiskTier | None = None
         self.write_all_to_disk = False
         self._probe_spec = probe_spec
@@ -44,7 +74,7 @@ class PrefixStore:
                 part = slice(index * self.block_size, (index + 1) * self.block_size)
                 self.blocks[block_hash] = [
                     (mx.contiguous(c.keys[..., part, :]), mx.contiguous(c.values[..., part, :]))
-                    for c in caches
+                    for c in kv_parts(caches)
                 ]
                 kept.append((block_hash, self.blocks[block_hash]))
         if kept:
@@ -56,6 +86,7 @@ class PrefixStore:
     def evict(self, block_hashes: Sequence[str]) -> None:
         """Drop blocks the scheduler evicted; with a disk tier, they are written to it."""
         for block_hash in block_hashes:
+            self.states.pop(block_hash, None)
             data = self.blocks.pop(block_hash, None)
             if data is not None and self.disk is not None:
                 self.disk.write(block_hash, data)
@@ -63,18 +94,30 @@ class PrefixStore:
     def discard(self, block_hash: str) -> None:
         """Forget one block (not written anywhere)."""
         self.blocks.pop(block_hash, None)
+        self.states.pop(block_hash, None)
 
     def clear(self) -> None:
         """Forget every block in memory (the disk tier keeps its own)."""
         self.blocks.clear()
+        self.states.clear()
 
     def restore(self, reused: Sequence[str], cache: list[Any]) -> list[Any]:
-        """``cache`` (fresh caches) made to hold the KV of the cached blocks ``reused``."""
-        for layer, layer_cache in enumerate(cache):
-            layer_cache.keys = mx.concatenate([self.blocks[h][layer][0] for h in reused], 2)
-            layer_cache.values = mx.concatenate([self.blocks[h][layer][1] for h in reused], 2)
-            layer_cache.offset = layer_cache.keys.shape[2]
+        """``cache`` (fresh caches) made to hold the KV of the cached blocks ``reused`` (and
+        the recurrent state copied after the last of them)."""
+        for part, kv in enumerate(kv_parts(cache)):
+            kv.keys = mx.concatenate([self.blocks[h][part][0] for h in reused], 2)
+            kv.values = mx.concatenate([self.blocks[h][part][1] for h in reused], 2)
+            kv.offset = kv.keys.shape[2]
+        recurrent = state_parts(cache)
+        if recurrent:
+            for layer_cache, state in zip(recurrent, self.states[reused[-1]], strict=True):
+                layer_cache.cache = _copied(state)
         return cache
+
+    def keep_state(self, block_hash: str, snapshot: list[Any]) -> None:
+        """Keep a sequence's recurrent state copied after ``block_hash``."""
+        if block_hash in self.blocks:
+            self.states[block_hash] = snapshot
 
     def load_from_disk(self, block_hash: str) -> bool:
         """Bring a block back from the disk tier into the prefix cache; False if it can't."""

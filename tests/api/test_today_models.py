@@ -1,6 +1,6 @@
 """Today's model types served through a real server, against mlx-lm's own generation: greedy
 tokens equal, concurrent requests equal one at a time, a repeated prompt answered the same
-(from the prefix cache where the cache kinds share blocks, and /metrics says where not)."""
+(from the prefix cache, recurrent and composite caches included; /metrics says where not)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from ..support.server import RunningServer, running_server, write_config
 
 PROMPTS = [[5, 9, 77, 120, 33, 8, 250, 19], [42] * 40, list(range(3, 70)), [300, 7] * 13]
 MAX_TOKENS = 12
-# Every layer's KV in plain caches: their blocks are shared through the prefix cache.
-SHARE_BLOCKS = {"llama4_text", "mistral3", "ministral3", "mistral4", "glm4_moe", "smollm3", "phi3"}
+# Sliding windows drop tokens, and DeepSeek V4.1's own caches have no blocks: no prefix cache.
+NO_PREFIX_CACHE = {"gpt_oss", "gemma3_text", "gemma4_text", "deepseek_v41"}
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +91,27 @@ def test_a_repeated_prompt_is_answered_the_same(model_type: str, server: Running
     metrics = httpx.get(server.url + "/metrics", timeout=30).text
     enabled = re.search(rf'mlxserve_prefix_cache_enabled\{{model="{model_type}"\}} (\S+)', metrics)
     assert enabled is not None
-    if model_type in SHARE_BLOCKS:
-        assert cached == 64 and float(enabled.group(1)) == 1.0
-    else:
+    if model_type in NO_PREFIX_CACHE:
         assert cached == 0 and float(enabled.group(1)) == 0.0
+    else:  # recurrent state too: copied at the prompt's last whole block
+        assert cached == 64 and float(enabled.group(1)) == 1.0
 
 
 def test_the_families_claim_todays_types(plugins) -> None:
     for model_type, family in TODAY_TYPES.items():
         assert plugins.family_for(model_type).name == family, model_type
+
+
+@pytest.mark.parametrize("model_type", sorted(set(TODAY_TYPES) - NO_PREFIX_CACHE))
+def test_a_longer_prompt_reuses_the_shared_start_exactly(
+    model_type: str, server: RunningServer, today_checkpoints
+) -> None:
+    """A second turn: the first turn's prompt and more. Its start comes from the prefix cache
+    (for recurrent layers, the state copied at the first prompt's last whole block), and its
+    answer is mlx-lm's for the whole prompt."""
+    first = [29, *range(200, 250)]  # 51 tokens: its state is copied at 48
+    complete(server, model_type, first)
+    longer = [*first, *range(400, 430)]
+    text, cached = complete(server, model_type, longer)
+    assert cached == 48
+    assert text == mlx_lm_greedy(today_checkpoints[model_type], longer)

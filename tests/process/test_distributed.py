@@ -50,7 +50,8 @@ def test_two_pipeline_ranks_equal_one(family: str, tmp_path: Path, tiny_checkpoi
 def test_two_pipeline_ranks_equal_one_for_each_cache_kind(
     model_type: str, tmp_path: Path, today_checkpoints
 ) -> None:
-    """Recurrent, composite, chunked and sliding caches, each cut into two stages."""
+    """Recurrent, composite, chunked and sliding caches, each cut into two stages; a repeated
+    prompt comes from each rank's prefix cache (recurrent state copies included)."""
     checkpoint = today_checkpoints[model_type]
     expected = single_rank_texts(tmp_path, checkpoint)
     text = two_ranks_config(tmp_path, checkpoint, 'strategy = "pipeline"\n')
@@ -58,6 +59,11 @@ def test_two_pipeline_ranks_equal_one_for_each_cache_kind(
         stages = httpx.get(url + "/health").json()["placement"]["m"]["stages"]
         assert [s["layers"] for s in stages] == [[2, 3], [0, 1]]
         assert [completion(url, p) for p in PROMPTS] == expected
+        body = {"prompt": PROMPTS[2], "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        again = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached == (0 if model_type == "gpt_oss" else 64)
+        assert again["choices"][0]["text"] == expected[2]
 
 
 # Short and long prompts; with 16-token prefill chunks the long ones take several steps.

@@ -212,8 +212,10 @@ def test_a_step_plan_survives_the_wire() -> None:
         decode_tokens=(5, 70_000),  # past one varint byte
         prefill=(
             (PrefillChunk("c", (1, 2, 3), 0, True, ("ab12",)), PrefillChunk("d", (4,), 0, True)),
-            (PrefillChunk("é", tuple(range(300)), 16, False),),
+            (PrefillChunk("é", tuple(range(300)), 16, False, snapshot="ff00"),),
         ),
+        keep_states=(("done", "cd34"),),
+        drop_states=("0a0b",),
     )
     assert StepPlan.decode(plan.encode()) == plan
     assert StepPlan.decode(StepPlan().encode()) == StepPlan()

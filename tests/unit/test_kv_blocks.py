@@ -1,9 +1,13 @@
 """The KV blocks' bookkeeping on its own: chained, salted block hashes; reserving, reusing,
-releasing and evicting blocks (least recently used first)."""
+releasing and evicting blocks (least recently used first); where the scheduler copies a
+recurrent model's state."""
 
 from __future__ import annotations
 
+from mlxserve.core.engine.scheduler import Scheduler
 from mlxserve.core.kv.blocks import BlockManager, block_hashes
+
+from ..support.engine import make_seq
 
 
 def test_block_hashes_are_chained_and_salted() -> None:
@@ -30,3 +34,40 @@ def test_reserve_reuse_release_and_lru_eviction() -> None:
     manager.release(second, ["a", "b", "d"])
     assert manager.cached_prefix(["a", "b", "d"]) == ["a", "b", "d"]
     assert manager.used_blocks == 3
+
+
+def test_recurrent_state_is_copied_at_the_last_whole_block_and_only_there_reused() -> None:
+    """A model with recurrent layers: the first prompt's prefill stops at its last whole
+    block to copy the state; a repeat reuses up to that block, not beyond; only the
+    ``snapshots`` most recent copies stay."""
+    scheduler = Scheduler(4, 512, BlockManager(64, 4), "salt", snapshots=1)
+    first = make_seq("a", list(range(1, 12)))  # 11 tokens: the copy at 8
+    scheduler.add(first)
+    plan = scheduler.schedule()
+    (chunk,) = plan.prefill[0]
+    assert chunk.tokens == tuple(range(1, 9)) and chunk.snapshot and not chunk.last
+    scheduler.postprocess(plan, [], [], [])
+    plan = scheduler.schedule()
+    assert plan.prefill[0][0].tokens == (9, 10, 11) and plan.prefill[0][0].last
+    scheduler.postprocess(plan, [], [], [])  # joins the batch (its token is not needed here)
+    scheduler.finish(first, "stop")
+    assert scheduler.schedule().keep_states == (("a", chunk.snapshot),)
+
+    longer = make_seq("b", [*range(1, 12), 50, 51, 52, 53, 54])  # shares 11, snapshot at 8
+    scheduler.add(longer)
+    plan = scheduler.schedule()
+    assert longer.cached_tokens == 8 and plan.prefill[0][0].reused
+    other = make_seq("c", list(range(100, 111)))
+    scheduler.finish(longer, "stop")
+    scheduler.add(other)
+    scheduler.schedule()
+    scheduler.finish(other, "stop")  # finished while prefilling: no copy is kept
+    assert scheduler.schedule().keep_states == ()
+
+    third = make_seq("d", list(range(300, 310)))  # a copy at 8, which pushes out the first
+    scheduler.add(third)
+    for _ in range(2):
+        scheduler.postprocess(scheduler.schedule(), [], [], [])
+    scheduler.finish(third, "stop")
+    plan = scheduler.schedule()
+    assert [r for r, _ in plan.keep_states] == ["d"] and plan.drop_states == (chunk.snapshot,)
