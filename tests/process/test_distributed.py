@@ -177,6 +177,29 @@ def test_tensor_parallel_equals_one_rank(family: str, tmp_path: Path, tiny_check
         assert [completion(url, p) for p in PROMPTS] == expected
 
 
+# Today's types whose mlx-lm model has a tensor-parallel rule (shard), one per cache kind.
+TENSOR_TYPES = ["qwen3_5", "deepseek_v32", "ministral3", "gpt_oss"]
+
+
+@pytest.mark.parametrize("model_type", TENSOR_TYPES)
+def test_tensor_parallel_of_todays_types_equals_one_rank(
+    model_type: str, tmp_path: Path, today_checkpoints
+) -> None:
+    expected = single_rank_texts(tmp_path, today_checkpoints[model_type])
+    text = two_ranks_config(tmp_path, today_checkpoints[model_type], 'strategy = "tensor"\n')
+    with launched(tmp_path, text) as (url, _):
+        assert httpx.get(url + "/health").json()["placement"]["m"]["strategy"] == "tensor"
+        assert [completion(url, p) for p in PROMPTS] == expected
+
+
+def test_auto_never_picks_tensor_parallel_without_a_rule(tmp_path: Path, today_checkpoints) -> None:
+    """Qwen3-Next has no shard rule in mlx-lm: "auto" cuts it into pipeline stages."""
+    checkpoint = today_checkpoints["qwen3_next"]
+    text = two_ranks_config(tmp_path, checkpoint, 'strategy = "auto"\n')
+    with launched(tmp_path, text) as (url, _):
+        assert httpx.get(url + "/health").json()["placement"]["m"]["strategy"] == "pipeline"
+
+
 def test_unequal_memory_gives_an_uneven_split(tmp_path: Path, tiny_checkpoints) -> None:
     text = two_ranks_config(
         tmp_path, tiny_checkpoints["llama"], 'split = "memory"\nmemory_limit_mb = [3, 1]\n'
