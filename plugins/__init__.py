@@ -6,6 +6,7 @@ from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.gguf_mapping import GGUFModel
 from mlxserve.plugins.hookspecs import hookimpl, hookspec
 from mlxserve.plugins.reasoning import (
+    HarmonyChannels,
     ReasoningFormat,
     ReasoningParser,
     ReasoningPiece,
@@ -17,6 +18,7 @@ __all__ = [
     "CacheKind",
     "DecoderLayout",
     "GGUFModel",
+    "HarmonyChannels",
     "KVCacheOptions",
     "ModelFamily",
     "ReasoningFormat",

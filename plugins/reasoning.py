@@ -3,7 +3,8 @@
 A family's :class:`ReasoningFormat` says whether a rendered prompt leaves generation inside a
 reasoning block, parses the streamed reply into reasoning and answer text, and names the text
 that ends the reasoning (forced when a thinking budget runs out). :class:`ThinkTags`
-(``<think>…</think>``) is the format of Qwen3 and DeepSeek R1/V3.1.
+(``<think>…</think>``) is the format of Qwen3 and DeepSeek R1/V3.1, :class:`HarmonyChannels`
+(the analysis channel) gpt-oss's.
 """
 
 from __future__ import annotations
@@ -149,3 +150,83 @@ class ThinkTags(ReasoningFormat):
 
     def parser(self, *, inside: bool) -> ReasoningParser:
         return TagParser(self.open_tag, self.close_tag, inside=inside)
+
+
+ANALYSIS, FINAL = "analysis", "final"
+MAX_HEADER = 128  # characters a message header may take before it is judged plain text
+
+
+class ChannelParser(ReasoningParser):
+    """Messages in channels (OpenAI's harmony): ``<|channel|>NAME<|message|>text<|end|>``,
+    each maybe after ``<|start|>assistant``. The analysis channel is reasoning; every other
+    channel's text (final, commentary) is answer. Headers and ``<|end|>`` are never text."""
+
+    START, CHANNEL, MESSAGE, END = "<|start|>", "<|channel|>", "<|message|>", "<|end|>"
+
+    def __init__(self, *, inside: bool) -> None:
+        self.channel: str | None = ANALYSIS if inside else None
+        self.pending = ""
+
+    def feed(self, text: str) -> list[ReplyPiece]:
+        self.pending += text
+        return self._scan(final=False)
+
+    def finish(self) -> list[ReplyPiece]:
+        return self._scan(final=True)
+
+    def _scan(self, final: bool) -> list[ReplyPiece]:
+        out: list[ReplyPiece] = []
+        while self.pending:
+            if self.channel is None:  # between messages: a header, or plain answer text
+                if not self._header(final):
+                    if not final and self._may_be_header():
+                        return out
+                    self.channel = FINAL
+                continue
+            end = self.pending.find(self.END)
+            held = 0 if final or end >= 0 else _partial_suffix(self.pending, self.END)
+            cut = end if end >= 0 else len(self.pending) - held
+            text, self.pending = self.pending[:cut], self.pending[cut:]
+            if text:
+                out.append(ReasoningPiece(text) if self.channel == ANALYSIS else TextPiece(text))
+            if end < 0:
+                return out
+            self.pending, self.channel = self.pending[len(self.END) :], None
+        return out
+
+    def _header(self, final: bool) -> bool:
+        """Take a whole ``[<|start|>role]<|channel|>name<|message|>``; whether there was one."""
+        rest = self.pending
+        if rest.startswith(self.START):
+            rest = rest[len(self.START) :]
+            rest = rest[rest.find(self.CHANNEL) :] if self.CHANNEL in rest else rest
+        if not rest.startswith(self.CHANNEL) or self.MESSAGE not in rest:
+            return False
+        name, _, rest = rest[len(self.CHANNEL) :].partition(self.MESSAGE)
+        self.channel, self.pending = name.split()[0] if name.split() else FINAL, rest
+        return True
+
+    def _may_be_header(self) -> bool:
+        """Whether the pending text could still grow into a header (so it must wait)."""
+        text = self.pending
+        if len(text) > MAX_HEADER:
+            return False
+        return any(
+            m.startswith(text) or (text.startswith(m) and self.MESSAGE not in text)
+            for m in (self.START, self.CHANNEL)
+        )
+
+
+class HarmonyChannels(ReasoningFormat):
+    """gpt-oss's harmony format: the analysis channel is the reasoning, the final channel the
+    answer. A budget ends the analysis message and opens the final one."""
+
+    name = "harmony"
+    end = "<|end|><|start|>assistant<|channel|>final<|message|>"
+    markers = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")
+
+    def opens_in(self, prompt: str) -> bool:
+        return prompt.rstrip().endswith("<|channel|>analysis<|message|>")
+
+    def parser(self, *, inside: bool) -> ReasoningParser:
+        return ChannelParser(inside=inside)

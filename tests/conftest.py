@@ -90,7 +90,7 @@ TODAY_TYPES = {
     "glm4_moe": "generic",
     "smollm3": "generic",
     "phi3": "generic",
-    "gpt_oss": "generic",
+    "gpt_oss": "gpt_oss",
     "gemma3_text": "generic",
     "gemma4_text": "generic",
 }

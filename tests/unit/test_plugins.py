@@ -36,7 +36,7 @@ def registry_for(tmp_path: Path, checkpoint: Path, *extra: tuple[str, object]) -
 def test_builtins_are_found_through_the_entry_point_group() -> None:
     plugins = load_plugins()
     builtin = {e.family.name for e in plugins.families if e.plugin.builtin}
-    assert builtin == {*BUILTIN_FAMILIES, "generic"}
+    assert builtin == {*BUILTIN_FAMILIES, "generic", "gpt_oss"}
     for entry in plugins.families:
         if entry.plugin.builtin:
             assert entry.plugin.package == "mlxserve"

@@ -15,7 +15,7 @@ from mlxserve.core.engine.sequence import RequestOutput, Usage
 from mlxserve.core.sampling.params import SamplingParams
 from mlxserve.core.sampling.thinking import Thinking
 from mlxserve.plugins import ThinkTags
-from mlxserve.plugins.reasoning import ReasoningPiece, ReplyPiece
+from mlxserve.plugins.reasoning import HarmonyChannels, ReasoningPiece, ReplyPiece
 from mlxserve.plugins.tool_calls import HermesToolCalls, TextPiece
 from mlxserve.server.conversation import (
     Conversation,
@@ -178,3 +178,54 @@ def test_tool_call_markup_inside_the_thinking_is_not_parsed() -> None:
         assert reasoning == f"I could write {call} here."
         assert [(c.name, c.arguments) for c in calls] == [("f", '{"x": 1}')]
         assert not "".join(e.text for e in events if isinstance(e, TextDelta)).strip()
+
+
+HARMONY = HarmonyChannels()
+HEADER = "<|end|><|start|>assistant<|channel|>final<|message|>"
+# (reply text, the prompt opened the analysis channel, reasoning, answer)
+HARMONY_CANONICAL = [
+    (
+        f"<|channel|>analysis<|message|>Think about it.{HEADER}Paris.",
+        False,
+        "Think about it.",
+        "Paris.",
+    ),
+    (f"Think.{HEADER}Answer", True, "Think.", "Answer"),
+    ("<|channel|>final<|message|>Just the answer.", False, "", "Just the answer."),
+    ("No header at all <|chan", False, "", "No header at all <|chan"),
+    ("<|channel|>analysis<|message|>unfinished <|en", False, "unfinished <|en", ""),
+    (
+        "<|start|>assistant<|channel|>analysis<|message|>a<|end|>"
+        "<|start|>assistant<|channel|>commentary<|message|>b<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>c",
+        False,
+        "a",
+        "bc",
+    ),
+    ("", True, "", ""),
+]
+
+
+@pytest.mark.parametrize(("text", "inside", "reasoning", "answer"), HARMONY_CANONICAL)
+def test_harmony_channels_split_a_reply_however_it_streams(
+    text: str, inside: bool, reasoning: str, answer: str
+) -> None:
+    def parse_harmony(chunks: list[str]) -> tuple[str, str]:
+        parser = HARMONY.parser(inside=inside)
+        pieces: list[ReplyPiece] = []
+        for chunk in chunks:
+            pieces += parser.feed(chunk)
+        return split(pieces + parser.finish())
+
+    assert parse_harmony([text]) == (reasoning, answer)
+    assert parse_harmony(list(text)) == (reasoning, answer)
+    for cut in range(len(text) + 1):
+        for second in range(cut, len(text) + 1):
+            chunks = [text[:cut], text[cut:second], text[second:]]
+            assert parse_harmony(chunks) == (reasoning, answer), chunks
+
+
+def test_harmony_sees_a_prompt_that_opens_the_analysis_channel() -> None:
+    assert HARMONY.opens_in("<|start|>assistant<|channel|>analysis<|message|>")
+    assert not HARMONY.opens_in("<|start|>user<|message|>hi<|end|><|start|>assistant")
+    assert HARMONY.end.endswith("<|channel|>final<|message|>")
