@@ -15,6 +15,7 @@ from mlxserve.core.engine.plan import StepPlan
 from mlxserve.core.engine.runner import ModelRunner
 from mlxserve.core.engine.scheduler import Scheduler
 from mlxserve.core.engine.sequence import RequestOutput, Sequence
+from mlxserve.core.errors import UnsupportedModelError
 from mlxserve.core.kv.batching import unbatchable
 from mlxserve.core.kv.blocks import BlockManager
 from mlxserve.core.kv.caches import KVCacheOptions, budget_tokens, cache_sizes, kind_of
@@ -170,7 +171,7 @@ class ModelWorker:
         batch += self.snapshot_slots
         if kv.budget_kind != "tokens" and not can_measure:
             return batch * kv.max_sequence_length
-        per_token, fixed = cache_sizes(self.model.stage, self.model.make_cache(kv.options))
+        per_token, fixed = self._measure_caches()
         # Recurrent state takes the same bytes whatever a sequence's length: a full batch's
         # worth is set aside before the budget is counted in tokens.
         reserved_mb = kv.reserved_memory_mb + -(-batch * fixed // 2**20)
@@ -186,6 +187,22 @@ class ModelWorker:
             f"; {fixed} bytes of state a sequence, {batch} set aside" if fixed else "",
         )
         return tokens
+
+    def _measure_caches(self) -> tuple[int, int]:
+        """(bytes per token, fixed bytes per sequence); a model whose forward pass fails with
+        the quantized caches asked for is refused, naming the setting."""
+        options = self.kv.options
+        try:
+            return cache_sizes(self.model.stage, self.model.make_cache(options))
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:
+            if options.bits is None:
+                raise
+            raise UnsupportedModelError(
+                f"{self.model.name}: [kv_cache] bits = {options.bits} does not work with this "
+                f"model ({type(exc).__name__}: {exc}); leave bits unset for it"
+            ) from exc
 
     def _new_scheduler(self) -> Scheduler:
         s, block_size = self.settings, self.kv.block_size

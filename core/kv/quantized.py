@@ -15,6 +15,8 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import QuantizedKVCache, _BaseCache
 
+from mlxserve.core.errors import UnsupportedModelError
+
 # Quantized vectors: (packed weights, scales, biases).
 Quantized = tuple[mx.array, ...]
 
@@ -24,7 +26,10 @@ def fitting_group_size(dim: int, wanted: int) -> int:
     for size in (wanted, 64, 32):
         if dim % size == 0:
             return size
-    raise ValueError(f"KV quantization needs a head dimension divisible by 32 (got {dim})")
+    raise UnsupportedModelError(
+        f"[kv_cache] bits needs a head dimension divisible by 32, and this model's is {dim}: "
+        "leave bits unset for it"
+    )
 
 
 class QuantizedCache(QuantizedKVCache):

@@ -16,6 +16,7 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
+from mlxserve.plugins.tiny import write_tiny_checkpoint
 from mlxserve.registry.models import load_tokenizer_of
 
 from ..conftest import TODAY_TYPES
@@ -25,16 +26,35 @@ PROMPTS = [[5, 9, 77, 120, 33, 8, 250, 19], [42] * 40, list(range(3, 70)), [300,
 MAX_TOKENS = 12
 # Sliding windows drop tokens, and DeepSeek V4.1's own caches have no blocks: no prefix cache.
 NO_PREFIX_CACHE = {"gpt_oss", "gemma3_text", "gemma4_text", "deepseek_v41"}
+# Hybrid models whose full-attention layers take a quantized KV cache beside other kinds.
+QUANTIZED = ["qwen3_next", "gemma3_text"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, today_checkpoints) -> Iterator[RunningServer]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, today_checkpoints, plugins
+) -> Iterator[RunningServer]:
     tmp = tmp_path_factory.mktemp("today-server")
     models = "".join(f'[models.{t}]\nsource = "{path}"\n' for t, path in today_checkpoints.items())
+    for t in QUANTIZED:  # heads of 32: MLX quantizes in groups of at least 32
+        family = plugins.family_for(t)
+        source = write_tiny_checkpoint(family, tmp / t, model_type=t, overrides={"head_dim": 32})
+        models += f'[models.{t}_h32]\nsource = "{source}"\n'
+        models += f'[models.{t}_q8]\nsource = "{source}"\n[models.{t}_q8.kv_cache]\nbits = 8\n'
+    models += f'[models.narrow_q8]\nsource = "{today_checkpoints["qwen3_next"]}"\n'
+    models += "[models.narrow_q8.kv_cache]\nbits = 8\n"
+    sinks = write_tiny_checkpoint(
+        plugins.family_for("gpt_oss"),
+        tmp / "sinks",
+        model_type="gpt_oss",
+        overrides={"head_dim": 32},
+    )
+    models += f'[models.sinks_q8]\nsource = "{sinks}"\n[models.sinks_q8.kv_cache]\nbits = 8\n'
+
     config = write_config(
         tmp,
         f'[registry]\ndefault_model = "phi3"\ncache_dir = "{tmp / "cache"}"\n'
-        f"max_loaded_models = {len(today_checkpoints)}\n{models}"
+        f"max_loaded_models = {len(today_checkpoints) + 2 * len(QUANTIZED) + 2}\n{models}"
         "[kv_cache]\nmax_sequence_length = 512\nreserved_memory_mb = 0\n",
     )
     with running_server(config) as running:
@@ -115,3 +135,27 @@ def test_a_longer_prompt_reuses_the_shared_start_exactly(
     text, cached = complete(server, model_type, longer)
     assert cached == 48
     assert text == mlx_lm_greedy(today_checkpoints[model_type], longer)
+
+
+@pytest.mark.parametrize("model_type", QUANTIZED)
+def test_quantized_kv_in_a_hybrid_model_stays_close(model_type: str, server: RunningServer) -> None:
+    """8-bit keys and values in the full-attention layers, the other kinds as they are: the
+    greedy text starts the same as with full precision, and concurrent requests still equal
+    one at a time."""
+    exact, _ = complete(server, f"{model_type}_h32", PROMPTS[0])
+    quantized, cached = complete(server, f"{model_type}_q8", PROMPTS[0])
+    assert quantized[:4] == exact[:4] and cached == 0
+    alone = [complete(server, f"{model_type}_q8", p)[0] for p in PROMPTS]
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: complete(server, f"{model_type}_q8", p)[0], PROMPTS))
+    assert together == alone
+
+
+def test_quantized_kv_a_model_cannot_take_is_a_422_naming_the_key(server: RunningServer) -> None:
+    """Heads of 16 (MLX quantizes in groups of at least 32), and gpt-oss's attention sinks
+    (mlx-lm's quantized attention has none)."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError, match=r"\[kv_cache\] bits .* 16"):
+        client.completions.create(model="narrow_q8", prompt=[5, 6], max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError, match=r"\[kv_cache\] bits = 8 .*sinks"):
+        client.completions.create(model="sinks_q8", prompt=[5, 6], max_tokens=2)
