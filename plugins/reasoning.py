@@ -25,14 +25,24 @@ ReplyPiece = ReasoningPiece | TextPiece
 
 
 class ReasoningParser:
-    """Reads one reply as it streams; gives out its reasoning and its answer text."""
+    """Reads one reply as it streams; gives out its reasoning and its answer text.
+
+    A subclass implements ``_scan``: decide what it can of ``pending``, keeping only what may
+    still become a marker (everything once ``final``).
+    """
+
+    pending = ""
 
     def feed(self, text: str) -> list[ReplyPiece]:
         """Add detokenized text; return what is decided (a possible marker's start waits)."""
-        raise NotImplementedError
+        self.pending += text
+        return self._scan(final=False)
 
     def finish(self) -> list[ReplyPiece]:
         """The reply has ended: the rest (an unclosed reasoning block stays reasoning)."""
+        return self._scan(final=True)
+
+    def _scan(self, final: bool) -> list[ReplyPiece]:
         raise NotImplementedError
 
 
@@ -84,13 +94,6 @@ class TagParser(ReasoningParser):
         self.state = "reasoning" if inside else "start"
         self.pending = ""
         self.at_start = inside  # of the reasoning or the answer: its leading whitespace goes
-
-    def feed(self, text: str) -> list[ReplyPiece]:
-        self.pending += text
-        return self._scan(final=False)
-
-    def finish(self) -> list[ReplyPiece]:
-        return self._scan(final=True)
 
     def _scan(self, final: bool) -> list[ReplyPiece]:
         out: list[ReplyPiece] = []
@@ -166,13 +169,6 @@ class ChannelParser(ReasoningParser):
     def __init__(self, *, inside: bool) -> None:
         self.channel: str | None = ANALYSIS if inside else None
         self.pending = ""
-
-    def feed(self, text: str) -> list[ReplyPiece]:
-        self.pending += text
-        return self._scan(final=False)
-
-    def finish(self) -> list[ReplyPiece]:
-        return self._scan(final=True)
 
     def _scan(self, final: bool) -> list[ReplyPiece]:
         out: list[ReplyPiece] = []

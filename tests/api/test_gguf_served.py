@@ -9,14 +9,12 @@ from pathlib import Path
 
 import gguf
 import httpx
-import mlx.core as mx
 import pytest
-from mlx_lm import load
-from mlx_lm.generate import generate_step
 
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 
+from ..support.engine import mlx_lm_greedy
 from ..support.gguf_files import write_gguf, write_tiny_gguf
 from ..support.server import RunningServer, post, running_server, write_config
 
@@ -51,18 +49,6 @@ def server(
     )
     with running_server(config) as running:
         yield running
-
-
-def mlx_lm_greedy(path: Path, prompt: list[int], max_tokens: int) -> str:
-    model, tokenizer = load(str(path))
-    tokens = []
-    for token, _ in generate_step(
-        mx.array(prompt), model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, -1)
-    ):
-        if int(token) in tokenizer.eos_token_ids:
-            break
-        tokens.append(int(token))
-    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def test_a_qwen3_moe_gguf_gives_mlx_lm_s_greedy_text(

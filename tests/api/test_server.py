@@ -12,9 +12,8 @@ import httpx
 import mlx.core as mx
 import openai
 import pytest
-from mlx_lm import load
-from mlx_lm.generate import generate_step
 
+from ..support.engine import mlx_lm_greedy
 from ..support.server import (
     RunningServer,
     every_family_config,
@@ -62,18 +61,6 @@ def stream_text(client: openai.OpenAI, **kwargs: object) -> tuple[str, list[obje
     chunks = list(chat(client, stream=True, **kwargs))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return text, chunks
-
-
-def mlx_lm_greedy(path: Path, prompt: list[int], max_tokens: int) -> str:
-    model, tokenizer = load(str(path))
-    tokens = []
-    for token, _ in generate_step(
-        mx.array(prompt), model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, -1)
-    ):
-        if int(token) in tokenizer.eos_token_ids:
-            break
-        tokens.append(int(token))
-    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 # ---- generation ------------------------------------------------------------------------

@@ -7,19 +7,15 @@ from __future__ import annotations
 import concurrent.futures
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import mlx.core as mx
 import openai
 import pytest
-from mlx_lm.generate import generate_step
-from mlx_lm.utils import load_model
 
 from mlxserve.plugins.tiny import write_tiny_checkpoint
-from mlxserve.registry.models import load_tokenizer_of
 
 from ..conftest import TODAY_TYPES
+from ..support.engine import mlx_lm_greedy
 from ..support.server import RunningServer, running_server, write_config
 
 PROMPTS = [[5, 9, 77, 120, 33, 8, 250, 19], [42] * 40, list(range(3, 70)), [300, 7] * 13]
@@ -75,23 +71,15 @@ def complete(server: RunningServer, model: str, prompt: list[int]) -> tuple[str,
     return reply.choices[0].text, (details.cached_tokens or 0) if details else 0
 
 
-def mlx_lm_greedy(path: Path, prompt: list[int]) -> str:
-    """mlx-lm's own generation of the same tokens (its model, its caches, its loop)."""
-    model, _ = load_model(path)
-    steps = generate_step(
-        mx.array(prompt), model, max_tokens=MAX_TOKENS, sampler=lambda x: mx.argmax(x, axis=-1)
-    )
-    tokenizer = load_tokenizer_of(path, None)
-    return tokenizer._tokenizer.decode([int(t) for t, _ in steps], skip_special_tokens=True)
-
-
 @pytest.mark.parametrize("model_type", list(TODAY_TYPES))
 def test_greedy_tokens_equal_mlx_lm(
     model_type: str, server: RunningServer, today_checkpoints
 ) -> None:
     for prompt in PROMPTS[:3]:
         text, _ = complete(server, model_type, prompt)
-        assert text == mlx_lm_greedy(today_checkpoints[model_type], prompt), prompt
+        assert text == mlx_lm_greedy(
+            today_checkpoints[model_type], prompt, MAX_TOKENS, stop_at_eos=False
+        ), prompt
 
 
 @pytest.mark.parametrize("model_type", list(TODAY_TYPES))
@@ -134,7 +122,9 @@ def test_a_longer_prompt_reuses_the_shared_start_exactly(
     longer = [*first, *range(400, 430)]
     text, cached = complete(server, model_type, longer)
     assert cached == 48
-    assert text == mlx_lm_greedy(today_checkpoints[model_type], longer)
+    assert text == mlx_lm_greedy(
+        today_checkpoints[model_type], longer, MAX_TOKENS, stop_at_eos=False
+    )
 
 
 @pytest.mark.parametrize("model_type", QUANTIZED)

@@ -1,9 +1,14 @@
-"""The engine's pieces for tests that drive them directly: sequences for the scheduler, and
-greedy tokens straight from a loaded model's forward pass (no engine at all)."""
+"""The engine's pieces for tests that drive them directly: sequences for the scheduler,
+greedy tokens straight from a loaded model's forward pass (no engine at all), and mlx-lm's
+own greedy text, the reference served text is compared with."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load_model
 
 from mlxserve.core.engine.detokenizer import TextStream
 from mlxserve.core.engine.plan import StepPlan
@@ -11,7 +16,7 @@ from mlxserve.core.engine.scheduler import Scheduler
 from mlxserve.core.engine.sequence import Sequence
 from mlxserve.core.kv.caches import KVCacheOptions
 from mlxserve.core.sampling.params import SamplingParams
-from mlxserve.registry.models import LoadedModel
+from mlxserve.registry.models import LoadedModel, load_tokenizer_of
 
 
 def make_seq(request_id: str, prompt: list[int], tokenizer=None, **params: object) -> Sequence:  # noqa: ANN001
@@ -43,3 +48,21 @@ def greedy(model: LoadedModel, prompt: list[int], steps: int = 16) -> list[int]:
         tokens.append(int(mx.argmax(logits[0, -1])))
         logits = model.stage.forward(mx.array([tokens[-1:]]), caches)
     return tokens
+
+
+def mlx_lm_greedy(
+    path: Path, prompt: list[int], max_tokens: int, *, stop_at_eos: bool = True
+) -> str:
+    """mlx-lm's own greedy generation after ``prompt`` (its model, its caches, its loop), as
+    text without special tokens: the reference served text is compared with."""
+    model, config = load_model(Path(path))
+    tokenizer = load_tokenizer_of(Path(path), config.get("eos_token_id"))
+    tokens = []
+    steps = generate_step(
+        mx.array(prompt), model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, -1)
+    )
+    for token, _ in steps:
+        if stop_at_eos and int(token) in tokenizer.eos_token_ids:
+            break
+        tokens.append(int(token))
+    return tokenizer._tokenizer.decode(tokens, skip_special_tokens=True)
