@@ -16,8 +16,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mlxserve.core.errors import UnknownModelTypeError
 from mlxserve.core.model.loader import build_model
 from mlxserve.plugins.family import ModelFamily
+from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 
 RANDOM_WEIGHTS_NOTE = "random weights: for tests and demos, its output is gibberish"
 VOCAB_SIZE = 512
@@ -87,6 +89,11 @@ def write_tiny_checkpoint(
         ``dest`` as a Path.
     """
     model_type = model_type or family.model_types[0]
+    if model_type == "*":
+        raise UnknownModelTypeError(
+            f"family {family.name!r} serves any model type: name one "
+            f"(tiny ones: {', '.join(sorted(TINY_CONFIGS))})"
+        )
     if model_type not in family.model_types and "*" not in family.model_types:
         raise ValueError(
             f"family {family.name!r} has no model type {model_type!r} "

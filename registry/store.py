@@ -18,7 +18,9 @@ from typing import Any
 
 from mlxserve.core.config.schema import source_kind
 from mlxserve.core.errors import HubUnavailableError, MlxserveError, ModelNotFoundError
+from mlxserve.plugins.families.generic import ANY_MODEL_TYPE
 from mlxserve.plugins.tiny import RANDOM_WEIGHTS_NOTE, is_tiny_checkpoint, write_tiny_checkpoint
+from mlxserve.plugins.tiny_configs import TINY_CONFIGS
 from mlxserve.registry.fingerprint import WEIGHT_HASHES_FILE, WeightHashes
 from mlxserve.registry.gguf_checkpoint import (
     converting_family,
@@ -67,8 +69,12 @@ class ModelStore:
         ``tiny-MODEL_TYPE`` for each family."""
         names = set(PACKAGED_MODELS)
         for entry in self.plugins.families:
-            names.add(TINY_PREFIX + entry.family.name)
-            names.update(TINY_PREFIX + t for t in entry.family.model_types)
+            types = entry.family.model_types
+            if ANY_MODEL_TYPE in types:  # the generic family: the tiny types nobody claims
+                types = tuple(t for t in TINY_CONFIGS if self.plugins.family_for(t) is entry.family)
+            else:
+                names.add(TINY_PREFIX + entry.family.name)
+            names.update(TINY_PREFIX + t for t in types)
         return sorted(names)
 
     def locate(
