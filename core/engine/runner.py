@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlxserve.core.engine.plan import PrefillChunk, StepPlan
 from mlxserve.core.kv.batching import end_padding, merge, pad_left
 from mlxserve.core.kv.disk_tier import BlockSpec
-from mlxserve.core.kv.prefix_store import PrefixStore, snapshot
+from mlxserve.core.kv.prefix_store import PrefixStore, kv_parts, snapshot
 from mlxserve.core.model.stages import PipelineStage
 
 Cache = list[Any]
@@ -140,7 +140,7 @@ class ModelRunner:
             batch, heads, _, *rest = array.shape
             return (batch, heads, self.block_size, *rest), array.dtype
 
-        return [(one_block(c.keys), one_block(c.values)) for c in cache]
+        return [(one_block(c.keys), one_block(c.values)) for c in kv_parts(cache)]
 
     def _prefill(self, group: tuple[PrefillChunk, ...]) -> tuple[mx.array, Cache]:
         if len(group) == 1:

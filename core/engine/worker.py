@@ -149,8 +149,8 @@ class ModelWorker:
             )
         self.key = model.fingerprint
         if kv.disk_dir and self.prefix_caching:
-            if len(kv_parts(sample)) != len(sample):
-                log.warning("%s: the KV disk tier keeps plain caches only; it is off", model.name)
+            if self.snapshot_slots:
+                log.warning("%s: the KV disk tier keeps no recurrent state; it is off", model.name)
             elif can_use_disk:
                 store = self.runner.prefix_store
                 store.disk = DiskTier(
@@ -159,6 +159,7 @@ class ModelWorker:
                     model.stage.layers,
                     kv.block_size,
                     kv.disk_max_bytes,
+                    parts=len(kv_parts(sample)),
                 )
                 store.write_all_to_disk = kv.disk_write == "all"
             else:

@@ -97,6 +97,7 @@ class DiskTier:
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         retry_first_s: float = RETRY_FIRST_S,
         retry_max_s: float = RETRY_MAX_S,
+        parts: int | None = None,
     ) -> None:
         self.folder = Path(root).expanduser() / model_key
         self.meta = {
@@ -105,7 +106,11 @@ class DiskTier:
             "layers": f"{layers.start}-{layers.stop - 1}",
             "block_size": str(block_size),
         }
-        self.num_layers = len(layers)
+        # Key and value arrays per block: one pair per layer, or per plain cache of a
+        # composite layer cache.
+        self.num_layers = len(layers) if parts is None else parts
+        if parts is not None and parts != len(layers):
+            self.meta["parts"] = str(parts)
         self.block_size = block_size
         self.max_bytes = max_bytes
         self.max_queued_bytes = max_queued_bytes

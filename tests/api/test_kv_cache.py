@@ -1,5 +1,6 @@
 """The KV cache served end to end: the prefix cache, the budget (queueing, refusing what can
-never fit), sliding-window models, the disk tier, quantized KV."""
+never fit), sliding-window models, the disk tier (composite and chunked caches too), quantized
+KV."""
 
 from __future__ import annotations
 
@@ -96,6 +97,24 @@ def test_the_disk_tier_survives_a_restart(tmp_path: Path, tiny_checkpoints) -> N
         assert wait_until(lambda: store.disk.writes == 6)  # 111 tokens have KV: 6 blocks
     files = list((tmp_path / "kv").rglob("*.safetensors"))
     assert len(files) == 6
+    with running_server(config) as server:
+        warm = complete(server, PROMPT)
+        assert server.engine.workers["m"].runner.prefix_store.disk.reads == 6
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+    assert warm["choices"] == cold["choices"]
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "llama4"])
+def test_composite_and_chunked_caches_survive_a_restart_on_disk(
+    model_type: str, tmp_path: Path, today_checkpoints
+) -> None:
+    """DeepSeek V3.2's latent + indexer keys (a block holds both) and Llama 4's chunked and
+    full layers go to disk and come back, giving the same text."""
+    config = disk_config(tmp_path, today_checkpoints[model_type], 'disk_write = "all"\n')
+    with running_server(config) as server:
+        cold = complete(server, PROMPT)
+        store = server.engine.workers["m"].runner.prefix_store
+        assert wait_until(lambda: store.disk.writes == 6)
     with running_server(config) as server:
         warm = complete(server, PROMPT)
         assert server.engine.workers["m"].runner.prefix_store.disk.reads == 6
