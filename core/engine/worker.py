@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import mlx.core as mx
-from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, QuantizedKVCache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
 
 from mlxserve.core.engine.plan import StepPlan
 from mlxserve.core.engine.runner import ModelRunner
@@ -135,7 +141,7 @@ class ModelWorker:
         sample = model.make_cache(kv.options)
         unshared = unshareable_kinds(sample)
         self.prefix_caching = kv.prefix_cache and not unshared
-        # A model with recurrent layers reuses blocks up to copies of its state (scheduler.py).
+        # A model with recurrent or sliding layers reuses blocks up to copies of their state.
         recurrent = self.prefix_caching and bool(state_parts(sample))
         self.snapshot_slots = SNAPSHOTS_PER_BATCH_SLOT * settings.max_batch_size if recurrent else 0
         # Whole blocks only: a sequence is admitted only if all of its blocks can be.
@@ -150,7 +156,10 @@ class ModelWorker:
         self.key = model.fingerprint
         if kv.disk_dir and self.prefix_caching:
             if self.snapshot_slots:
-                log.warning("%s: the KV disk tier keeps no recurrent state; it is off", model.name)
+                log.warning(
+                    "%s: the KV disk tier keeps no recurrent state or sliding windows; it is off",
+                    model.name,
+                )
             elif can_use_disk:
                 store = self.runner.prefix_store
                 store.disk = DiskTier(
@@ -169,28 +178,29 @@ class ModelWorker:
     def _capacity(self, can_measure: bool) -> int:
         kv = self.kv
         batch = self.settings.max_batch_size if self.runner.batchable else 1
-        batch += self.snapshot_slots
         if kv.budget_kind != "tokens" and not can_measure:
             return batch * kv.max_sequence_length
-        per_token, fixed = self._measure_caches()
+        per_token, fixed, windows = self._measure_caches()
         # Recurrent state takes the same bytes whatever a sequence's length: a full batch's
-        # worth is set aside before the budget is counted in tokens.
-        reserved_mb = kv.reserved_memory_mb + -(-batch * fixed // 2**20)
+        # worth, and the copies (with their sliding windows) the prefix cache keeps, are set
+        # aside before the budget is counted in tokens.
+        aside = batch * fixed + self.snapshot_slots * (fixed + windows)
+        reserved_mb = kv.reserved_memory_mb + -(-aside // 2**20)
         tokens = budget_tokens(kv.budget_kind, kv.budget_value, reserved_mb, per_token)
         if kv.budget_kind == "bytes":
-            tokens = max(0, kv.budget_value - batch * fixed) // per_token
+            tokens = max(0, kv.budget_value - aside) // per_token
         log.info(
             "%s: KV budget %d tokens (%.1f MiB, %d bytes a token%s)",
             self.model.name,
             tokens,
             tokens * per_token / 2**20,
             per_token,
-            f"; {fixed} bytes of state a sequence, {batch} set aside" if fixed else "",
+            f"; {aside / 2**20:.1f} MiB set aside for state" if aside else "",
         )
         return tokens
 
-    def _measure_caches(self) -> tuple[int, int]:
-        """(bytes per token, fixed bytes per sequence); a model whose forward pass fails with
+    def _measure_caches(self) -> tuple[int, int, int]:
+        """:func:`cache_sizes` of the model's caches; a model whose forward pass fails with
         the quantized caches asked for is refused, naming the setting."""
         options = self.kv.options
         try:
@@ -323,8 +333,8 @@ def unshareable_kinds(cache: Collection[Any]) -> list[str]:
     """The kinds among these caches that cannot join the prefix cache: none if the model can.
 
     Plain caches (full, latent, and chunked ones, which keep every key) are kept block by
-    block, composite ones by their parts, recurrent state as copies at chosen blocks; a window
-    drops tokens and quantized or a model's own caches have no blocks to copy.
+    block, composite ones by their parts, recurrent state and sliding windows as copies at
+    chosen blocks; quantized or a model's own caches have no blocks to copy.
     """
     kinds: set[str] = set()
     for c in cache:
@@ -332,6 +342,6 @@ def unshareable_kinds(cache: Collection[Any]) -> list[str]:
             kinds.update(unshareable_kinds(c.caches))
         elif isinstance(c, QuantizedKVCache):
             kinds.add("quantized")
-        elif type(c) not in (KVCache, ChunkedCache, ArraysCache):
+        elif type(c) not in (KVCache, ChunkedCache, ArraysCache, RotatingKVCache):
             kinds.add(kind_of(c))
     return sorted(kinds)

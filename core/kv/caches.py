@@ -111,14 +111,20 @@ def _sizes(cache: Any) -> tuple[float, int]:
     return cache.nbytes / keys.shape[2], 0
 
 
-def cache_sizes(stage: PipelineStage, cache: list[Any]) -> tuple[int, int]:
-    """(bytes per token, fixed bytes per sequence) of ``stage``'s caches, measured on the
-    fresh ``cache`` by one local forward pass of one token (no other rank takes part)."""
+def cache_sizes(stage: PipelineStage, cache: list[Any]) -> tuple[int, int, int]:
+    """(bytes per token, fixed bytes per sequence, bytes of full sliding windows) of
+    ``stage``'s caches, measured on the fresh ``cache`` by one local forward pass of one token
+    (no other rank takes part)."""
     tokens = mx.zeros((1, 1), mx.int32)
     out = stage.layout.forward(tokens, cache, stage.layers, hidden=stage.input_like(tokens))
     mx.eval(out, [c.state for c in cache])
     sizes = [_sizes(c) for c in cache]
-    return max(1, round(sum(p for p, _ in sizes))), sum(f for _, f in sizes)
+    windows = sum(
+        round(p * c.max_size)
+        for c, (p, _) in zip(cache, sizes, strict=True)
+        if kind_of(c) == "sliding"
+    )
+    return max(1, round(sum(p for p, _ in sizes))), sum(f for _, f in sizes), windows
 
 
 def budget_tokens(kind: str, value: int, reserved_mb: int, per_token: int) -> int:

@@ -13,38 +13,45 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import ArraysCache, CacheList
+from mlx_lm.models.cache import ArraysCache, CacheList, RotatingKVCache
 
 from mlxserve.core.kv.disk_tier import BlockData, BlockSpec, DiskTier
 
 log = logging.getLogger(__name__)
 
 
+STATE_KINDS = (ArraysCache, RotatingKVCache)
+
+
 def kv_parts(cache: Sequence[Any]) -> list[Any]:
     """The caches whose keys and values are kept block by block: every layer's plain cache,
-    the plain caches inside composite ones; not recurrent state."""
+    the plain caches inside composite ones; not recurrent state or sliding windows."""
     parts = []
     for layer_cache in cache:
         if isinstance(layer_cache, CacheList):
             parts.extend(kv_parts(layer_cache.caches))
-        elif not isinstance(layer_cache, ArraysCache):
+        elif not isinstance(layer_cache, STATE_KINDS):
             parts.append(layer_cache)
     return parts
 
 
-def state_parts(cache: Sequence[Any]) -> list[ArraysCache]:
-    """The recurrent layers' caches, whose whole state is copied at chosen blocks."""
-    return [c for c in cache if isinstance(c, ArraysCache)]
+def state_parts(cache: Sequence[Any]) -> list[Any]:
+    """The caches copied whole at chosen blocks: recurrent state, which has no per-token
+    blocks, and sliding windows, whose blocks rotate away."""
+    return [c for c in cache if isinstance(c, STATE_KINDS)]
 
 
-def snapshot(cache: Sequence[Any]) -> list[list[Any]]:
-    """A copy of the recurrent state of one sequence's caches."""
-    return [_copied(c.cache) for c in state_parts(cache)]
+def snapshot(cache: Sequence[Any]) -> list[Any]:
+    """A copy of the recurrent state and sliding windows of one sequence's caches."""
+    return [
+        _copied(c.cache) if isinstance(c, ArraysCache) else tuple(_copied(c.state))
+        for c in state_parts(cache)
+    ]
 
 
-def _copied(arrays: Sequence[Any]) -> list[Any]:
+def _copied(values: Sequence[Any]) -> list[Any]:
     # New array objects: a slice assignment to the cache's arrays must not reach the copy.
-    return [None if a is None else mx.array(a) for a in arrays]
+    return [mx.array(v) if isinstance(v, mx.array) else v for v in values]
 
 
 class PrefixStore:
@@ -57,7 +64,7 @@ class PrefixStore:
     def __init__(self, block_size: int, probe_spec: Callable[[], BlockSpec]) -> None:
         self.block_size = block_size
         self.blocks: dict[str, BlockData] = {}
-        # Recurrent layers' state after a block, for the blocks where it was copied.
+        # Recurrent state and sliding windows after a block, for the blocks where copied.
         self.states: dict[str, list[Any]] = {}
         self.disk: DiskTier | None = None
         self.write_all_to_disk = False
@@ -108,10 +115,13 @@ class PrefixStore:
             kv.keys = mx.concatenate([self.blocks[h][part][0] for h in reused], 2)
             kv.values = mx.concatenate([self.blocks[h][part][1] for h in reused], 2)
             kv.offset = kv.keys.shape[2]
-        recurrent = state_parts(cache)
-        if recurrent:
-            for layer_cache, state in zip(recurrent, self.states[reused[-1]], strict=True):
-                layer_cache.cache = _copied(state)
+        whole = state_parts(cache)
+        if whole:
+            for layer_cache, state in zip(whole, self.states[reused[-1]], strict=True):
+                if isinstance(layer_cache, ArraysCache):
+                    layer_cache.cache = _copied(state)
+                else:
+                    layer_cache.state = tuple(_copied(state))
         return cache
 
     def keep_state(self, block_hash: str, snapshot: list[Any]) -> None:

@@ -20,8 +20,8 @@ from ..support.server import RunningServer, running_server, write_config
 
 PROMPTS = [[5, 9, 77, 120, 33, 8, 250, 19], [42] * 40, list(range(3, 70)), [300, 7] * 13]
 MAX_TOKENS = 12
-# Sliding windows drop tokens, and DeepSeek V4.1's own caches have no blocks: no prefix cache.
-NO_PREFIX_CACHE = {"gpt_oss", "gemma3_text", "gemma4_text", "deepseek_v41"}
+# DeepSeek V4.1's own caches have no blocks: no prefix cache.
+NO_PREFIX_CACHE = {"deepseek_v41"}
 # Hybrid models whose full-attention layers take a quantized KV cache beside other kinds.
 QUANTIZED = ["qwen3_next", "gemma3_text"]
 
