@@ -29,7 +29,12 @@ from mlxserve.core.sampling.thinking import Thinking
 from mlxserve.plugins.chat_prompt import render_chat_prompt
 from mlxserve.plugins.tool_calls import marker_token_ids
 from mlxserve.server.errors import GenerationError, OutputFormatError, RequestTimeoutError
-from mlxserve.server.protocol.openai import PromptTokensDetails, Timings, UsageInfo
+from mlxserve.server.protocol.openai import (
+    CompletionTokensDetails,
+    PromptTokensDetails,
+    Timings,
+    UsageInfo,
+)
 from mlxserve.server.protocol.request import (
     MAX_CHARS_PER_TOKEN,
     Conversation,
@@ -213,10 +218,10 @@ async def admit(
 
 
 def _thinking(prompt: Prompt, prepared: Prepared, constraint: Constraint | None) -> Thinking | None:
-    """What the engine must do about a reasoning block the prompt opens: end it at the
-    request's budget, and keep the grammar for the answer after it."""
+    """What the engine must do about a reasoning block the prompt opens: count its tokens,
+    end it at the request's budget, and keep the grammar for the answer after it."""
     budget = prompt.thinking_budget if isinstance(prompt, Conversation) else None
-    if not prepared.reasoning_end or (budget is None and constraint is None):
+    if not prepared.reasoning_end:
         return None
     return Thinking(prepared.reasoning_end, budget=budget, grammar=constraint)
 
@@ -282,6 +287,7 @@ def usage_info(usage: Usage) -> UsageInfo:
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=usage.reasoning_tokens),
     )
 
 

@@ -33,6 +33,7 @@ class Usage:
     cached_tokens: int = 0
     ttft_s: float | None = None
     decode_s: float | None = None
+    reasoning_tokens: int = 0  # of completion_tokens, those of a thinking block (end marker too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,4 +110,5 @@ class Sequence:
             cached_tokens=self.cached_tokens,
             ttft_s=None if first is None else first - self.arrival_time,
             decode_s=None if first is None else now - first,
+            reasoning_tokens=self.thinking.tokens if self.thinking is not None else 0,
         )

@@ -60,6 +60,11 @@ class Thinking:
             self._forcing = list(self.end_ids[_started(self._tail, self.end_ids) :])
         return self._forcing[0]
 
+    @property
+    def tokens(self) -> int:
+        """The block's tokens so far, its end marker included once written."""
+        return self.spent if self.inside else self.spent + len(self.end_ids)
+
     def see(self, token: int) -> Constraint | None:
         """Account for an appended token; the waiting grammar when it closes the block."""
         if not self.inside:

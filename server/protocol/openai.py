@@ -539,6 +539,12 @@ class PromptTokensDetails(_Response):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(_Response):
+    """Breakdown of the completion tokens."""
+
+    reasoning_tokens: int = 0
+
+
 class UsageInfo(_Response):
     """Token counts of a request."""
 
@@ -546,6 +552,7 @@ class UsageInfo(_Response):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class Timings(_Response):

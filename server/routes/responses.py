@@ -216,6 +216,7 @@ class ResponseWriter:
             total_tokens=usage.prompt_tokens + usage.completion_tokens,
         )
         self.response.usage.input_tokens_details.cached_tokens = usage.cached_tokens
+        self.response.usage.output_tokens_details.reasoning_tokens = usage.reasoning_tokens
         if truncated:
             self.response.status = "incomplete"
             self.response.incomplete_details = IncompleteDetails()

@@ -115,6 +115,8 @@ def test_chat_text_before_the_end_of_thinking_is_reasoning_content(
     assert message.reasoning_content and not message.content
     assert message.reasoning_content == first_tokens(server, prompt_ids(tokenizer), 12).lstrip()
     assert reply.choices[0].finish_reason == "length"
+    assert reply.usage and reply.usage.completion_tokens_details
+    assert reply.usage.completion_tokens_details.reasoning_tokens == 12  # all of them
 
     stream = chat.chat.completions.create(
         model="thinker", messages=ASK, max_tokens=12, logit_bias=bias, stream=True, **GREEDY
@@ -218,6 +220,9 @@ def test_responses_put_a_reasoning_item_before_the_message(
     assert raw.lstrip().startswith(thought) and thought
     answer = "".join(part.text for item in response.output[1:] for part in item.content)
     assert thought not in answer or not answer
+    assert response.usage is not None
+    spent = response.usage.output_tokens_details.reasoning_tokens
+    assert 0 < spent <= response.usage.output_tokens
 
     events = list(
         chat.responses.create(
