@@ -61,7 +61,9 @@ def cmd_plugins_list(args: argparse.Namespace, config: Config) -> int:
         rows.append(
             [
                 entry.family.name,
-                ", ".join(entry.family.model_types),
+                ", ".join(entry.family.model_types).replace(
+                    "*", "* (any other type mlx-lm builds)"
+                ),
                 entry.plugin.name,
                 package,
                 "yes" if entry.plugin.builtin else "no",
