@@ -1,5 +1,6 @@
 // The chat: a conversation streamed from POST /v1/chat/completions (server-sent events read
-// from fetch's body as they arrive), each reply shown as text only.
+// from fetch's body as they arrive), each reply shown as text only; a thinking model's
+// reasoning (delta.reasoning_content) in a "Thinking" fold above its answer.
 
 import { ApiError, apiFetch, describe } from "./api.js";
 import { el, formatRate } from "./dom.js";
@@ -92,6 +93,21 @@ export class Chat {
     return { node, bubble, meta };
   }
 
+  // The reply's "Thinking" fold, made on its first reasoning; the text node it grows in.
+  thought(reply, thinking) {
+    if (!thinking.node) {
+      thinking.text = document.createTextNode("");
+      thinking.node = el(
+        "details",
+        { class: "thinking", open: true },
+        el("summary", {}, "Thinking"),
+        el("div", { class: "thought" }, thinking.text),
+      );
+      reply.bubble.prepend(thinking.node);
+    }
+    return thinking.text;
+  }
+
   body(settings) {
     const messages = settings.system ? [{ role: "system", content: settings.system }] : [];
     const body = {
@@ -117,6 +133,7 @@ export class Chat {
     const reply = this.message("assistant", settings.model || "model");
     const output = document.createTextNode("");
     reply.bubble.append(output);
+    const thinking = { node: null, text: null };
     reply.node.dataset.state = "streaming";
     this.controller = new AbortController();
     this.busy(true);
@@ -126,10 +143,17 @@ export class Chat {
     try {
       for await (const chunk of chatChunks(this.body(settings), this.controller.signal)) {
         const choice = chunk.choices[0];
-        if (choice && choice.delta && choice.delta.content) {
+        const delta = (choice && choice.delta) || {};
+        if (delta.reasoning_content || delta.content) {
           const list = this.list;
           const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-          output.appendData(choice.delta.content);
+          if (delta.reasoning_content) {
+            this.thought(reply, thinking).appendData(delta.reasoning_content);
+          }
+          if (delta.content) {
+            if (thinking.node && !output.data) thinking.node.open = false; // the answer begins
+            output.appendData(delta.content);
+          }
           if (atBottom) list.scrollTop = list.scrollHeight;
         }
         if (choice && choice.finish_reason) finish = choice.finish_reason;

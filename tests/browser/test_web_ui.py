@@ -198,6 +198,69 @@ def test_chat_streams_into_the_assistant_bubble(server: RunningServer, browser: 
     assert_no_script_errors(browser)
 
 
+THINKING_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A tiny Qwen whose template opens <think> in the prompt, as Qwen3's does."""
+    from mlxserve.plugins.families.qwen import Qwen
+    from mlxserve.plugins.tiny import write_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("thinker")
+    checkpoint = write_tiny_checkpoint(
+        Qwen(),
+        tmp / "q",
+        seed=3,
+        chat_template=THINKING_TEMPLATE,
+        extra_tokens=("<think>", "</think>"),
+    )
+    config = write_config(
+        tmp,
+        f'[registry]\ndefault_model = "thinker"\ncache_dir = "{tmp / "cache"}"\n'
+        f'[models.thinker]\nsource = "{checkpoint}"\n',
+    )
+    with running_server(config) as running:
+        yield running
+
+
+def test_a_thinking_models_reasoning_folds_above_its_answer(
+    thinker: RunningServer, browser: WebDriver
+) -> None:
+    """The page shows delta.reasoning_content in a "Thinking" fold above the answer, as the API
+    gives them for the same greedy request."""
+    ask = "What is the capital of France?"
+    body = {
+        "model": "thinker",
+        "messages": [{"role": "user", "content": ask}],
+        "temperature": 0,
+        "max_tokens": 24,
+    }
+    reply = httpx.post(thinker.url + "/v1/chat/completions", json=body, timeout=60).json()
+    message = reply["choices"][0]["message"]
+    assert message.get("reasoning_content")
+
+    open_page(browser, thinker.url)
+    browser.find_element(By.ID, "temperature").send_keys("0")
+    browser.find_element(By.ID, "max-tokens").send_keys("24")
+    browser.find_element(By.ID, "prompt").send_keys(ask, Keys.ENTER)
+    wait_for(browser, lambda d: bubble_state(d)[1] == "done", "the reply's end")
+    fold = browser.find_element(By.CSS_SELECTOR, ".msg.assistant details.thinking")
+    shown = browser.execute_script(
+        "const b = document.querySelector('.msg.assistant .bubble');"
+        "return [b.querySelector('.thought').textContent,"
+        " [...b.childNodes].filter(n => n.nodeType === 3).map(n => n.data).join('')];"
+    )
+    assert shown == [message["reasoning_content"], message["content"] or ""]
+    assert not message["content"]  # the tiny model never ends its thinking: the fold stays open
+    assert fold.get_attribute("open") is not None
+    assert_no_script_errors(browser)
+
+
 def test_cluster_view_on_one_rank(server: RunningServer, browser: WebDriver) -> None:
     open_page(browser, server.url)
     assert text_of(browser, "#status-text") == "serving · one machine"
