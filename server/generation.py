@@ -20,6 +20,7 @@ from fastapi import Request
 from mlxserve.core.config.schema import Config
 from mlxserve.core.engine.engine import Engine, RequestStream
 from mlxserve.core.engine.sequence import RequestOutput, Usage
+from mlxserve.core.engine.settings import sequence_limit
 from mlxserve.core.engine.worker import ServedModel
 from mlxserve.core.errors import ContextLengthError, EngineUnavailableError
 from mlxserve.core.metrics import EngineMetrics
@@ -192,7 +193,7 @@ async def admit(
     model = await engine.model(name)
     params = sampling.with_defaults(entry.sampling_defaults, model.sampling_defaults)
     params = _checked_params(params, model.vocab_size)
-    limit = min(config.kv_cache_for(name).max_sequence_length, model.context_length)
+    limit = sequence_limit(config.kv_cache_for(name).max_sequence_length, model.context_length)
     chars = prompt.chars  # counted, never tokenized: refused at once if far too long
     if chars > limit * MAX_CHARS_PER_TOKEN:
         raise _context_error(limit, f"{chars} characters, far more than fit")

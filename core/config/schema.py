@@ -233,7 +233,7 @@ Budget = Annotated[
 class KVCacheConfig(_Section):
     budget: Budget = KVBudget(kind="auto", value=0)
     reserved_memory_mb: NonNegativeInt = 2048
-    max_sequence_length: SequenceLength = 4096
+    max_sequence_length: SequenceLength | None = None  # None: the model's own context
     block_size: BlockSize = 16
     disk_dir: ExpandedPath | None = None
     disk_max_gb: PositiveFloat = 10.0
@@ -384,6 +384,8 @@ def _default_models() -> dict[str, ModelEntry]:
 
 
 def _kv_conflicts(kv: KVCacheConfig) -> list[tuple[str, str]]:
+    if kv.max_sequence_length is None:  # the model's context, bounded by the budget at load
+        return []
     limit = f"max_sequence_length ({kv.max_sequence_length})"
     conflicts = []
     if kv.budget.kind == "tokens" and kv.budget.value < kv.max_sequence_length:

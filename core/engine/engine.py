@@ -23,7 +23,7 @@ from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.core.distributed.ranks import RankZero, lost_a_rank
 from mlxserve.core.engine.detokenizer import TextStream
 from mlxserve.core.engine.sequence import RequestOutput, Sequence
-from mlxserve.core.engine.settings import EngineSettings
+from mlxserve.core.engine.settings import EngineSettings, sequence_limit
 from mlxserve.core.engine.worker import ModelWorker, ServedModel
 from mlxserve.core.errors import (
     ContextLengthError,
@@ -306,7 +306,9 @@ class Engine:
 
     def _longest_sequence(self, model: ServedModel) -> int:
         """Prompt plus generated tokens one sequence of ``model`` may have."""
-        limit = min(self.settings.kv_for(model.name).max_sequence_length, model.context_length)
+        limit = sequence_limit(
+            self.settings.kv_for(model.name).max_sequence_length, model.context_length
+        )
         worker = self.workers.get(model.name)
         return limit if worker is None else min(limit, worker.capacity_tokens)
 

@@ -18,7 +18,7 @@ class KVSettings:
     """One model's KV cache: ``[kv_cache]`` merged with its ``[models.NAME.kv_cache]``."""
 
     options: KVCacheOptions = KVCacheOptions()
-    max_sequence_length: int = 4096
+    max_sequence_length: int | None = None  # None: the model's own context
     budget_kind: str = "auto"
     budget_value: int = 0
     reserved_memory_mb: int = 2048
@@ -75,3 +75,10 @@ class EngineSettings:
     def kv_for(self, model: str) -> KVSettings:
         """The KV settings of model ``model`` (its canonical name)."""
         return self.kv_by_model.get(model, self.kv)
+
+
+def sequence_limit(max_sequence_length: int | None, context_length: int) -> int:
+    """The longest prompt plus completion of a model: its context, or less if configured."""
+    if max_sequence_length is None:
+        return context_length
+    return min(max_sequence_length, context_length)

@@ -21,6 +21,7 @@ from mlxserve.core.engine.plan import StepPlan
 from mlxserve.core.engine.runner import ModelRunner
 from mlxserve.core.engine.scheduler import Scheduler
 from mlxserve.core.engine.sequence import RequestOutput, Sequence
+from mlxserve.core.engine.settings import sequence_limit
 from mlxserve.core.errors import UnsupportedModelError
 from mlxserve.core.kv.batching import unbatchable
 from mlxserve.core.kv.blocks import BlockManager
@@ -178,8 +179,9 @@ class ModelWorker:
     def _capacity(self, can_measure: bool) -> int:
         kv = self.kv
         batch = self.settings.max_batch_size if self.runner.batchable else 1
+        longest = sequence_limit(kv.max_sequence_length, self.model.context_length)
         if kv.budget_kind != "tokens" and not can_measure:
-            return batch * kv.max_sequence_length
+            return batch * longest
         per_token, fixed, windows = self._measure_caches()
         # Recurrent state takes the same bytes whatever a sequence's length: a full batch's
         # worth, and the copies (with their sliding windows) the prefix cache keeps, are set
@@ -197,6 +199,14 @@ class ModelWorker:
             per_token,
             f"; {aside / 2**20:.1f} MiB set aside for state" if aside else "",
         )
+        if tokens < longest:
+            log.warning(
+                "%s: its KV budget holds %d tokens, fewer than its context of %d: no request "
+                "may be longer (set [kv_cache] budget or max_sequence_length)",
+                self.model.name,
+                tokens,
+                longest,
+            )
         return tokens
 
     def _measure_caches(self) -> tuple[int, int, int]:

@@ -179,3 +179,31 @@ def test_quantized_kv_batches_like_one_at_a_time(
     assert [r["choices"][0]["text"] for r in together] == alone
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert "prefix caching is off" in caplog.text
+
+
+def test_a_models_context_is_its_checkpoints_unless_set(
+    tmp_path: Path, plugins, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint trained for 8,192 tokens takes a 6,000-token prompt by default (it was cut
+    to 4,096 for every model); a configured max_sequence_length, or a budget smaller than the
+    context, still limits it (the budget with a warning)."""
+    from mlxserve.plugins.families.llama import Llama
+    from mlxserve.plugins.tiny import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(
+        Llama(), tmp_path / "long", overrides={"max_position_embeddings": 8192}
+    )
+    prompt = [(i * 13) % 400 + 3 for i in range(6000)]
+    with running_server(config_for(tmp_path / "a", checkpoint)) as server:
+        long = post(
+            server, "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 4}
+        )
+    assert long.status_code == 200, long.text
+    limited = config_for(tmp_path / "b", checkpoint, "max_sequence_length = 4096\n")
+    budget = config_for(tmp_path / "c", checkpoint, "budget = 2048\n")
+    for config in (limited, budget):
+        with running_server(config) as server:
+            refused = post(server, "/v1/completions", json={"model": "m", "prompt": prompt})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+    assert "KV budget holds 2048 tokens, fewer than its context of 8192" in caplog.text

@@ -163,7 +163,7 @@ def test_plugins_env_var() -> None:
         ),
         ("[distributed]\nsplit = 'odd'", "distributed.split: must be 'even', 'memory' or a list"),
         (
-            "[kv_cache]\nbudget = 1024",
+            "[kv_cache]\nbudget = 1024\nmax_sequence_length = 4096",
             "kv_cache.budget: 1024 tokens is less than max_sequence_length (4096)",
         ),
         (
