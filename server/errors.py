@@ -4,6 +4,7 @@ or on Anthropic's Messages API in its own: ``{"type": "error", "error": {type, m
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar, cast
@@ -23,11 +24,14 @@ from mlxserve.core.errors import (
     UnknownModelTypeError,
     UnsupportedModelError,
 )
+from mlxserve.core.logs import RateLimitedLog
 from mlxserve.core.sampling.params import InvalidParameterError
 from mlxserve.server.protocol.anthropic import anthropic_error_body
 from mlxserve.server.protocol.openai import error_body
 
 log = logging.getLogger(__name__)
+# One line for every refused request (4xx), at most a few a second.
+REJECTIONS = RateLimitedLog(log)
 
 
 class RequestTimeoutError(Exception):
@@ -119,6 +123,19 @@ def _rejected(
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.http_error(status, code or type)
+    request_id = request.headers.get("x-request-id", "")[:64] or f"req_{uuid.uuid4().hex[:16]}"
+    if status < 500:  # the 500s log their traceback
+        shown = message if len(message) <= 300 else message[:300] + "…"
+        REJECTIONS.info(
+            "%s %s %s: %d %s: %s",
+            request_id,
+            request.method,
+            request.url.path,
+            status,
+            code or type,
+            shown,
+        )
+    headers = {**(headers or {}), "x-request-id": request_id}
     return error_response(status, message, type, param, code, headers, path=request.url.path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -450,3 +451,25 @@ def test_admin_load_and_unload(tmp_path: Path, tiny_checkpoints) -> None:
             assert busy.status_code == 409 and error_of(busy)["code"] == "model_busy"
             assert slow.result().status_code == 200
         assert json.loads(get(srv, "/health").text)["status"] == "ok"
+
+
+def test_every_refusal_logs_one_line_saying_why_at_most_a_few_a_second(
+    tmp_path: Path, tiny_checkpoints, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mlxserve.server.errors")
+    config = small_config(tmp_path, tiny_checkpoints["llama"])
+    bad = {"model": "m", "prompt": [4, 5], "temperature": -1}
+    with running_server(config) as srv:
+        mine = post(srv, "/v1/completions", json=bad, headers={"x-request-id": "agent-7"})
+        assert mine.status_code == 400 and mine.headers["x-request-id"] == "agent-7"
+        assert post(srv, "/v1/completions", json=bad).headers["x-request-id"].startswith("req_")
+        burst = [post(srv, "/v1/completions", json=bad).status_code for _ in range(40)]
+        time.sleep(1.0)
+        post(srv, "/v1/completions", json=bad)
+    assert set(burst) == {400}
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlxserve.server.errors"]
+    assert lines[0].startswith(
+        "agent-7 POST /v1/completions: 400 invalid_request_error: temperature"
+    )
+    assert len(lines) < 20  # 42 refusals in about a second
+    assert "more like it not logged" in lines[-1]
