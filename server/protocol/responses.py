@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from mlxserve.core.sampling.params import InvalidParameterError
@@ -64,6 +73,7 @@ class FunctionCallItem(OpenAIBaseModel):
     call_id: Text
     name: Text
     arguments: Text = "{}"
+    namespace: Text | None = None  # a call of a tool in a namespace names both
 
 
 class FunctionCallOutputItem(OpenAIBaseModel):
@@ -106,6 +116,36 @@ class FunctionTool(OpenAIBaseModel):
     strict: bool | None = None
 
 
+class NamespaceTool(OpenAIBaseModel):
+    """A named group of function tools (Codex sends its MCP and agent tools so); each call
+    of one names the tool and its namespace apart."""
+
+    type: Literal["namespace"]
+    name: Annotated[Text, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    description: Text | None = None
+    tools: list[FunctionTool] = Field(max_length=128)
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools(cls, tools: Any) -> Any:
+        return _unsupported_kinds(tools, ("function",), "namespace tools", "send function tools")
+
+
+def _drop_hosted(tools: Any) -> tuple[Any, list[str]]:
+    """The tools mlxserve can offer a model (functions, namespaces of them), and the types of
+    those it leaves out: hosted tools it cannot run (web search, code interpreter, ...)."""
+    if not isinstance(tools, list):
+        return tools, []
+    kept, left_out = [], []
+    for tool in tools:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind not in ("function", "namespace"):
+            left_out.append(printable(kind)[:64])
+        else:
+            kept.append(tool)
+    return kept, left_out
+
+
 class FunctionToolChoice(OpenAIBaseModel):
     type: Literal["function"]
     name: Text
@@ -141,7 +181,8 @@ class ResponsesRequest(OpenAIBaseModel):
     model: Text | None = None
     input: Annotated[Text | list[InputItem], at_most(MAX_MESSAGES)]
     instructions: Text | None = None
-    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tools: list[FunctionTool | NamespaceTool] | None = Field(None, max_length=128)
+    ignored_tools: list[str] = Field(default_factory=list, exclude=True)
     tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
@@ -161,11 +202,36 @@ class ResponsesRequest(OpenAIBaseModel):
         hint = "send message, function_call and function_call_output items"
         return _unsupported_kinds(items, ITEM_TYPES, "input items", hint)
 
-    @field_validator("tools", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _function_tools(cls, tools: Any) -> Any:
-        hint = "mlxserve has no hosted tools; send function tools"
-        return _unsupported_kinds(tools, ("function",), "tools", hint)
+    def _hosted_tools_left_out(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tools" in data:
+            tools, left_out = _drop_hosted(data["tools"])
+            return {**data, "tools": tools, "ignored_tools": left_out}
+        return data
+
+    def flat_tools(self) -> list[tuple[str, FunctionTool, str | None]]:
+        """Every function tool as (the name the model sees, the tool, its namespace): a
+        namespaced tool keeps its own name unless another tool has it too."""
+        pairs: list[tuple[FunctionTool, str | None]] = [
+            (tool, group.name)
+            for group in self.tools or ()
+            if isinstance(group, NamespaceTool)
+            for tool in group.tools
+        ]
+        pairs += [(t, None) for t in self.tools or () if isinstance(t, FunctionTool)]
+        counts = Counter(tool.name for tool, _ in pairs)
+        return [
+            (f"{ns}__{tool.name}" if ns and counts[tool.name] > 1 else tool.name, tool, ns)
+            for tool, ns in pairs
+        ]
+
+    def call_names(self, flat_name: str) -> tuple[str, str | None]:
+        """(name, namespace) of a call of the tool the model knows as ``flat_name``."""
+        for flat, tool, namespace in self.flat_tools():
+            if flat == flat_name:
+                return tool.name, namespace
+        return flat_name, None
 
     def check_supported(self) -> None:
         """Raise InvalidParameterError for a well-formed request this server cannot serve."""
@@ -221,11 +287,13 @@ class ResponsesRequest(OpenAIBaseModel):
                 role = "system" if item.role == "developer" else item.role
                 messages.append({"role": role, "content": _joined(item.content)})
             elif isinstance(item, FunctionCallItem):
-                names[item.call_id] = item.name
+                flat = {(t.name, ns): f for f, t, ns in self.flat_tools()}
+                name = flat.get((item.name, item.namespace), item.name)
+                names[item.call_id] = name
                 call = {
                     "id": item.call_id,
                     "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments},
+                    "function": {"name": name, "arguments": item.arguments},
                 }
                 last = messages[-1] if messages else None
                 if last is None or last["role"] != "assistant":
@@ -248,9 +316,9 @@ class ResponsesRequest(OpenAIBaseModel):
         return [
             {
                 "type": "function",
-                "function": tool.model_dump(exclude={"type"}, exclude_none=True),
+                "function": {**tool.model_dump(exclude={"type"}, exclude_none=True), "name": flat},
             }
-            for tool in self.tools or ()
+            for flat, tool, _ in self.flat_tools()
         ]
 
     def tool_choice_name(self) -> str:
@@ -322,6 +390,7 @@ class OutputFunctionCall(BaseModel):
     name: str
     arguments: str = ""
     status: Literal["in_progress", "completed", "incomplete"] = "in_progress"
+    namespace: str | None = None
 
 
 class InputTokensDetails(BaseModel):

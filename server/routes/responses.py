@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from mlxserve.server.conversation import (
     Event,
@@ -44,6 +46,11 @@ router = APIRouter(
 RENAMES = {"messages": "input", "response_format": "text.format", "max_tokens": "max_output_tokens"}
 
 
+log = logging.getLogger(__name__)
+# Names the request's tools mlxserve left out (hosted tools it cannot run), when there are any.
+IGNORED_TOOLS_HEADER = "x-mlxserve-ignored-tools"
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
@@ -56,8 +63,13 @@ class ResponseWriter:
     no empty message item. A thinking model's reasoning is a reasoning item before them.
     """
 
-    def __init__(self, response: ResponseObject) -> None:
+    def __init__(
+        self,
+        response: ResponseObject,
+        call_names: Callable[[str], tuple[str, str | None]] = lambda name: (name, None),
+    ) -> None:
         self.response = response
+        self.call_names = call_names  # the model's name of a tool -> (name, namespace)
         self.sequence_number = 0
         self.message: OutputMessage | None = None
         self.reasoning: OutputReasoning | None = None
@@ -187,7 +199,8 @@ class ResponseWriter:
     def _call(self, call: ToolCallEvent) -> list[dict[str, Any]]:
         events = self._close_reasoning("completed") + self._close_message("completed")
         self.held = ""
-        item = OutputFunctionCall(id=_id("fc"), call_id=call.id, name=call.name)
+        name, namespace = self.call_names(call.name)
+        item = OutputFunctionCall(id=_id("fc"), call_id=call.id, name=name, namespace=namespace)
         index = len(self.response.output)
         self.response.output.append(item)
         where = {"item_id": item.id, "output_index": index}
@@ -272,11 +285,17 @@ async def create_response(
             tools=[tool.model_dump(exclude_none=True) for tool in body.tools or ()],
             user=body.user,
             metadata=body.metadata or {},
-        )
+        ),
+        body.call_names,
     )
+    headers = {}
+    if body.ignored_tools:
+        kinds = ", ".join(sorted(set(body.ignored_tools)))
+        log.info("a response request's %s tools are left out: mlxserve cannot run them", kinds)
+        headers[IGNORED_TOOLS_HEADER] = kinds
     events = reply.events(engine)
     if body.stream:
-        return await sse_response(
+        streamed = await sse_response(
             events,
             writer.on,
             opening=writer.start(),
@@ -284,6 +303,8 @@ async def create_response(
             frame=typed_event,
             closing=None,
         )
+        streamed.headers.update(headers)
+        return streamed
     async for event in events:
         writer.on(event)
-    return writer.response
+    return JSONResponse(writer.response.model_dump(mode="json"), headers=headers)

@@ -223,7 +223,7 @@ def test_json_schema_output_validates(client: openai.OpenAI) -> None:
         ({"temperature": "hot"}, "temperature"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input"),
-        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"tools": [{"type": "namespace", "name": "ns", "tools": [{"type": "x"}]}]}, "tools"),
         ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
     ],
@@ -244,3 +244,68 @@ def test_unknown_model_is_a_404_and_aliases_resolve(client: openai.OpenAI) -> No
         create(client, model="nope")
     assert caught.value.body["code"] == "model_not_found"
     assert create(client, model="gpt-4o-mini", max_output_tokens=2).model == "qwen"
+
+
+CODEX_TOOLS = [
+    {
+        "type": "function",
+        "name": "shell",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+    {
+        "type": "namespace",
+        "name": "multi_agent_v1",
+        "description": "Agents that work beside you.",
+        "tools": [
+            {
+                "type": "function",
+                "name": "spawn_agent",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"message": {"type": "string", "maxLength": 8}},
+                    "required": ["message"],
+                    "additionalProperties": False,
+                },
+            }
+        ],
+    },
+    {"type": "web_search", "external_web_access": False},
+    {"type": "image_generation"},
+]
+
+
+def test_tools_as_codex_sends_them(server: RunningServer) -> None:
+    """Function tools beside a namespace of them and hosted tools: the hosted ones are left out
+    (named in a header), the namespace's tools offered, and a call of one names its namespace
+    apart; sent back in the next turn, it is understood."""
+    body = {
+        "model": "qwen",
+        "input": "Start a helper.",
+        "tools": CODEX_TOOLS,
+        "tool_choice": {"type": "function", "name": "spawn_agent"},
+        "max_output_tokens": 64,
+        "temperature": 0,
+        "some_future_field": {"ignored": True},
+    }
+    reply = post(server, "/v1/responses", json=body)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-mlxserve-ignored-tools"] == "image_generation, web_search"
+    calls = [item for item in reply.json()["output"] if item["type"] == "function_call"]
+    assert [(c["name"], c["namespace"]) for c in calls] == [("spawn_agent", "multi_agent_v1")]
+    history = [
+        {"role": "user", "content": "Start a helper."},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "spawn_agent",
+            "namespace": "multi_agent_v1",
+            "arguments": '{"message": "hi"}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "started"},
+    ]
+    again = post(server, "/v1/responses", json={**body, "input": history, "tool_choice": "auto"})
+    assert again.status_code == 200, again.text
+    streamed = post(server, "/v1/responses", json={**body, "stream": True})
+    assert streamed.status_code == 200
+    assert streamed.headers["x-mlxserve-ignored-tools"] == "image_generation, web_search"
+    assert "response.completed" in streamed.text
