@@ -43,7 +43,11 @@ from mlxserve.server.protocol.request import (
     RawPrompt,
     RequestedSampling,
 )
-from mlxserve.server.structured import check_tool_schemas, grammar_for_response_format
+from mlxserve.server.structured import (
+    bounded_tools,
+    check_tool_schemas,
+    grammar_for_response_format,
+)
 from mlxserve.server.tokenizing import with_own_tokenizer
 
 
@@ -84,7 +88,9 @@ class Prepared:
 REASONING_TAIL_TOKENS = 16
 
 
-def prepare(prompt: Prompt, model: ServedModel, tokenizer: Any, limit: int) -> Prepared:
+def prepare(
+    prompt: Prompt, model: ServedModel, tokenizer: Any, limit: int, open_tool_schemas: bool = False
+) -> Prepared:
     """The prompt, checked against the model, and its grammar (see :class:`Prepared`). Runs
     on a tokenizing thread, with that thread's own copy of the model's tokenizer.
 
@@ -108,7 +114,9 @@ def prepare(prompt: Prompt, model: ServedModel, tokenizer: Any, limit: int) -> P
     if isinstance(prompt, RawPrompt):
         return Prepared(ids, grammar_for_response_format(prompt.response_format))
     return Prepared(
-        ids, _chat_grammar(prompt, model, tokenizer), _reasoning_end(ids, model, tokenizer)
+        ids,
+        _chat_grammar(prompt, model, tokenizer, closed=not open_tool_schemas),
+        _reasoning_end(ids, model, tokenizer),
     )
 
 
@@ -137,7 +145,9 @@ def _chat_prompt(conversation: Conversation, model: ServedModel, tokenizer: Any)
         ) from exc
 
 
-def _chat_grammar(conversation: Conversation, model: ServedModel, tokenizer: Any) -> str | None:
+def _chat_grammar(
+    conversation: Conversation, model: ServedModel, tokenizer: Any, *, closed: bool
+) -> str | None:
     if not conversation.forces_a_call:
         return grammar_for_response_format(conversation.response_format)
     fmt = model.tool_call_format
@@ -146,11 +156,11 @@ def _chat_grammar(conversation: Conversation, model: ServedModel, tokenizer: Any
     special = marker_token_ids(fmt, tokenizer)
     if conversation.tool_choice == "required":
         check_tool_schemas(conversation.tools)
-        parallel = conversation.parallel_tool_calls
-        return fmt.grammar(conversation.tools, parallel=parallel, special=special)
+        tools = bounded_tools(conversation.tools, closed=closed)
+        return fmt.grammar(tools, parallel=conversation.parallel_tool_calls, special=special)
     check_tool_schemas(conversation.tools, [conversation.tool_choice])
     named = [t for t in conversation.tools if t["function"]["name"] == conversation.tool_choice]
-    return fmt.grammar(named, parallel=False, special=special)
+    return fmt.grammar(bounded_tools(named, closed=closed), parallel=False, special=special)
 
 
 async def _constraint(model: ServedModel, grammar: str, param: str) -> Constraint:
@@ -200,7 +210,10 @@ async def admit(
     slot = engine.reserve()  # before any work that grows with the request
     try:
         prepared = await with_own_tokenizer(
-            model.tokenizer, lambda tokenizer: prepare(prompt, model, tokenizer, limit)
+            model.tokenizer,
+            lambda tokenizer: prepare(
+                prompt, model, tokenizer, limit, config.structured.open_tool_schemas
+            ),
         )
         constraint = None
         if prepared.grammar is not None:

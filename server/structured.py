@@ -7,6 +7,7 @@ from typing import Any
 
 from mlxserve.core.sampling.constraint import json_grammar
 from mlxserve.core.sampling.grammar_limits import SchemaBudget, SchemaError, check_schema
+from mlxserve.core.sampling.json_bounds import bounded_object_schema, bounded_tool_schema
 from mlxserve.core.sampling.params import InvalidParameterError
 
 FORMATS = ("text", "json_object", "json_schema")
@@ -65,13 +66,28 @@ def check_tool_schemas(tools: Sequence[Any], names: list[str] | None = None) -> 
             raise InvalidParameterError(param, f"tool {name!r}: {exc}") from None
 
 
+def bounded_tools(tools: Sequence[Any], *, closed: bool) -> list[dict[str, Any]]:
+    """Copies of the function tools whose calls a grammar forces, each ``parameters`` rewritten
+    so its arguments end (:func:`mlxserve.core.sampling.json_bounds.bounded_tool_schema`;
+    ``closed``: an object schema that declares properties allows only those). Check them
+    first (:func:`check_tool_schemas`)."""
+    out = []
+    for tool in tools:
+        function = dict(tool["function"])
+        function["parameters"] = bounded_tool_schema(function.get("parameters"), closed=closed)
+        out.append({**tool, "function": function})
+    return out
+
+
 def grammar_for_response_format(response_format: Mapping[str, Any] | None) -> str | None:
     """The Lark grammar a ``response_format`` asks for; None for plain text.
 
-    ``json_object`` is any JSON object; ``json_schema`` is one JSON value conforming to its
-    ``schema`` (any JSON object if it has none). The schema is checked against the limits
-    of :mod:`mlxserve.core.sampling.grammar_limits` here; whether it compiles is found out when the
-    grammar is compiled (``admit``), off the event loop.
+    ``json_object`` is any JSON object, bounded so that it ends
+    (:func:`mlxserve.core.sampling.json_bounds.bounded_object_schema`); ``json_schema`` is
+    one JSON value conforming to its ``schema`` (any JSON object if it has none). The schema
+    is checked against the limits of :mod:`mlxserve.core.sampling.grammar_limits` here;
+    whether it compiles is found out when the grammar is compiled (``admit``), off the event
+    loop.
 
     Raises:
         InvalidParameterError: (param ``response_format``) it is not one of the three forms,
@@ -86,7 +102,7 @@ def grammar_for_response_format(response_format: Mapping[str, Any] | None) -> st
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_grammar(None)
+        return json_grammar(bounded_object_schema())
     if "json_schema" not in response_format:
         raise _invalid("type 'json_schema' needs a 'json_schema' object")
     return json_grammar(_schema(response_format["json_schema"]))

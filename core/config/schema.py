@@ -369,6 +369,10 @@ class PluginsConfig(_Section):
     trace: bool = False
 
 
+class StructuredConfig(_Section):
+    open_tool_schemas: bool = False
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     file: ExpandedPath | None = None
@@ -406,6 +410,7 @@ class Config(_Section):
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    structured: StructuredConfig = Field(default_factory=StructuredConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def resolve_model(self, name: str | None = None) -> tuple[str, ModelEntry]:
