@@ -28,7 +28,26 @@ class QueueFullError(MlxserveError):
 
 
 class ContextLengthError(MlxserveError):
-    """A prompt (plus the tokens asked for) does not fit the context."""
+    """A prompt (plus the tokens asked for) does not fit the context.
+
+    ``limit`` is the context (tokens), ``prompt_tokens`` the prompt's length (at least that
+    many, when only its characters were counted); ``max_tokens`` is set when the prompt fits
+    and the tokens asked for do not. An API words the error its own way from these (None:
+    only the message says what is wrong).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: int | None = None,
+        prompt_tokens: int | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
 
 
 class EngineUnavailableError(MlxserveError):

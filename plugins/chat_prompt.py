@@ -119,6 +119,41 @@ def _uses_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | No
     return bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
 
+def merged_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The messages with every system turn merged into one at the top (in order, blank-line
+    separated), for a chat template that only takes a leading one; None when no system turn
+    stands after the first message (nothing to merge)."""
+    later = [m for m in messages[1:] if m.get("role") == "system"]
+    if not later:
+        return None
+    systems = [m for m in messages if m.get("role") == "system"]
+    content = "\n\n".join(str(m.get("content") or "") for m in systems)
+    rest = [m for m in messages if m.get("role") != "system"]
+    return [{**systems[0], "content": content}, *rest]
+
+
+def _render(
+    tokenizer: Any,
+    family: ModelFamily | None,
+    fmt: ToolCallFormat | None,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    tokenize: bool,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """System turns where they stand when the chat template takes them; when it raises and
+    some stand after the first message, once more with them merged into the top one."""
+    try:
+        return _apply_chat_template(
+            tokenizer, family, fmt, messages, tools, tokenize, template_kwargs
+        )
+    except Exception:
+        merged = merged_system(messages)
+        if merged is None:
+            raise
+    return _apply_chat_template(tokenizer, family, fmt, merged, tools, tokenize, template_kwargs)
+
+
 def _apply_chat_template(
     tokenizer: Any,
     family: ModelFamily | None,
@@ -171,7 +206,9 @@ def render_chat_prompt(
     The checkpoint's chat template renders what it can (the ``tools`` list, assistant
     ``tool_calls``, ``tool`` turns); ``fmt`` writes the rest: the tools into the system
     turn, calls as the model writes them, results as user turns. Without tools and tool
-    turns this is plain ``apply_chat_template``.
+    turns this is plain ``apply_chat_template``. System turns after the first message stay
+    where they stand, unless the template raises on them: then they are merged into the
+    top system turn (:func:`merged_system`).
 
     Args:
         tokenizer: mlx-lm's TokenizerWrapper (or a Hugging Face tokenizer).
@@ -187,7 +224,7 @@ def render_chat_prompt(
         Exception: whatever the chat template raises for messages it rejects.
     """
     return list(
-        _apply_chat_template(
+        _render(
             tokenizer, family, fmt, messages, tools, tokenize=True, template_kwargs=template_kwargs
         )
     )
@@ -202,6 +239,6 @@ def render_chat_text(
     template_kwargs: Mapping[str, Any] | None = None,
 ) -> str:
     """:func:`render_chat_prompt` as text, before tokenizing."""
-    return _apply_chat_template(
+    return _render(
         tokenizer, family, fmt, messages, tools, tokenize=False, template_kwargs=template_kwargs
     )

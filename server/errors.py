@@ -26,7 +26,7 @@ from mlxserve.core.errors import (
 )
 from mlxserve.core.logs import RateLimitedLog
 from mlxserve.core.sampling.params import InvalidParameterError
-from mlxserve.server.protocol.anthropic import anthropic_error_body
+from mlxserve.server.protocol.anthropic import anthropic_error_body, context_error_message
 from mlxserve.server.protocol.openai import error_body
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,10 @@ def _invalid_parameter(request: Request, exc: InvalidParameterError) -> JSONResp
 def _mapped(request: Request, exc: Exception) -> JSONResponse:
     status, kind, code = _kind_of(exc)
     headers = {"Retry-After": "1"} if status == 429 else None
-    return _rejected(request, status, str(exc), kind, code=code, headers=headers)
+    message = str(exc)
+    if isinstance(exc, ContextLengthError) and anthropic_shaped(request.url.path):
+        message = context_error_message(exc)
+    return _rejected(request, status, message, kind, code=code, headers=headers)
 
 
 def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

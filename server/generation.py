@@ -69,8 +69,20 @@ class Admitted:
             self.metrics.request_error(self.name, kind)
 
 
-def _context_error(limit: int, what: str) -> ContextLengthError:
-    return ContextLengthError(f"this model's context is {limit} tokens, but the prompt has {what}")
+def _context_error(limit: int, what: str, prompt_tokens: int) -> ContextLengthError:
+    return ContextLengthError(
+        f"this model's context is {limit} tokens, but the prompt has {what}",
+        limit=limit,
+        prompt_tokens=prompt_tokens,
+    )
+
+
+def _check_chars(prompt: Prompt, limit: int) -> None:
+    """Refuse a prompt whose characters (counted, never tokenized) cannot fit ``limit``."""
+    chars = prompt.chars
+    if chars > limit * MAX_CHARS_PER_TOKEN:
+        at_least = -(-chars // MAX_CHARS_PER_TOKEN)  # tokens it has at least: over ``limit``
+        raise _context_error(limit, f"{chars} characters, far more than fit", at_least)
 
 
 @dataclass(frozen=True)
@@ -99,15 +111,11 @@ def prepare(
     prompt opens a reasoning block. A raw prompt is tokenized as it is (or taken as token
     ids); its output format is its grammar.
     """
-    if isinstance(prompt, RawPrompt):
-        text_or_ids = prompt.prompt
-        ids = list(tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids)
-    else:
-        ids = _chat_prompt(prompt, model, tokenizer)
+    ids = prompt_ids(prompt, model, tokenizer)
     if not ids:
         raise InvalidParameterError("prompt", "must not be empty")
     if len(ids) > limit:
-        raise _context_error(limit, f"{len(ids)} tokens")
+        raise _context_error(limit, f"{len(ids)} tokens", len(ids))
     vocab = model.vocab_size
     if not (min(ids) >= 0 and max(ids) < vocab):
         raise InvalidParameterError("prompt", f"token ids must be below {vocab}")
@@ -118,6 +126,15 @@ def prepare(
         _chat_grammar(prompt, model, tokenizer, closed=not open_tool_schemas),
         _reasoning_end(ids, model, tokenizer),
     )
+
+
+def prompt_ids(prompt: Prompt, model: ServedModel, tokenizer: Any) -> list[int]:
+    """The prompt's token ids: a conversation through the model's chat template and
+    tool-call format, a raw prompt tokenized as it is (or taken as token ids)."""
+    if isinstance(prompt, RawPrompt):
+        text_or_ids = prompt.prompt
+        return list(tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids)
+    return _chat_prompt(prompt, model, tokenizer)
 
 
 def _reasoning_end(ids: list[int], model: ServedModel, tokenizer: Any) -> tuple[int, ...]:
@@ -204,9 +221,7 @@ async def admit(
     params = sampling.with_defaults(entry.sampling_defaults, model.sampling_defaults)
     params = _checked_params(params, model.vocab_size)
     limit = sequence_limit(config.kv_cache_for(name).max_sequence_length, model.context_length)
-    chars = prompt.chars  # counted, never tokenized: refused at once if far too long
-    if chars > limit * MAX_CHARS_PER_TOKEN:
-        raise _context_error(limit, f"{chars} characters, far more than fit")
+    _check_chars(prompt, limit)
     slot = engine.reserve()  # before any work that grows with the request
     try:
         prepared = await with_own_tokenizer(
@@ -229,6 +244,27 @@ async def admit(
     deadline = time.monotonic() + config.server.request_timeout_s
     opened = bool(prepared.reasoning_end)
     return Admitted(name, model, stream, params, deadline, metrics, len(prepared.ids), opened)
+
+
+async def count_prompt_tokens(
+    engine: Engine, config: Config, model_name: str | None, prompt: Prompt
+) -> tuple[str, int]:
+    """``(model name, prompt tokens)``: the prompt's length as :func:`admit` would render it
+    for the model (loaded if needed), nothing submitted. As in :func:`admit`, a text far
+    longer than the context is refused before tokenizing, and the tokenizing holds a place
+    in the queue; a prompt longer than the context is counted all the same."""
+    name, _ = config.resolve_model(model_name)
+    model = await engine.model(name)
+    limit = sequence_limit(config.kv_cache_for(name).max_sequence_length, model.context_length)
+    _check_chars(prompt, limit)
+    slot = engine.reserve()
+    try:
+        ids = await with_own_tokenizer(
+            model.tokenizer, lambda tokenizer: prompt_ids(prompt, model, tokenizer)
+        )
+    finally:
+        slot.release()
+    return name, len(ids)
 
 
 def _thinking(prompt: Prompt, prepared: Prepared, constraint: Constraint | None) -> Thinking | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import ipaddress
 import json
 import math
@@ -268,10 +269,28 @@ class ServerConfig(_Section):
     max_connections: PositiveInt | None = None
 
 
+MAX_MODEL_PATTERNS = 64
+_MODEL_PATTERN = re.compile(r"[A-Za-z0-9._:/*?\[\]!-]{1,256}")
+
+
+def _check_model_patterns(patterns: dict[str, str]) -> dict[str, str]:
+    if len(patterns) > MAX_MODEL_PATTERNS:
+        raise ValueError(f"has {len(patterns)} patterns; at most {MAX_MODEL_PATTERNS} are allowed")
+    for pattern in patterns:
+        if not _MODEL_PATTERN.fullmatch(pattern):
+            raise ValueError(
+                f"pattern {_show(pattern)}: a glob of at most 256 letters, digits, '.', '_', "
+                "':', '/', '-' and the wildcards '*', '?' and '[...]'"
+            )
+    return patterns
+
+
 class RegistryConfig(_Section):
     default_model: str = "demo"
     cache_dir: ExpandedPath = Field(default=Path("~/.cache/mlxserve"), validate_default=True)
     max_loaded_models: PositiveInt = 1
+    # glob -> model name or alias: what an unknown model name matching the glob is served by
+    model_patterns: Annotated[dict[str, str], AfterValidator(_check_model_patterns)] = {}
 
 
 class ModelEntry(_Section):
@@ -415,13 +434,16 @@ class Config(_Section):
 
     def resolve_model(self, name: str | None = None) -> tuple[str, ModelEntry]:
         """The one resolver of model names: ``(canonical name, entry)`` of a model name or
-        alias (None or "": ``[registry] default_model``).
+        alias (None or "": ``[registry] default_model``), else of the model the first
+        ``[registry] model_patterns`` glob it matches maps it to.
 
         Raises:
-            ModelNotFoundError: no model has that name or alias.
+            ModelNotFoundError: no model has that name or alias, and no pattern matches it.
         """
         wanted = name or self.registry.default_model
         found = self._find_model(wanted)
+        if found is None:
+            found = self._find_by_pattern(wanted)
         if found is None:
             known = ", ".join(sorted(self.models)) or "none"
             raise ModelNotFoundError(f"model {wanted!r} does not exist (available: {known})")
@@ -433,6 +455,12 @@ class Config(_Section):
         for model_name, entry in self.models.items():
             if name in entry.aliases:
                 return model_name, entry
+        return None
+
+    def _find_by_pattern(self, name: str) -> tuple[str, ModelEntry] | None:
+        for pattern, target in self.registry.model_patterns.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return self._find_model(target)
         return None
 
     def kv_cache_for(self, name: str) -> KVCacheConfig:
@@ -453,6 +481,11 @@ class Config(_Section):
             known = ", ".join(repr(name) for name in self.models) or "none"
             message = f"{_show(self.registry.default_model)} is not a model name or alias"
             problems.append((("registry", "default_model"), f"{message} (models: {known})"))
+        for pattern, target in self.registry.model_patterns.items():
+            if self._find_model(target) is None:
+                known = ", ".join(repr(name) for name in self.models) or "none"
+                message = f"{_show(target)} is not a model name or alias (models: {known})"
+                problems.append((("registry", "model_patterns", pattern), message))
         for name, entry in self.models.items():
             if not valid_model_name(name):
                 problems.append((("models", name), f"a model name must be {_MODEL_NAME_RULE}"))

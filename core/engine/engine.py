@@ -255,6 +255,7 @@ class Engine:
         limit = self._longest_sequence(model)
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if not prompt_ids or wanted > limit:
+            fits = len(prompt_ids) <= limit
             raise ContextLengthError(
                 f"this model's context is {limit} tokens, but the prompt has "
                 f"{len(prompt_ids)} tokens"
@@ -263,7 +264,10 @@ class Engine:
                     if params.max_tokens
                     else ""
                 )
-                + (" (an empty prompt is not allowed)" if not prompt_ids else "")
+                + (" (an empty prompt is not allowed)" if not prompt_ids else ""),
+                limit=limit if prompt_ids else None,
+                prompt_tokens=len(prompt_ids),
+                max_tokens=(params.max_tokens or 1) if fits else None,
             )
 
     def _queue(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from mlxserve.core.errors import ContextLengthError
 from mlxserve.core.sampling.params import INT32_MAX, MAX_STOP_STRINGS, InvalidParameterError
 from mlxserve.server.protocol.openai import (
     MAX_MESSAGES,
@@ -38,6 +39,20 @@ def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
     """``{"type": "error", "error": {"type", "message"}}``, the type chosen by status."""
     kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": printable(message)}}
+
+
+def context_error_message(exc: ContextLengthError) -> str:
+    """Anthropic's own words for a context overflow, which clients such as Claude Code read
+    (and recover from: compacting the conversation, or asking for fewer tokens)."""
+    limit, prompt_tokens, max_tokens = exc.limit, exc.prompt_tokens, exc.max_tokens
+    if limit is None or prompt_tokens is None:
+        return str(exc)
+    if max_tokens is None:
+        return f"prompt is too long: {prompt_tokens} tokens > {limit} maximum"
+    return (
+        f"input length and `max_tokens` exceed context limit: {prompt_tokens} + {max_tokens} > "
+        f"{limit}, decrease input length or `max_tokens` and try again"
+    )
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -97,16 +112,19 @@ Block = Annotated[
 
 
 class InputMessage(OpenAIBaseModel):
-    """One turn of the conversation."""
+    """One turn of the conversation: a ``system`` one (text only) may stand anywhere, as
+    Claude Code's ``mid-conversation-system`` beta sends them."""
 
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: Annotated[Text | list[Block], at_most(MAX_PARTS)]
 
     @field_validator("content", mode="before")
     @classmethod
-    def _supported_blocks(cls, content: Any) -> Any:
+    def _supported_blocks(cls, content: Any, info: ValidationInfo) -> Any:
         if not isinstance(content, list):
             return content
+        if info.data.get("role") == "system":
+            return _text_blocks_only(content, "system messages")
         kept = []
         for block in content:
             kind = block.get("type") if isinstance(block, dict) else None
@@ -152,21 +170,15 @@ class ThinkingConfig(OpenAIBaseModel):
     display: Literal["summarized", "omitted"] | None = None
 
 
-class MessagesRequest(OpenAIBaseModel):
-    """A ``POST /v1/messages`` body."""
+class MessagesInput(OpenAIBaseModel):
+    """What a Messages body gives the prompt: shared by ``POST /v1/messages`` and
+    ``POST /v1/messages/count_tokens``, so both render it the same way."""
 
     model: Text
-    max_tokens: Int = Field(ge=1, le=INT32_MAX)
     messages: Annotated[list[InputMessage], at_most(MAX_MESSAGES)] = Field(min_length=1)
     system: Annotated[Text | list[TextBlock] | None, at_most(MAX_PARTS)] = None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
-    stop_sequences: Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    temperature: Float | None = Field(None, ge=0, le=1)
-    top_p: Float | None = None
-    top_k: Int | None = Field(None, ge=0, le=INT32_MAX)
-    stream: bool = False
-    metadata: dict[str, Any] | None = None
     thinking: ThinkingConfig | None = None
 
     @field_validator("system", mode="before")
@@ -197,15 +209,8 @@ class MessagesRequest(OpenAIBaseModel):
         if self.tool_choice and self.tool_choice.type == "tool" and not self.tool_choice.name:
             raise InvalidParameterError("tool_choice.name", "type 'tool' needs the tool's name")
         thinking = self.thinking
-        if thinking is not None and thinking.type == "enabled":
-            budget = thinking.budget_tokens
-            if budget is None:
-                raise InvalidParameterError("thinking.budget_tokens", "type 'enabled' needs it")
-            if budget >= self.max_tokens:
-                raise InvalidParameterError(
-                    "thinking.budget_tokens",
-                    f"must be less than max_tokens ({budget} >= {self.max_tokens})",
-                )
+        if thinking is not None and thinking.type == "enabled" and thinking.budget_tokens is None:
+            raise InvalidParameterError("thinking.budget_tokens", "type 'enabled' needs it")
 
     def conversation(self) -> Conversation:
         """The request as the shared pipeline's conversation."""
@@ -219,16 +224,6 @@ class MessagesRequest(OpenAIBaseModel):
             template_kwargs=template_kwargs(None, thinking=enabled),
             thinking_budget=thinking.budget_tokens if thinking and enabled else None,
         )
-
-    def sampling(self) -> RequestedSampling:
-        """The sampling asked for, checked (request > model entry > family > built-in)."""
-        requested = {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-        }
-        return RequestedSampling.of(requested, stop=tuple(self.stop_sequences or ()))
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """The conversation in OpenAI's chat shape: tool results become ``tool`` messages."""
@@ -292,6 +287,43 @@ class MessagesRequest(OpenAIBaseModel):
         return not (self.tool_choice and self.tool_choice.disable_parallel_tool_use)
 
 
+class MessagesRequest(MessagesInput):
+    """A ``POST /v1/messages`` body."""
+
+    max_tokens: Int = Field(ge=1, le=INT32_MAX)
+    stop_sequences: Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    temperature: Float | None = Field(None, ge=0, le=1)
+    top_p: Float | None = None
+    top_k: Int | None = Field(None, ge=0, le=INT32_MAX)
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        thinking = self.thinking
+        budget = thinking.budget_tokens if thinking and thinking.type == "enabled" else None
+        if budget is not None and budget >= self.max_tokens:
+            raise InvalidParameterError(
+                "thinking.budget_tokens",
+                f"must be less than max_tokens ({budget} >= {self.max_tokens})",
+            )
+
+    def sampling(self) -> RequestedSampling:
+        """The sampling asked for, checked (request > model entry > family > built-in)."""
+        requested = {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+        }
+        return RequestedSampling.of(requested, stop=tuple(self.stop_sequences or ()))
+
+
+class CountTokensRequest(MessagesInput):
+    """A ``POST /v1/messages/count_tokens`` body: a Messages body without ``max_tokens``
+    and sampling (sent anyway, they are ignored)."""
+
+
 # --- responses ---------------------------------------------------------------------------------
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
@@ -335,3 +367,10 @@ class MessageResponse(BaseModel):
     stop_reason: StopReason | None = None
     stop_sequence: str | None = None
     usage: MessageUsage = MessageUsage()
+
+
+class MessageTokensCount(BaseModel):
+    """A ``POST /v1/messages/count_tokens`` answer: the prompt's length, as a Messages
+    request with this body would report it in ``usage.input_tokens``."""
+
+    input_tokens: int

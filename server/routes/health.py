@@ -1,4 +1,7 @@
-"""GET /health and GET /: is the server serving, and what is it (a browser goes to /ui)."""
+"""GET /health and GET /: is the server serving, and what is it (a browser goes to /ui).
+
+Both answer HEAD as GET, without the body (clients such as Claude Code probe the server with
+``HEAD /``)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health")
+@router.head("/health", include_in_schema=False)
 async def health(engine: EngineDep) -> JSONResponse:
     """200 while the engine serves; 503 (saying why) when it cannot."""
     body: dict[str, Any] = {
@@ -35,6 +39,7 @@ async def health(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/", response_model=None)
+@router.head("/", response_model=None, include_in_schema=False)
 async def root(
     request: Request, response: Response, config: ConfigDep, engine: EngineDep
 ) -> dict[str, Any] | RedirectResponse:

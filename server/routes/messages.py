@@ -1,4 +1,8 @@
-"""POST /v1/messages: Anthropic's Messages API, over the shared conversation."""
+"""POST /v1/messages: Anthropic's Messages API, over the shared conversation; and
+POST /v1/messages/count_tokens, the length of the prompt such a request would render.
+
+Clients' ``anthropic-beta`` headers and ``?beta=true`` (Anthropic's beta client) change
+nothing here, and are never refused."""
 
 from __future__ import annotations
 
@@ -18,10 +22,13 @@ from mlxserve.server.conversation import (
 )
 from mlxserve.server.deps import ConfigDep, EngineDep, MetricsDep, require_api_key
 from mlxserve.server.errors import stream_error_kind
+from mlxserve.server.generation import count_prompt_tokens
 from mlxserve.server.http.body import OffLoopJsonRoute
 from mlxserve.server.protocol.anthropic import (
+    CountTokensRequest,
     MessageResponse,
     MessagesRequest,
+    MessageTokensCount,
     MessageUsage,
     StopReason,
     TextOut,
@@ -200,3 +207,14 @@ async def create_message(
     async for event in events:
         writer.on(event)
     return writer.message
+
+
+@router.post("/messages/count_tokens", response_model=MessageTokensCount)
+async def count_tokens(
+    body: CountTokensRequest, engine: EngineDep, config: ConfigDep
+) -> MessageTokensCount:
+    """The prompt's length in tokens, rendered exactly as ``POST /v1/messages`` would (the
+    model's chat template, tools, thinking switch): its ``usage.input_tokens``."""
+    body.check_supported()
+    _, tokens = await count_prompt_tokens(engine, config, body.model, body.conversation())
+    return MessageTokensCount(input_tokens=tokens)

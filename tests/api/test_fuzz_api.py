@@ -56,6 +56,7 @@ OPERATIONS = (
     ("POST", "/v1/completions"),
     ("POST", "/v1/responses"),
     ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model_id}"),
     ("GET", "/admin/models"),

@@ -4,6 +4,7 @@ Anthropic-shaped errors and x-api-key auth."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +13,18 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from mlx_lm.utils import load_tokenizer
 
-from ..support.server import RunningServer, every_family_config, post, running_server, write_config
+from mlxserve.plugins.families.qwen import Qwen
+from mlxserve.plugins.tiny import write_tiny_checkpoint
+
+from ..support.server import (
+    RunningServer,
+    every_family_config,
+    post,
+    running_server,
+    write_config,
+)
 
 WEATHER = {
     "name": "get_weather",
@@ -42,7 +53,10 @@ def config_text(tmp: Path, checkpoints: dict[str, Path], server: str = "") -> st
             checkpoints,
             "qwen",
             aliases='"claude-test-1"',
-            extra="[kv_cache]\nmax_sequence_length = 4096\n",
+            extra=(
+                "[kv_cache]\nmax_sequence_length = 4096\n"
+                '[registry.model_patterns]\n"claude-*" = "qwen"\n'
+            ),
         )
     )
 
@@ -252,3 +266,243 @@ def test_auth_and_size_errors_take_each_apis_shape(guarded: RunningServer) -> No
         guarded.url + "/v1/messages", content=chunks(), headers={"x-api-key": KEY}, timeout=30
     )
     assert reply.status_code == 413 and reply.json()["error"]["type"] == "request_too_large"
+
+
+# --- Claude Code's requests (issue 19) ----------------------------------------------------------
+
+CONTEXT = 4096  # [kv_cache] max_sequence_length of these servers
+MID_SYSTEM = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "system", "content": [{"type": "text", "text": "From now on, answer in French."}]},
+    {"role": "user", "content": "Tell me a story."},
+]
+# The same conversation in the chat template's shape, with the request's top system turn.
+MID_SYSTEM_CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "system", "content": "From now on, answer in French."},
+    {"role": "user", "content": "Tell me a story."},
+]
+
+
+def count(server: RunningServer, body: dict, **kwargs: object) -> httpx.Response:
+    return post(server, "/v1/messages/count_tokens", json=body, **kwargs)
+
+
+def rendered(checkpoint: Path, messages: list[dict]) -> int:
+    tokenizer = load_tokenizer(checkpoint)
+    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_a_system_message_mid_conversation_stands_where_it_is(
+    client: anthropic.Anthropic, tiny_checkpoints: dict[str, Path]
+) -> None:
+    message = create(client, system="You are terse.", messages=MID_SYSTEM, max_tokens=4)
+    counted = client.messages.count_tokens(
+        model="claude-test-1", system="You are terse.", messages=MID_SYSTEM
+    )
+    expected = rendered(tiny_checkpoints["qwen"], MID_SYSTEM_CHAT)
+    assert message.usage.input_tokens == counted.input_tokens == expected
+    without = [m for m in MID_SYSTEM if m["role"] != "system"]
+    fewer = client.messages.count_tokens(model="qwen", system="You are terse.", messages=without)
+    assert fewer.input_tokens < expected
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        ([{"type": "tool_use", "id": "t", "name": "x", "input": {}}], "messages.1.content"),
+        (42, "messages.1.content"),
+    ],
+)
+def test_a_system_message_takes_text_only(
+    server: RunningServer, content: object, param: str
+) -> None:
+    messages = [*ASK, {"role": "system", "content": content}]
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        body = {"model": "qwen", "max_tokens": 4, "messages": messages}
+        reply = post(server, path, json=body)
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["type"] == "invalid_request_error"
+        assert reply.json()["error"]["message"].startswith(param)
+
+
+# A template that takes a system turn only first, as some do: mid-conversation ones are merged.
+STRICT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('a system message must come first') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def strict_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("strict") / "strict"
+    return write_tiny_checkpoint(Qwen(), dest, chat_template=STRICT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def strict(
+    tmp_path_factory: pytest.TempPathFactory, strict_checkpoint: Path
+) -> Iterator[RunningServer]:
+    tmp = tmp_path_factory.mktemp("strict-server")
+    config = write_config(
+        tmp,
+        f'[registry]\ndefault_model = "strict"\ncache_dir = "{tmp / "cache"}"\n'
+        f'[models.strict]\nsource = "{strict_checkpoint}"\n',
+    )
+    with running_server(config) as running:
+        yield running
+
+
+def test_a_template_that_takes_system_first_gets_them_merged(
+    strict: RunningServer, strict_checkpoint: Path
+) -> None:
+    client = anthropic.Anthropic(base_url=strict.url, api_key="unused", max_retries=0)
+    message = create(
+        client, model="strict", system="You are terse.", messages=MID_SYSTEM, max_tokens=4
+    )
+    merged = [
+        {"role": "system", "content": "You are terse.\n\nFrom now on, answer in French."},
+        *[m for m in MID_SYSTEM_CHAT if m["role"] != "system"],
+    ]
+    assert message.usage.input_tokens == rendered(strict_checkpoint, merged)
+    # with no top system turn, the first system message becomes it
+    counted = client.messages.count_tokens(model="strict", messages=MID_SYSTEM)
+    alone = [{"role": "system", "content": "From now on, answer in French."}, *merged[1:]]
+    assert counted.input_tokens == rendered(strict_checkpoint, alone)
+
+
+def test_count_tokens_equals_the_requests_input_tokens(client: anthropic.Anthropic) -> None:
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "The user wants weather.", "signature": "sig"},
+                {"type": "redacted_thinking", "data": "opaque"},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "21 C"}],
+        },
+    ]
+    cases = [
+        {"messages": ASK},
+        {"messages": ASK, "system": [{"type": "text", "text": "Be brief."}]},
+        {"messages": history, "tools": [WEATHER], "system": "Use tools."},
+        {"messages": MID_SYSTEM, "thinking": {"type": "disabled"}},
+    ]
+    for fields in cases:
+        message = create(client, max_tokens=2, **fields)
+        counted = client.messages.count_tokens(model="claude-test-1", **fields)
+        assert counted.input_tokens == message.usage.input_tokens > 0, fields
+
+
+def test_count_tokens_refuses_bad_input_like_messages(server: RunningServer) -> None:
+    for body, status, param in [
+        ({"model": "qwen"}, 400, "messages"),
+        ({"model": "qwen", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0"),
+        ({"model": "nope", "messages": ASK}, 404, None),
+        ({"model": "qwen", "messages": [{"role": "assistant", "content": "Hi"}]}, 400, None),
+    ]:
+        reply = count(server, body)
+        assert reply.status_code == status, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+        assert param is None or error["message"].startswith(param), error
+
+
+def test_a_prompt_too_long_is_anthropics_error(server: RunningServer) -> None:
+    long = [{"role": "user", "content": "word " * 6000}]
+    tokens = count(server, {"model": "qwen", "messages": long}).json()["input_tokens"]
+    assert tokens > CONTEXT
+    reply = post(server, "/v1/messages", json={"model": "qwen", "max_tokens": 4, "messages": long})
+    assert reply.status_code == 400
+    assert reply.json() == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": f"prompt is too long: {tokens} tokens > {CONTEXT} maximum",
+        },
+    }
+    # far too long to be tokenized at all: the tokens it has at least
+    huge = [{"role": "user", "content": "x" * (CONTEXT * 40)}]
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        body = {"model": "qwen", "max_tokens": 4, "messages": huge}
+        message = post(server, path, json=body).json()["error"]["message"]
+        found = re.fullmatch(rf"prompt is too long: (\d+) tokens > {CONTEXT} maximum", message)
+        assert found and int(found[1]) > CONTEXT, message
+    # the OpenAI APIs keep their own wording
+    chat = {"model": "qwen", "max_tokens": 4, "messages": long}
+    reply = post(server, "/v1/chat/completions", json=chat)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
+    assert reply.json()["error"]["message"].startswith(f"this model's context is {CONTEXT}")
+
+
+def test_input_and_max_tokens_over_the_context_is_anthropics_error(
+    server: RunningServer, client: anthropic.Anthropic
+) -> None:
+    tokens = client.messages.count_tokens(model="qwen", messages=ASK).input_tokens
+    reply = post(
+        server, "/v1/messages", json={"model": "qwen", "max_tokens": 5000, "messages": ASK}
+    )
+    assert reply.status_code == 400
+    assert reply.json() == {
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "message": (
+                f"input length and `max_tokens` exceed context limit: {tokens} + 5000 > "
+                f"{CONTEXT}, decrease input length or `max_tokens` and try again"
+            ),
+        },
+    }
+    with pytest.raises(anthropic.BadRequestError):
+        create(client, max_tokens=CONTEXT)
+
+
+def test_head_answers_like_get_without_a_body(server: RunningServer) -> None:
+    for path in ("/", "/health"):
+        got = httpx.get(server.url + path, timeout=30)
+        head = httpx.head(server.url + path, timeout=30)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and got.content
+        assert head.headers["content-type"] == got.headers["content-type"]
+    # a web page's HEAD from another origin changes nothing: it is not refused either
+    foreign = {"Origin": "https://elsewhere.example", "Sec-Fetch-Site": "cross-site"}
+    assert httpx.head(server.url + "/health", headers=foreign, timeout=30).status_code == 200
+
+
+def test_beta_headers_and_query_are_accepted(server: RunningServer) -> None:
+    beta = {"anthropic-beta": "mid-conversation-system-2026-04-07,interleaved-thinking-2025-05-14"}
+    body = {"model": "qwen", "max_tokens": 2, "messages": MID_SYSTEM}
+    for path in ("/v1/messages?beta=true", "/v1/messages/count_tokens?beta=true"):
+        reply = post(server, path, json=body, headers=beta | {"anthropic-version": "2023-06-01"})
+        assert reply.status_code == 200, reply.text
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    message = client.beta.messages.create(
+        model="qwen",
+        max_tokens=2,
+        messages=MID_SYSTEM,
+        betas=["mid-conversation-system-2026-04-07"],
+    )
+    counted = client.beta.messages.count_tokens(
+        model="qwen", messages=MID_SYSTEM, betas=["mid-conversation-system-2026-04-07"]
+    )
+    assert message.usage.input_tokens == counted.input_tokens
+
+
+def test_model_patterns_map_unknown_names(client: anthropic.Anthropic) -> None:
+    message = create(client, model="claude-opus-4-8", max_tokens=2)
+    assert message.model == "qwen"
+    assert client.messages.count_tokens(model="claude-sonnet-5", messages=ASK).input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError):
+        create(client, model="gpt-opus-4-8")

@@ -217,6 +217,20 @@ def test_plugins_env_var() -> None:
         ("[server]\napi_keys = ['two words']", "server.api_keys[0]: an API key must be"),
         ("[server]\nmax_request_bytes = 0", "server.max_request_bytes: must be at least 1"),
         ("[server]\nshutdown_grace_s = 0", "server.shutdown_grace_s: must be greater than 0"),
+        (
+            "[registry.model_patterns]\n'claude-*' = 'nope'",
+            "registry.model_patterns.\"claude-*\": 'nope' is not a model name or alias "
+            "(models: 'demo')",
+        ),
+        (
+            "[registry.model_patterns]\n'claude *' = 'demo'",
+            "registry.model_patterns: pattern 'claude *': a glob of at most 256 letters",
+        ),
+        (
+            "[registry.model_patterns]\n'claude-*' = 3",
+            'registry.model_patterns."claude-*": must be a string (got 3)',
+        ),
+        ("[registry]\nmodel_patterns = ['x']", "registry.model_patterns: must be a table"),
     ],
 )
 def test_validation_messages(tmp_path: Path, text: str, expected: str) -> None:
@@ -426,3 +440,25 @@ def test_server_limits_defaults() -> None:
     server = Config().server
     assert server.max_request_bytes == 8 * 2**20
     assert server.shutdown_grace_s == 30.0
+
+
+def test_model_patterns_map_unknown_names_to_a_model(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "[models.demo]\nsource = 'org/demo'\n"
+            "[models.qwen]\nsource = 'org/qwen'\naliases = ['claude-exact']\n"
+            "[registry.model_patterns]\n'claude-opus-*' = 'demo'\n'claude-*' = 'claude-exact'\n",
+        ),
+        env={},
+    )
+    assert config.resolve_model("claude-opus-4-8")[0] == "demo"  # the first match wins
+    assert config.resolve_model("claude-sonnet-5")[0] == "qwen"  # through an alias
+    assert config.resolve_model("claude-exact")[0] == "qwen"  # names and aliases first
+    assert config.kv_cache_for("claude-opus-4-8") == config.kv_cache
+    with pytest.raises(ModelNotFoundError, match="'gpt-5' does not exist"):
+        config.resolve_model("gpt-5")
+    with pytest.raises(ModelNotFoundError):
+        config.resolve_model("Claude-opus-4-8")  # globs are case-sensitive
+    assert Config().registry.model_patterns == {}
+    assert load_config(write(tmp_path, dump_config(config)), env={}) == config
