@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any, Literal
@@ -49,6 +50,11 @@ RENAMES = {"messages": "input", "response_format": "text.format", "max_tokens": 
 log = logging.getLogger(__name__)
 # Names the request's tools mlxserve left out (hosted tools it cannot run), when there are any.
 IGNORED_TOOLS_HEADER = "x-mlxserve-ignored-tools"
+
+
+def _header_safe(kind: str) -> str:
+    """A client's tool type as a header may carry it (a type is the client's own text)."""
+    return re.sub(r"[^A-Za-z0-9_.:-]", "?", kind)[:64]
 
 
 def _id(prefix: str) -> str:
@@ -290,7 +296,7 @@ async def create_response(
     )
     headers = {}
     if body.ignored_tools:
-        kinds = ", ".join(sorted(set(body.ignored_tools)))
+        kinds = ", ".join(sorted({_header_safe(kind) for kind in body.ignored_tools}))
         log.info("a response request's %s tools are left out: mlxserve cannot run them", kinds)
         headers[IGNORED_TOOLS_HEADER] = kinds
     events = reply.events(engine)
