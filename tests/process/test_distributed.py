@@ -25,7 +25,7 @@ from ..support.processes import (
     single_rank_texts,
     two_ranks_config,
 )
-from ..support.server import free_port, running_server, write_config
+from ..support.server import free_port_run, running_server, write_config
 
 FAMILIES = ["llama", "qwen", "mistral", "deepseek"]
 
@@ -330,7 +330,7 @@ def test_messages_of_any_length_cross_the_ring_whole(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
     launch = Path(sys.executable).parent / "mlx.launch"
     ranks = subprocess.Popen(
-        [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()), "--",
+        [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run()), "--",
          sys.executable, str(script), str(verdict)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env=env,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from .server import free_port, running_server, write_config
+from .server import free_port, free_port_run, running_server, write_config
 
 MLXSERVE = str(Path(sys.executable).parent / "mlxserve")
 PROMPTS = [[5, 9, 77, 120, 33, 8, 250, 19], [42] * 40, list(range(3, 70))]
@@ -50,7 +50,7 @@ def two_ranks_config(tmp: Path, checkpoint: Path, distributed: str) -> str:
         f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp / "cache"}"\n'
         f'[models.m]\nsource = "{checkpoint}"\n'
         f'[distributed]\nhosts = ["127.0.0.1", "127.0.0.1"]\n'
-        f"starting_port = {free_port()}\n{distributed}"
+        f"starting_port = {free_port_run()}\n{distributed}"
     )
 
 

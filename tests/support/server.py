@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -33,6 +34,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# Below Linux's ephemeral range (32768-60999): no client socket is ever given one of these.
+RING_PORTS = range(20000, 32000)
+
+
+def free_port_run(count: int = 8) -> int:
+    """The first of ``count`` consecutive free ports, for the ring backend (rank i listens on
+    ``starting_port + i``): an OS-chosen port's neighbours may be any client's."""
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(RING_PORTS.start, RING_PORTS.stop - count)
+        try:
+            for port in range(start, start + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return start
+    raise RuntimeError(f"no {count} consecutive free ports in {RING_PORTS}")
 
 
 def write_config(tmp_path: Path, text: str) -> Config:
