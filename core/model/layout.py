@@ -203,6 +203,7 @@ class DecoderLayout:
     hidden_dtype: mx.Dtype = field(init=False)
     _handover: _Handover = field(init=False, default_factory=_Handover)
     _templates: list[Any] | None = field(init=False, default=None)
+    _kinds: list[tuple[Any, ...]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         layers, embed, norm, head = find_parts(self.model)
@@ -270,8 +271,7 @@ class DecoderLayout:
     def _full_cache(self, caches: Sequence[Any], layers: range) -> list[Any]:
         """One cache per layer of the model: this stage's own, and for the others one of the
         same kind (the model may build a mask from any layer's cache; they are never run)."""
-        templates = self.cache_templates()
-        kinds = [cache_kind_key(t) for t in templates]
+        templates, kinds = self.cache_templates(), self._kind_keys()
         mine = dict(zip(layers, caches, strict=True))
         stand_in: dict[tuple[Any, ...], Any] = {}
         for index, cache in mine.items():
@@ -281,11 +281,14 @@ class DecoderLayout:
     def cache_templates(self) -> list[Any]:
         """The model's own caches of every layer (mlx-lm's ``make_cache``), made once."""
         if self._templates is None:
-            make = getattr(self.model, "make_cache", None)
-            from mlx_lm.models.cache import KVCache
-
-            self._templates = make() if make else [KVCache() for _ in range(self.num_layers)]
+            self._templates = self.fresh_model_cache()
         return self._templates
+
+    def _kind_keys(self) -> list[tuple[Any, ...]]:
+        """:func:`cache_kind_key` of each template, worked out once, not at every step."""
+        if self._kinds is None:
+            self._kinds = [cache_kind_key(t) for t in self.cache_templates()]
+        return self._kinds
 
     def trace(self, tokens: mx.array, cache: Sequence[Any] | None = None) -> list[LayerCall]:
         """Build (not evaluate) one forward pass, recording each layer's call."""
