@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,14 +360,14 @@ def test_engine_failure_is_an_error_response_and_serving_goes_on(
     from mlxserve.plugins import hookimpl
     from mlxserve.registry.plugins import load_plugins
 
-    class FailOnToken17:  # a token the exactness check's probe does not use
+    class FailOnToken17:  # in a prompt; a token the exactness check's probe does not use
         @hookimpl
         def mlxserve_sharding_rule(self, family, model):  # noqa: ANN001, ANN201
             layout = family.layout(model)
             run = layout.run
 
             def cursed_run(tokens: mx.array, cache: Any) -> mx.array:
-                if (tokens == 17).any().item():
+                if tokens.shape[-1] > 1 and (tokens == 17).any().item():
                     raise RuntimeError("token 17 is cursed")
                 return run(tokens, cache)
 
@@ -380,7 +381,7 @@ def test_engine_failure_is_an_error_response_and_serving_goes_on(
         assert failed.status_code == 500
         assert "token 17 is cursed" in error_of(failed)["message"]
         ok = post(srv, "/v1/completions", json={"model": "m", "prompt": [4, 5], "max_tokens": 3})
-        assert ok.status_code == 200
+        assert ok.status_code == 200, ok.text
         assert get(srv, "/health").status_code == 200
 
 
@@ -463,7 +464,9 @@ def test_every_refusal_logs_one_line_saying_why_at_most_a_few_a_second(
         mine = post(srv, "/v1/completions", json=bad, headers={"x-request-id": "agent-7"})
         assert mine.status_code == 400 and mine.headers["x-request-id"] == "agent-7"
         assert post(srv, "/v1/completions", json=bad).headers["x-request-id"].startswith("req_")
+        started = time.monotonic()
         burst = [post(srv, "/v1/completions", json=bad).status_code for _ in range(40)]
+        took = time.monotonic() - started
         time.sleep(1.0)
         post(srv, "/v1/completions", json=bad)
     assert set(burst) == {400}
@@ -471,5 +474,6 @@ def test_every_refusal_logs_one_line_saying_why_at_most_a_few_a_second(
     assert lines[0].startswith(
         "agent-7 POST /v1/completions: 400 invalid_request_error: temperature"
     )
-    assert len(lines) < 20  # 42 refusals in about a second
-    assert "more like it not logged" in lines[-1]
+    assert len(lines) <= 2 + 5 + 5 * took + 1  # a burst of 5, then 5 a second
+    left_out = sum(int(n) for n in re.findall(r"\((\d+) more like it not logged\)", "".join(lines)))
+    assert len(lines) + left_out == 43  # every refusal is logged or counted
