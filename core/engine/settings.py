@@ -78,7 +78,6 @@ class EngineSettings:
 
 
 def sequence_limit(max_sequence_length: int | None, context_length: int) -> int:
-    """The longest prompt plus completion of a model: its context, or less if configured."""
-    if max_sequence_length is None:
-        return context_length
-    return min(max_sequence_length, context_length)
+    """The longest prompt plus completion of a model: its context, or what is configured
+    (which may be longer: the worker warns then, or refuses a model that cannot go past it)."""
+    return context_length if max_sequence_length is None else max_sequence_length

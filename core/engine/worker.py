@@ -145,6 +145,7 @@ class ModelWorker:
         # A model with recurrent or sliding layers reuses blocks up to copies of their state.
         recurrent = self.prefix_caching and bool(state_parts(sample))
         self.snapshot_slots = SNAPSHOTS_PER_BATCH_SLOT * settings.max_batch_size if recurrent else 0
+        self._check_context()
         # Whole blocks only: a sequence is admitted only if all of its blocks can be.
         self.capacity_tokens = self._capacity(can_measure) // kv.block_size * kv.block_size
         if kv.prefix_cache and unshared:
@@ -175,6 +176,27 @@ class ModelWorker:
             else:
                 log.warning("%s: the KV disk tier is off with several ranks", model.name)
         self.scheduler = self._new_scheduler()
+
+    def _check_context(self) -> None:
+        """A configured context past the model's own is served with a warning, unless the
+        model's positions are a learned table that ends there."""
+        configured, trained = self.kv.max_sequence_length, self.model.context_length
+        if configured is None or configured <= trained:
+            return
+        table = self.model.stage.layout.learned_positions()
+        if table is not None:
+            raise UnsupportedModelError(
+                f"{self.model.name}: max_sequence_length {configured} is past the {trained} "
+                f"positions of its learned position table ({table}); set it to {trained} or less"
+            )
+        log.warning(
+            "%s: max_sequence_length %d is past the %d tokens it was trained for; its "
+            "answers may be poor past %d",
+            self.model.name,
+            configured,
+            trained,
+            trained,
+        )
 
     def _capacity(self, can_measure: bool) -> int:
         kv = self.kv

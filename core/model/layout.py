@@ -219,6 +219,15 @@ class DecoderLayout:
     def _part(self, path: str | None) -> Any:
         return _resolve(self.model, path) if path else None
 
+    def learned_positions(self) -> str | None:
+        """The path of a table of learned position embeddings, if the model has one (it
+        cannot run past that table's length)."""
+        for path, module in _modules(self.model):
+            name = path.rsplit(".", 1)[-1]
+            if isinstance(module, nn.Embedding) and (name == "wpe" or "position" in name):
+                return path
+        return None
+
     def _vocab_size(self) -> int:
         for part in (self.head, self.embed):
             module = self._part(part)

@@ -207,3 +207,25 @@ def test_a_models_context_is_its_checkpoints_unless_set(
         assert refused.status_code == 400
         assert refused.json()["error"]["code"] == "context_length_exceeded"
     assert "KV budget holds 2048 tokens, fewer than its context of 8192" in caplog.text
+
+
+def test_a_context_set_past_the_checkpoints_is_served_with_a_warning(
+    tmp_path: Path, plugins, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator may run a model past the context it was trained for (an agent's prompt
+    longer than a small model's 8k, say): rotary positions go on; the log says so."""
+    from mlxserve.plugins.families.llama import Llama
+    from mlxserve.plugins.tiny import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(
+        Llama(), tmp_path / "short", overrides={"max_position_embeddings": 256}
+    )
+    prompt = [(i * 13) % 400 + 3 for i in range(600)]
+    body = {"model": "m", "prompt": prompt, "max_tokens": 4}
+    with running_server(config_for(tmp_path / "a", checkpoint)) as server:
+        assert post(server, "/v1/completions", json=body).status_code == 400
+    longer = config_for(tmp_path / "b", checkpoint, "max_sequence_length = 1024\n")
+    with running_server(longer) as server:
+        served = post(server, "/v1/completions", json=body)
+    assert served.status_code == 200, served.text
+    assert "max_sequence_length 1024 is past the 256 tokens it was trained for" in caplog.text

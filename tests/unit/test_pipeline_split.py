@@ -76,3 +76,35 @@ def test_auto_splits_layers_only_when_the_link_pays_for_it(
     with caplog.at_level(logging.INFO, logger="mlxserve.registry.placement"):
         assert placement.plan_placement(family, model, cluster, config).strategy == expected
     assert f'strategy "auto": {expected}' in caplog.text and "all-reduce" in caplog.text
+
+
+def test_a_learned_position_table_is_found_and_rotary_models_have_none() -> None:
+    from mlx_lm.models import gpt2, llama
+
+    from mlxserve.core.model.layout import DecoderLayout
+
+    args = {"vocab_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1}
+    learned = gpt2.Model(
+        gpt2.ModelArgs(
+            model_type="gpt2",
+            n_ctx=32,
+            n_embd=16,
+            n_head=2,
+            n_layer=1,
+            n_positions=32,
+            layer_norm_epsilon=1e-5,
+            vocab_size=64,
+        )
+    )
+    rotary = llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=16,
+            intermediate_size=32,
+            rms_norm_eps=1e-5,
+            num_key_value_heads=2,
+            **args,
+        )
+    )
+    assert DecoderLayout(learned).learned_positions() == "model.wpe"
+    assert DecoderLayout(rotary).learned_positions() is None
