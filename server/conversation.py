@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +36,13 @@ class TextDelta:
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens from the second on, scored (first, when the request asked)."""
+
+    logprobs: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class Finished:
 
 
 Event = ReasoningDelta | TextDelta | ToolCallEvent | Finished
+ScoredEvent = PromptLogprobs | Event  # what a text completion that echoes its prompt reads
 
 
 def new_call_id() -> str:
@@ -91,6 +100,13 @@ class Reply:
         Raises:
             GenerationError, RequestTimeoutError, EngineUnavailableError: as ``outputs``.
         """
+        async with aclosing(self.scored_events(engine)) as events:
+            async for event in events:
+                if not isinstance(event, PromptLogprobs):
+                    yield event
+
+    async def scored_events(self, engine: Engine) -> AsyncGenerator[ScoredEvent, None]:
+        """As :meth:`events`, and first the prompt's log probabilities if it asked for them."""
         watcher = watch_disconnect(engine, self.admitted, self.request)
         calls = 0
         answering = self.reasoning is None
@@ -98,6 +114,8 @@ class Reply:
             async for output in outputs(engine, self.admitted):
                 if output.finish_reason == "abort":  # its client went away: no one to tell
                     continue  # (and no Finished: "abort" is none of its reasons)
+                if output.prompt_logprobs is not None:
+                    yield PromptLogprobs(output.prompt_logprobs)
                 pieces = self._parse(output.text, final=output.finish_reason is not None)
                 answering = answering or any(
                     not isinstance(piece, ReasoningPiece) for piece in pieces

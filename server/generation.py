@@ -63,6 +63,7 @@ class Admitted:
     metrics: EngineMetrics | None = None
     prompt_tokens: int = 0
     reasoning_open: bool = False  # the prompt opened a reasoning block: the reply starts in it
+    prompt_ids: tuple[int, ...] = ()
 
     def ended_early(self, kind: str) -> None:
         if self.metrics is not None:
@@ -243,7 +244,17 @@ async def admit(
         slot.release()  # a no-op once the request is queued
     deadline = time.monotonic() + config.server.request_timeout_s
     opened = bool(prepared.reasoning_end)
-    return Admitted(name, model, stream, params, deadline, metrics, len(prepared.ids), opened)
+    return Admitted(
+        name,
+        model,
+        stream,
+        params,
+        deadline,
+        metrics,
+        len(prepared.ids),
+        opened,
+        tuple(prepared.ids),
+    )
 
 
 async def count_prompt_tokens(

@@ -253,7 +253,7 @@ class Engine:
         self, model: ServedModel, prompt_ids: list[int], params: SamplingParams
     ) -> None:
         limit = self._longest_sequence(model)
-        wanted = len(prompt_ids) + (params.max_tokens or 1)
+        wanted = len(prompt_ids) + (1 if params.max_tokens is None else params.max_tokens)
         if not prompt_ids or wanted > limit:
             fits = len(prompt_ids) <= limit
             raise ContextLengthError(
@@ -287,7 +287,9 @@ class Engine:
             model=model.name,
             prompt_ids=list(prompt_ids),
             params=params,
-            max_tokens=min(params.max_tokens or limit, limit - len(prompt_ids)),
+            max_tokens=min(
+                limit if params.max_tokens is None else params.max_tokens, limit - len(prompt_ids)
+            ),
             eos_ids=model.eos_token_ids,
             seed=params.seed if params.seed is not None else random.getrandbits(62),
             text=TextStream(model.tokenizer, params.stop, model.hidden_special_tokens),

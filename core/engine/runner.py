@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +61,12 @@ class ModelRunner:
         """Every decoding sequence, lane by lane."""
         return [row for lane in self.lanes.values() for row in lane.rows]
 
-    def run(self, plan: StepPlan) -> mx.array | None:
-        """Run one step; the logits (one row per ``plan.sample_ids``), or None."""
+    def run(
+        self, plan: StepPlan, scored: Collection[str] = ()
+    ) -> tuple[mx.array | None, dict[str, mx.array]]:
+        """Run one step: the logits to sample from (one row per ``plan.sample_ids``, or None),
+        and for the prefill chunks of the ``scored`` sequences the logits at every position
+        of the chunk (L, V), unevaluated (for their prompt's log probabilities)."""
         lane = self.lane(plan.lane)
         self._save(plan.save, lane)
         for request_id, block_hash in plan.keep_states:
@@ -78,9 +82,11 @@ class ModelRunner:
             tokens = mx.array(plan.decode_tokens)[:, None]
             outputs.append(self._sync(self.stage.forward(tokens, lane.cache))[:, -1])
         touched: list[Cache] = []
+        every_position: dict[str, mx.array] = {}
         for group in plan.prefill:
             logits, cache = self._prefill(group)
             self._sync(logits)
+            every_position.update(_chunk_rows(group, logits, scored))
             if group[-1].last:
                 outputs.append(logits[:, -1])
                 self._join(lane, [c.request_id for c in group], cache)
@@ -88,7 +94,7 @@ class ModelRunner:
                 touched.append(cache)
         sampled = mx.concatenate(outputs) if outputs else None
         mx.eval(sampled, [[c.state for c in cache] for cache in touched], self.snapshots)
-        return sampled
+        return sampled, every_position
 
     def _sync(self, output: mx.array) -> mx.array:
         if self.lockstep:
@@ -177,3 +183,15 @@ class ModelRunner:
             for mine, theirs in zip(lane.cache, cache, strict=True):
                 mine.extend(theirs)
         lane.rows.extend(request_ids)
+
+
+def _chunk_rows(
+    group: tuple[PrefillChunk, ...], logits: mx.array, scored: Collection[str]
+) -> dict[str, mx.array]:
+    """The logits of each scored chunk of ``group``, its left padding cut off."""
+    longest = logits.shape[1]
+    return {
+        chunk.request_id: logits[row, longest - len(chunk.tokens) :]
+        for row, chunk in enumerate(group)
+        if chunk.request_id in scored
+    }

@@ -30,6 +30,11 @@ class Scheduler:
     block (the most a repeat of it may reuse), the runner copies the state there, and when the
     sequence ends that copy is kept with the block; the ``snapshots`` most recently used are
     kept, the others forgotten (their KV blocks stay for attention, but no longer end a reuse).
+
+    A sequence that scores its prompt (``prompt_logprobs``) takes no cached prefix: cached
+    blocks hold keys and values, not the log probabilities of their tokens, so its whole
+    prompt is run again. Its KV blocks still join the prefix cache for others when it ends
+    (but no recurrent-state snapshot: its prefill is cut into the same chunks every time).
     """
 
     def __init__(
@@ -129,6 +134,8 @@ class Scheduler:
         if self.prefix_salt is not None:
             hashes = block_hashes(seq.prompt_ids, self.blocks.block_size, self.prefix_salt)
             at_most = (len(seq.prompt_ids) - 1) // self.blocks.block_size  # one must be run
+            if seq.scores_prompt:  # nor a snapshot: its chunks are the same every time
+                at_most = 0
             reused = self.blocks.cached_prefix(hashes)[:at_most]
             if self.snapshots:
                 reused = self._up_to_a_snapshot(reused)
@@ -229,28 +236,46 @@ class Scheduler:
         try:
             if isinstance(token, Exception):
                 raise token
+            if seq.max_tokens == 0:
+                return self._scored(seq)
             return self._advance(seq, token, logprob)
-        except GrammarError as exc:  # the request's own grammar: its fault, no traceback
-            log.warning("request %s ended: %s", seq.request_id, exc)
-            if seq.status != Status.FINISHED:
-                self.finish(seq, "error")
-            return RequestOutput(
-                seq.request_id,
-                finish_reason="error",
-                error=str(exc),
-                usage=seq.usage(),
-                error_kind="grammar",
-            )
         except Exception as exc:
-            log.exception("request %s failed; the others go on", seq.request_id)
-            if seq.status != Status.FINISHED:
-                self.finish(seq, "error")
-            return RequestOutput(
-                seq.request_id,
-                finish_reason="error",
-                error=f"{type(exc).__name__}: {exc}",
-                usage=seq.usage(),
-            )
+            return self.fail(seq, exc)
+
+    def fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """End ``seq`` alone with the error ``exc``; its last output."""
+        grammar = isinstance(exc, GrammarError)  # the request's own grammar: no traceback
+        if grammar:
+            log.warning("request %s ended: %s", seq.request_id, exc)
+        else:
+            log.error("request %s failed; the others go on", seq.request_id, exc_info=exc)
+        if seq.status != Status.FINISHED:
+            self.finish(seq, "error")
+        return RequestOutput(
+            seq.request_id,
+            finish_reason="error",
+            error=str(exc) if grammar else f"{type(exc).__name__}: {exc}",
+            usage=seq.usage(),
+            error_kind="grammar" if grammar else None,
+        )
+
+    def _scored(self, seq: Sequence) -> RequestOutput:
+        """A sequence that asked for no token ends once its prompt is scored."""
+        self.finish(seq, "length")
+        return RequestOutput(
+            seq.request_id,
+            finish_reason="length",
+            usage=seq.usage(),
+            prompt_logprobs=self._hand_over_prompt_logprobs(seq),
+        )
+
+    @staticmethod
+    def _hand_over_prompt_logprobs(seq: Sequence) -> tuple[TokenLogprob, ...] | None:
+        """The prompt's log probabilities, on a scoring sequence's first output only."""
+        if not seq.scores_prompt or len(seq.output_ids) > 1:
+            return None
+        scored, seq.prompt_logprobs = tuple(seq.prompt_logprobs), []
+        return scored
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         thinking = seq.thinking
@@ -285,6 +310,7 @@ class Scheduler:
             finish_reason=reason,
             usage=seq.usage() if reason else None,
             stop_sequence=seq.text.stopped_by,
+            prompt_logprobs=self._hand_over_prompt_logprobs(seq),
         )
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -43,7 +43,8 @@ class RequestOutput:
     ``finish_reason`` is "stop", "length", "abort" or "error" on the last output
     (``error`` then says what went wrong; ``error_kind`` "grammar" if the request's own
     grammar could not go on), None before; ``stop_sequence`` is the stop string that ended
-    it, if one did.
+    it, if one did. ``prompt_logprobs``, on the first output of a request that asked for
+    them, scores the prompt's tokens from the second on.
     """
 
     request_id: str
@@ -55,6 +56,7 @@ class RequestOutput:
     usage: Usage | None = None
     stop_sequence: str | None = None
     error_kind: str | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -82,6 +84,11 @@ class Sequence:
     constraint: Any = None  # a core.constraint.Constraint: the grammar its output must follow
     thinking: Thinking | None = None  # its open thinking block (a budget, a waiting grammar)
     lane: int = 0  # its micro-batch (see Scheduler)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
     @property
     def num_tokens(self) -> int:

@@ -31,6 +31,7 @@ from mlxserve.core.kv.disk_tier import DiskTier
 from mlxserve.core.kv.prefix_store import kv_parts, state_parts
 from mlxserve.core.model.stages import PipelineStage
 from mlxserve.core.sampling.constraint import join_masks, start_masks
+from mlxserve.core.sampling.prompt_logprobs import score_chunk
 from mlxserve.core.sampling.sampler import sample_each
 
 if TYPE_CHECKING:
@@ -298,17 +299,55 @@ class ModelWorker:
         alive = [i for i, seq in enumerate(found) if seq is not None]  # none aborted meanwhile
         seqs = [seq for seq in found if seq is not None]
         pending = start_masks([s.constraint for s in seqs])  # computed during the forward pass
+        scoring = self._scoring(plan)
         try:
-            logits = self.runner.run(plan)
+            logits, every_position = self.runner.run(plan, scoring)
         finally:
             masks = join_masks(pending)
+        failed = self._score_prompts(plan, scoring, every_position)
         if logits is not None and len(alive) < len(found):
             logits = logits[mx.array(alive, dtype=mx.int32)]
         if not seqs:
-            return self.scheduler.postprocess(plan, [], [], [])
+            return self._fail_scoring(self.scheduler.postprocess(plan, [], [], []), failed)
         assert logits is not None, "a step that samples has logits"
         tokens, logprobs = sample_each(logits, seqs, masks)
-        return self.scheduler.postprocess(plan, seqs, tokens, logprobs)
+        tokens = [failed.pop(s.request_id, t) for s, t in zip(seqs, tokens, strict=True)]
+        results = self.scheduler.postprocess(plan, seqs, tokens, logprobs)
+        return self._fail_scoring(results, failed)
+
+    def _scoring(self, plan: StepPlan) -> dict[str, Sequence]:
+        """The sequences of ``plan``'s prefill chunks that score their prompt."""
+        seqs = (self.scheduler.find(c.request_id) for group in plan.prefill for c in group)
+        return {s.request_id: s for s in seqs if s is not None and s.scores_prompt}
+
+    def _score_prompts(
+        self, plan: StepPlan, scoring: dict[str, Sequence], every_position: dict[str, mx.array]
+    ) -> dict[str, Exception]:
+        """Add each scored chunk's log probabilities to its sequence; the errors, by request
+        id (an error ends its own request alone)."""
+        failed: dict[str, Exception] = {}
+        for chunk in (c for group in plan.prefill for c in group if c.request_id in scoring):
+            seq = scoring[chunk.request_id]
+            end = chunk.start + len(chunk.tokens)
+            try:
+                logits = every_position[chunk.request_id]
+                targets = seq.prompt_ids[chunk.start + 1 : end + 1]
+                top_n = seq.params.prompt_logprobs or 0
+                seq.prompt_logprobs += score_chunk(logits, targets, top_n)
+            except Exception as exc:
+                failed[chunk.request_id] = exc
+        return failed
+
+    def _fail_scoring(
+        self, results: list[tuple[Sequence, RequestOutput]], failed: dict[str, Exception]
+    ) -> list[tuple[Sequence, RequestOutput]]:
+        """``results``, and the last output of each sequence whose prompt could not be
+        scored in a step that did not sample it."""
+        for request_id, exc in failed.items():
+            seq = self.scheduler.find(request_id)
+            if seq is not None:
+                results.append((seq, self.scheduler.fail(seq, exc)))
+        return results
 
     def _ready_lane(self) -> int | None:
         """The next lane, in turn, with work and no step in flight."""

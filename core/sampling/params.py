@@ -9,6 +9,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300
+MAX_TOP_LOGPROBS = 20
+TOP_LOGPROBS_RANGE = f"must be between 0 and {MAX_TOP_LOGPROBS}"
 # The parameters a model family (plugins' ``sampling_defaults``) may give a default for.
 DEFAULTABLE_PARAMS = (
     "temperature",
@@ -38,6 +40,9 @@ class SamplingParams:
     OpenAI (presence, frequency: subtracted from logits) and Hugging Face (repetition:
     logits of seen tokens divided, or multiplied when negative). ``logit_bias`` maps token
     ids to values added to their logits. ``top_logprobs`` > 0 implies ``logprobs``.
+    ``prompt_logprobs`` N asks for the log probability of each prompt token after the first,
+    with the N most likely tokens at its position (None: not wanted); with it, ``max_tokens``
+    may be 0: the prompt is scored and nothing generated.
     """
 
     max_tokens: int | None = None
@@ -55,6 +60,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = field(default=())
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         stop_ok = len(self.stop) <= MAX_STOP_STRINGS and all(
@@ -63,8 +69,8 @@ class SamplingParams:
         checks = [
             (
                 "max_tokens",
-                self.max_tokens is None or 1 <= self.max_tokens <= INT32_MAX,
-                f"must be between 1 and {INT32_MAX}",
+                self.max_tokens is None or self.least_max_tokens <= self.max_tokens <= INT32_MAX,
+                f"must be between {self.least_max_tokens} and {INT32_MAX}",
             ),
             ("temperature", 0 <= self.temperature <= 100, "must be between 0 and 100"),
             ("top_p", 0 < self.top_p <= 1, "must be greater than 0 and at most 1"),
@@ -78,7 +84,12 @@ class SamplingParams:
             ("repetition_penalty", 0 < self.repetition_penalty <= 10, "must be in (0, 10]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be between -2 and 2"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be between -2 and 2"),
-            ("top_logprobs", 0 <= self.top_logprobs <= 20, "must be between 0 and 20"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, TOP_LOGPROBS_RANGE),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                TOP_LOGPROBS_RANGE,
+            ),
             (
                 "stop",
                 stop_ok,
@@ -110,6 +121,11 @@ class SamplingParams:
         for param, ok, message in checks:
             if not ok:
                 raise InvalidParameterError(param, message)
+
+    @property
+    def least_max_tokens(self) -> int:
+        """0 when the prompt is scored (nothing need be generated), else 1."""
+        return 0 if self.prompt_logprobs is not None else 1
 
     @property
     def greedy(self) -> bool:

@@ -345,6 +345,7 @@ class _SamplingRequest(OpenAIBaseModel):
         logprobs: bool,
         top_logprobs: int | None,
         renames: dict[str, str],
+        prompt_logprobs: int | None = None,
     ) -> RequestedSampling:
         self.check_supported()
         requested = {
@@ -369,6 +370,7 @@ class _SamplingRequest(OpenAIBaseModel):
             logit_bias=_logit_bias(self.logit_bias),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -481,7 +483,12 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: Text | list[TokenId]
     logprobs: Int | None = None
-    echo: bool = False
+    echo: bool = Field(
+        False,
+        description="Return the prompt before its continuation, with its tokens' log "
+        "probabilities when logprobs is set (the first token's are null); with max_tokens 0 "
+        "the prompt alone, scored.",
+    )
     suffix: str | None = None
     best_of: Int | None = None
 
@@ -510,8 +517,6 @@ class CompletionRequest(_SamplingRequest):
         super().check_supported()
         if self.best_of not in (None, 1):
             raise _unsupported("best_of", f"only best_of=1 is supported (got {self.best_of})")
-        if self.echo:
-            raise _unsupported("echo", "echoing the prompt is not available")
         if self.suffix:
             raise _unsupported("suffix", "insertion after a suffix is not available")
 
@@ -521,12 +526,17 @@ class CompletionRequest(_SamplingRequest):
 
     def sampling(self) -> RequestedSampling:
         """The sampling asked for, checked; unset values fall back to the model's entry, then
-        to its family's defaults, then to built-in ones (max_tokens 16)."""
+        to its family's defaults, then to built-in ones (max_tokens 16).
+
+        With ``echo``, the prompt is scored when ``logprobs`` asks for log probabilities, and
+        when ``max_tokens`` is 0 (then the request is the scoring alone)."""
+        scored = self.echo and (self.logprobs is not None or self.max_tokens == 0)
         return self._sampling(
             max_tokens=self.max_tokens,
             logprobs=self.logprobs is not None,
             top_logprobs=self.logprobs,
-            renames={"top_logprobs": "logprobs"},
+            renames={"top_logprobs": "logprobs", "prompt_logprobs": "logprobs"},
+            prompt_logprobs=(self.logprobs or 0) if scored else None,
         )
 
 
@@ -588,11 +598,12 @@ class ChoiceLogprobs(_Response):
 
 
 class CompletionLogprobs(_Response):
-    """Log probabilities of a text completion choice, in the legacy shape."""
+    """Log probabilities of a text completion choice, in the legacy shape (an echoed prompt's
+    first token has none: null)."""
 
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 

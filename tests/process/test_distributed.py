@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -198,6 +199,57 @@ def test_auto_never_picks_tensor_parallel_without_a_rule(tmp_path: Path, today_c
     text = two_ranks_config(tmp_path, checkpoint, 'strategy = "auto"\n')
     with launched(tmp_path, text) as (url, _):
         assert httpx.get(url + "/health").json()["placement"]["m"]["strategy"] == "pipeline"
+
+
+# Prompts to score with echo: over several 16-token chunks, and short ones batched together.
+SCORED = [list(range(10, 80)), [7, 3, 99, 14], list(range(300, 345)), [11] * 12]
+
+
+def echo_logprobs(url: str, prompts: list[list[int]]) -> list[dict[str, Any]]:
+    """Each prompt scored (echo, logprobs 3, two greedy tokens after it), all at once."""
+
+    def one(prompt: list[int]) -> dict[str, Any]:
+        body = {"prompt": prompt, "echo": True, "logprobs": 3, "max_tokens": 2}
+        body |= {"temperature": 0, "ignore_eos": True}
+        response = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["logprobs"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "model"),
+    [("pipeline", "llama"), ("pipeline", "qwen3_next"), ("tensor", "qwen")],
+)
+def test_echo_logprobs_on_two_ranks_equal_one(
+    strategy: str, model: str, tmp_path: Path, tiny_checkpoints, today_checkpoints
+) -> None:
+    """The prompt's log probabilities are computed where the logits are, on rank 0 (the last
+    pipeline stage; every rank, with tensor parallelism): the same as on one rank."""
+    checkpoint = {**tiny_checkpoints, **today_checkpoints}[model]
+    config = write_config(
+        tmp_path,
+        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path}/c"\n'
+        f'[models.m]\nsource = "{checkpoint}"\n{SMALL_CHUNKS}',
+    )
+    with running_server(config) as server:
+        expected = [echo_logprobs(server.url, [p])[0] for p in SCORED]
+    text = two_ranks_config(tmp_path, checkpoint, f'strategy = "{strategy}"\n') + SMALL_CHUNKS
+    with launched(tmp_path, text) as (url, _):
+        assert httpx.get(url + "/health").json()["placement"]["m"]["strategy"] == strategy
+        for _ in range(2):  # the second time, the prompts' blocks are cached: still recomputed
+            for mine, theirs in zip(echo_logprobs(url, SCORED), expected, strict=True):
+                assert mine["tokens"] == theirs["tokens"]
+                assert mine["text_offset"] == theirs["text_offset"]
+                assert mine["token_logprobs"][0] is None
+                assert mine["token_logprobs"][1:] == pytest.approx(
+                    theirs["token_logprobs"][1:], abs=1e-4
+                )
+                tops = zip(mine["top_logprobs"][1:], theirs["top_logprobs"][1:], strict=True)
+                for top, their_top in tops:
+                    assert top == pytest.approx(their_top, abs=1e-4)
 
 
 def test_unequal_memory_gives_an_uneven_split(tmp_path: Path, tiny_checkpoints) -> None:

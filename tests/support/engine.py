@@ -4,9 +4,12 @@ own greedy text, the reference served text is compared with."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model
 
@@ -27,7 +30,7 @@ def make_seq(request_id: str, prompt: list[int], tokenizer=None, **params: objec
         model="m",
         prompt_ids=prompt,
         params=SamplingParams(**params),
-        max_tokens=params.get("max_tokens") or 10,
+        max_tokens=10 if params.get("max_tokens") is None else int(params["max_tokens"]),
         eos_ids=frozenset({0}),
         seed=int(params.get("seed") or 1),
         text=TextStream(tokenizer, ()) if tokenizer else None,
@@ -66,3 +69,16 @@ def mlx_lm_greedy(
             break
         tokens.append(int(token))
     return tokenizer._tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@functools.cache
+def _mlx_lm_model(path: Path) -> nn.Module:
+    model, _ = load_model(path)
+    return model
+
+
+def mlx_lm_logprobs(path: Path, prompt: list[int]) -> np.ndarray:
+    """mlx-lm's own model on ``prompt`` in one call, log-softmax at every position (P, V):
+    row i is how likely each token is to follow the prompt's first i + 1 tokens."""
+    logits = _mlx_lm_model(Path(path))(mx.array([prompt]))[0].astype(mx.float32)
+    return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))

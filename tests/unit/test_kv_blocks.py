@@ -5,6 +5,7 @@ recurrent model's state."""
 from __future__ import annotations
 
 from mlxserve.core.engine.scheduler import Scheduler
+from mlxserve.core.engine.sequence import Sequence
 from mlxserve.core.kv.blocks import BlockManager, block_hashes
 
 from ..support.engine import make_seq
@@ -71,3 +72,34 @@ def test_recurrent_state_is_copied_at_the_last_whole_block_and_only_there_reused
     scheduler.finish(third, "stop")
     plan = scheduler.schedule()
     assert [r for r, _ in plan.keep_states] == ["d"] and plan.drop_states == (chunk.snapshot,)
+
+
+def test_a_sequence_that_scores_its_prompt_runs_it_all_and_leaves_its_blocks() -> None:
+    """Cached blocks hold no log probabilities: a scoring sequence takes none of them (and
+    plans no recurrent-state copy), but still leaves its blocks for the next sequences."""
+    prompt = list(range(1, 12))
+
+    def scoring(request_id: str) -> Sequence:
+        return make_seq(request_id, prompt, max_tokens=0, prompt_logprobs=1)
+
+    scheduler = Scheduler(4, 512, BlockManager(64, 4), "salt")
+    for request_id in ("first", "again"):
+        seq = scoring(request_id)
+        scheduler.add(seq)
+        plan = scheduler.schedule()
+        (chunk,) = plan.prefill[0]
+        assert chunk.tokens == tuple(prompt) and chunk.last and not chunk.reused
+        assert seq.cached_tokens == 0
+        ((_, output),) = scheduler.postprocess(plan, [seq], [0], [None])  # its token: unused
+        assert output.finish_reason == "length" and output.prompt_logprobs == ()
+        assert not output.token_ids and seq.output_ids == []
+        scheduler.schedule()
+    plain = make_seq("plain", prompt)
+    scheduler.add(plain)
+    scheduler.schedule()
+    assert plain.cached_tokens == 8
+
+    recurrent = Scheduler(4, 512, BlockManager(64, 4), "salt", snapshots=2)
+    recurrent.add(scoring("recurrent"))
+    (chunk,) = recurrent.schedule().prefill[0]
+    assert chunk.tokens == tuple(prompt) and not chunk.snapshot

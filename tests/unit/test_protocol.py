@@ -183,6 +183,14 @@ def test_completion_logprobs_int_means_top_logprobs() -> None:
     assert param_of(completion(logprobs=21)) == "logprobs"
 
 
+def test_echo_scores_the_prompt_when_asked_or_when_nothing_is_generated() -> None:
+    assert sampling_params(completion(echo=True, logprobs=3)).prompt_logprobs == 3
+    assert sampling_params(completion(echo=True, logprobs=0, max_tokens=0)).prompt_logprobs == 0
+    assert sampling_params(completion(echo=True, max_tokens=0)).prompt_logprobs == 0
+    assert sampling_params(completion(echo=True, max_tokens=5)).prompt_logprobs is None
+    assert sampling_params(completion(logprobs=3)).prompt_logprobs is None
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -206,8 +214,10 @@ def test_chat_rejects_with_the_parameter_name(fields: dict[str, Any], param: str
     [
         ({"n": 3}, "n"),
         ({"best_of": 2}, "best_of"),
-        ({"echo": True}, "echo"),
         ({"suffix": "x"}, "suffix"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"echo": True, "logprobs": 21}, "logprobs"),
+        ({"max_tokens": 0, "logprobs": 2}, "max_tokens"),
     ],
 )
 def test_completion_rejects_with_the_parameter_name(fields: dict[str, Any], param: str) -> None:
