@@ -301,13 +301,17 @@ def load_tokenizer_of(path: Path, eos_token_ids: Any) -> Any:
     from transformers import PretrainedConfig
 
     try:
-        return load_tokenizer(path, eos_token_ids=eos_token_ids)
+        tokenizer = load_tokenizer(path, eos_token_ids=eos_token_ids)
     except (ValueError, KeyError, AttributeError) as exc:
         log.info(
             "%s: transformers cannot read its config.json (%s); tokenizer files only", path, exc
         )
         extra = {"config": PretrainedConfig()}
-        return load_tokenizer(path, tokenizer_config_extra=extra, eos_token_ids=eos_token_ids)
+        tokenizer = load_tokenizer(path, tokenizer_config_extra=extra, eos_token_ids=eos_token_ids)
+    # The engine bounds a sequence by the model's context (or the one configured): a longer
+    # prompt is never "indexing errors", so transformers' warning about it is noise.
+    tokenizer._tokenizer.model_max_length = 2**62
+    return tokenizer
 
 
 def read_model_config(path: Path) -> dict[str, Any]:
