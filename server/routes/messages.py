@@ -203,6 +203,7 @@ async def create_message(
             on_error=_anthropic_error,
             frame=typed_event,
             closing=None,
+            keepalive=typed_event({"type": "ping"}),
         )
     async for event in events:
         writer.on(event)

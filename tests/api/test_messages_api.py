@@ -506,3 +506,29 @@ def test_model_patterns_map_unknown_names(client: anthropic.Anthropic) -> None:
     assert client.messages.count_tokens(model="claude-sonnet-5", messages=ASK).input_tokens > 0
     with pytest.raises(anthropic.NotFoundError):
         create(client, model="gpt-opus-4-8")
+
+
+def test_a_stream_starts_before_a_long_prefill_ends(
+    server: RunningServer, client: anthropic.Anthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's timeout for the response's headers (Claude Code's is 600 s) must not end a
+    prompt whose prefill takes longer: past a short wait the stream starts, and pings (an SSE
+    comment on OpenAI's APIs) keep it alive until the first token; the reply is the same."""
+    from mlxserve.server import streaming
+
+    monkeypatch.setattr(streaming, "FIRST_ITEM_WAIT_S", 0.0)
+    monkeypatch.setattr(streaming, "KEEPALIVE_S", 0.001)
+    long = [{"role": "user", "content": "tell me more " * 400}]
+    body = {"model": "qwen", "max_tokens": 8, "messages": long, "stream": True, **GREEDY}
+    with httpx.stream("POST", server.url + "/v1/messages", json=body, timeout=60) as raw:
+        lines = list(raw.iter_lines())
+    assert lines.count("event: ping") >= 2  # message_start's, and one while the prefill ran
+    streamed = create(client, messages=long, max_tokens=8, stream=True)
+    text = "".join(e.delta.text for e in streamed if e.type == "content_block_delta")
+    assert text == "".join(b.text for b in create(client, messages=long, max_tokens=8).content)
+    chat = {"model": "qwen", "max_tokens": 8, "messages": long, "stream": True, **GREEDY}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat, timeout=60) as raw:
+        assert ": keep-alive" in list(raw.iter_lines())
+    openai_client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+    chunks = openai_client.chat.completions.create(**chat)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
