@@ -126,9 +126,16 @@ class ModelRunner:
         self.lanes.clear()
 
     def _save(self, saves: Sequence[tuple[str, tuple[tuple[int, str], ...]]], lane: Lane) -> None:
-        """Copy full blocks of finished sequences out of the batch, into the prefix cache."""
+        """Copy full blocks of finished sequences out of the batch (or out of the caches of
+        a prefill they ended part way), into the prefix cache."""
         finished = []
         for request_id, blocks in saves:
+            part_way = self.prefilling.get(request_id)  # ended during its prompt's prefill
+            if part_way is not None:
+                finished.append((part_way, blocks))
+                continue
+            if request_id not in lane.rows:  # its prefill had run no chunk: nothing to copy
+                continue
             row = lane.rows.index(request_id)  # a finished sequence is still in its lane's batch
             assert lane.cache is not None
             finished.append(([layer_cache.extract(row) for layer_cache in lane.cache], blocks))

@@ -316,14 +316,15 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a sequence wherever it is; its caches are released at the next step.
 
-        A sequence that was decoding leaves its full KV blocks in the prefix cache.
+        A sequence that was decoding leaves its full KV blocks in the prefix cache, and so
+        does one ended part way through its prompt: a client that gave up on a long prefill
+        and asks again (as agents do after their timeout) takes up where it left off.
         """
         if seq.reservation is not None:
             assert self.blocks is not None  # a reservation is of the block manager's blocks
             full: list[str] = []
-            if seq.status == Status.RUNNING and self.prefix_salt is not None:
-                computed = (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1]
-                full = block_hashes(computed, self.blocks.block_size, self.prefix_salt)
+            if self.prefix_salt is not None:
+                full = block_hashes(self._computed(seq), self.blocks.block_size, self.prefix_salt)
             added = set(self.blocks.release(seq.reservation, full))
             if added:
                 blocks = tuple((i, h) for i, h in enumerate(full) if h in added)
@@ -339,6 +340,15 @@ class Scheduler:
             self.to_release[seq.lane].append(seq.request_id)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+
+    @staticmethod
+    def _computed(seq: Sequence) -> list[int]:
+        """The tokens whose keys and values ``seq``'s caches hold."""
+        if seq.status == Status.RUNNING:
+            return (seq.prompt_ids + seq.output_ids)[: seq.num_tokens - 1]
+        if seq.status == Status.PREFILLING and seq.num_prefilled < len(seq.prompt_ids):
+            return seq.prompt_ids[: seq.num_prefilled]
+        return []
 
     def _keep_snapshot(self, seq: Sequence) -> None:
         assert seq.snapshot is not None and self.blocks is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -112,3 +113,39 @@ def test_a_client_that_goes_away_aborts_its_request_and_nothing_more(
     noisy = [r for r in server_log.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not noisy, [r.getMessage() for r in noisy]
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_a_prefill_given_up_part_way_is_taken_up_where_it_left_off(
+    tmp_path: Path, tiny_checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that gives up during a long prompt's prefill (an agent's timeout) and asks
+    again finds the blocks computed so far in the prefix cache; the answer is a cold one's."""
+    from mlxserve.server import streaming
+
+    monkeypatch.setattr(streaming, "FIRST_ITEM_WAIT_S", 0.0)  # the stream starts at once
+    prompt = [(i * 11) % 400 + 3 for i in range(4000)]
+    body = {"model": "m", "prompt": prompt, "max_tokens": 4, "temperature": 0}
+
+    def config(name: str):  # noqa: ANN202
+        tmp = tmp_path / name
+        tmp.mkdir()
+        return write_config(
+            tmp,
+            f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp / "cache"}"\n'
+            f'[models.m]\nsource = "{tiny_checkpoints["llama"]}"\n'
+            "[performance]\nprefill_step_size = 32\n",
+        )
+
+    with running_server(config("cold")) as cold:
+        expected = httpx.post(cold.url + "/v1/completions", json=body, timeout=60).json()
+    with running_server(config("warm")) as server:
+        scheduler = server.engine.workers["m"].scheduler
+        stream = {**body, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=stream, timeout=30):
+            assert wait_until(
+                lambda: any(s.num_prefilled >= 1024 for s in scheduler.prefilling), timeout=30
+            )
+        assert wait_until(lambda: scheduler.num_active == 0, timeout=10)
+        again = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    assert 1024 <= again["usage"]["prompt_tokens_details"]["cached_tokens"] < 4000
+    assert again["choices"] == expected["choices"]

@@ -295,7 +295,7 @@ def test_full_queue_is_429_with_retry_after(tmp_path: Path, tiny_checkpoints) ->
     config = small_config(
         tmp_path, tiny_checkpoints["llama"], "[performance]\nmax_batch_size = 1\nqueue_size = 1\n"
     )
-    body = {"model": "m", "prompt": "hi", "max_tokens": 3000, "ignore_eos": True}
+    body = {"model": "m", "prompt": "hi", "max_tokens": 1000, "ignore_eos": True}
     with running_server(config) as srv:
         scheduler = srv.engine.workers["m"].scheduler
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
