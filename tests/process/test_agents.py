@@ -62,9 +62,7 @@ def codex(tmp_path: Path, server: Served, timeout: float) -> str:
 
 def claude(tmp_path: Path, server: Served, timeout: float) -> tuple[int, str]:
     """``claude -p`` of ASK against ``server``: its exit status and output."""
-    env = agent_env(
-        tmp_path / "home", ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="sk-local"
-    )
+    env = agent_env(tmp_path / "home", ANTHROPIC_BASE_URL=server.url, ANTHROPIC_API_KEY="sk-local")
     run = run_agent([str(agent_binary("claude")), "-p", ASK], env, project(tmp_path), timeout)
     return run.returncode, run.output
 
