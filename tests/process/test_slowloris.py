@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlxserve.server.http.connections import connection_plan
+from mlxserve.server.http.connections import FD_RESERVE, connection_plan
 
 from ..support.processes import served
 
@@ -84,7 +84,11 @@ def test_idle_connections_cannot_exhaust_the_server(attacked) -> None:
     text = log.read_text()
     # The fd limit was raised at start (mlx_lm did not lower or break it), and said so.
     assert "open files: soft limit raised from 256 to 512 (hard limit 512)" in text, text
-    max_connections = connection_plan(None, CHILD_FD_LIMIT)[0]
+    max_connections, backlog = connection_plan(None, CHILD_FD_LIMIT)
+    # Accepted connections are counted (and the extra ones closed) a loop iteration or two
+    # after the accept, so up to three backlogs may be open past the cap: by design, still
+    # short of the limit. (max_connections + 64 failed on a loaded CI machine: 347 fds.)
+    most_fds = max_connections + 3 * backlog + FD_RESERVE
     assert f"at most {max_connections} connections" in text
     lines_before = len(text.splitlines())
 
@@ -101,7 +105,7 @@ def test_idle_connections_cannot_exhaust_the_server(attacked) -> None:
             assert httpx.get(url + "/health", timeout=HEALTH_BOUND_S).status_code == 200
             latencies.append(time.monotonic() - asked)
             fds = open_fds(process.pid)
-            assert fds is None or fds <= max_connections + 64, fds
+            assert fds is None or fds <= most_fds <= CHILD_FD_LIMIT, fds
             time.sleep(0.05)
         attack.join()
         attack_s = time.monotonic() - started
