@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -31,6 +33,9 @@ from mlxserve.server.protocol.openai import (
     new_id,
 )
 from mlxserve.server.streaming import sse_response
+from mlxserve.server.tokenizing import with_own_tokenizer
+
+TextOf = Callable[[int], str]  # a token's text
 
 router = APIRouter(
     prefix="/v1",
@@ -40,25 +45,29 @@ router = APIRouter(
 )
 
 
-def _top(model: ServedModel, logprob: TokenLogprob) -> dict[str, float]:
+def _text_of(model: ServedModel) -> TextOf:
+    return lambda token: token_text(model, token)
+
+
+def _top(text_of: TextOf, logprob: TokenLogprob) -> dict[str, float]:
     """The most likely tokens at a position, and (as OpenAI lists it too) the one chosen."""
-    top = {token_text(model, t): p for t, p in logprob.top}
-    top.setdefault(token_text(model, logprob.token_id), logprob.logprob)
+    top = {text_of(t): p for t, p in logprob.top}
+    top.setdefault(text_of(logprob.token_id), logprob.logprob)
     return top
 
 
 def _legacy_logprobs(
-    model: ServedModel, logprobs: Sequence[TokenLogprob], offset: int = 0
+    text_of: TextOf, logprobs: Sequence[TokenLogprob], offset: int = 0
 ) -> CompletionLogprobs | None:
     """Log probabilities in the legacy shape; ``offset`` is where the first token's text
     starts in the whole completion."""
     if not logprobs:
         return None
-    tokens = [token_text(model, lp.token_id) for lp in logprobs]
+    tokens = [text_of(lp.token_id) for lp in logprobs]
     return CompletionLogprobs(
         tokens=tokens,
         token_logprobs=[lp.logprob for lp in logprobs],
-        top_logprobs=[_top(model, lp) for lp in logprobs],
+        top_logprobs=[_top(text_of, lp) for lp in logprobs],
         text_offset=_offsets(tokens, offset),
     )
 
@@ -93,22 +102,48 @@ class Echo:
         )
 
 
-def _echo(body: CompletionRequest, reply: Reply, scored: tuple[TokenLogprob, ...] | None) -> Echo:
-    """The echo of the request's prompt; ``scored`` are its tokens' log probabilities from
-    the second on (the first has none), when asked for."""
-    model, ids = reply.admitted.model, reply.admitted.prompt_ids
-    text = body.prompt if isinstance(body.prompt, str) else model.tokenizer.decode(list(ids))
+def _echo(
+    body: CompletionRequest,
+    ids: Sequence[int],
+    scored: tuple[TokenLogprob, ...] | None,
+    tokenizer: Any,
+) -> Echo:
+    """The echo of the request's prompt (``ids``); ``scored`` are its tokens' log
+    probabilities from the second on (the first has none), when asked for."""
+    text = body.prompt if isinstance(body.prompt, str) else tokenizer.decode(list(ids))
     if body.logprobs is None or scored is None:
         return Echo(text, None, 0)
-    tokens = [token_text(model, token) for token in ids]
-    end = sum(len(token) for token in tokens)
+
+    def text_of(token: int) -> str:
+        return str(tokenizer.decode([token]))
+
+    tokens = [text_of(token) for token in ids]
     logprobs = CompletionLogprobs(
         tokens=tokens,
         token_logprobs=[None, *(lp.logprob for lp in scored)],
-        top_logprobs=[None, *(_top(model, lp) for lp in scored)],
+        top_logprobs=[None, *(_top(text_of, lp) for lp in scored)],
         text_offset=_offsets(tokens, 0),
     )
-    return Echo(text, logprobs, end)
+    return Echo(text, logprobs, sum(len(token) for token in tokens))
+
+
+async def _echoed(
+    body: CompletionRequest, reply: Reply, events: AsyncGenerator[ScoredEvent, None]
+) -> AsyncGenerator[Echo | ScoredEvent, None]:
+    """``events`` with the prompt's echo first (when asked for), built on a tokenizing
+    thread: it is as long as the prompt, and the event loop does nothing that long."""
+    echoing = body.echo
+    ids = reply.admitted.prompt_ids
+    async with aclosing(events):
+        async for event in events:
+            if echoing:
+                echoing = False
+                scored = event.logprobs if isinstance(event, PromptLogprobs) else None
+                yield await with_own_tokenizer(
+                    reply.admitted.model.tokenizer, partial(_echo, body, ids, scored)
+                )
+            if not isinstance(event, PromptLogprobs):
+                yield event
 
 
 @router.post("/completions", response_model=CompletionResponse)
@@ -128,52 +163,43 @@ async def completions(
     def chunk(**fields: Any) -> CompletionChunk:
         return CompletionChunk(id=response_id, model=reply.model_name, **fields)
 
+    events = _echoed(body, reply, reply.scored_events(engine))
+    text_of = _text_of(model)
     if body.stream:
         offset = 0  # of the next text in the whole completion
-        echoing = body.echo
 
-        def render(event: ScoredEvent) -> list[BaseModel]:
-            nonlocal offset, echoing
-            events: list[BaseModel] = []
-            if echoing:
-                echoing = False
-                scored = event.logprobs if isinstance(event, PromptLogprobs) else None
-                echo = _echo(body, reply, scored)
-                offset = echo.end
-                echoed = CompletionChoice(text=echo.text, logprobs=echo.logprobs)
-                events.append(chunk(choices=[echoed]))
-            if isinstance(event, PromptLogprobs):
-                return events
+        def render(event: Echo | ScoredEvent) -> list[BaseModel]:
+            nonlocal offset
+            if isinstance(event, Echo):
+                offset = event.end
+                return [chunk(choices=[CompletionChoice(text=event.text, logprobs=event.logprobs)])]
             if isinstance(event, TextDelta):
-                logprobs = _legacy_logprobs(model, event.logprobs, offset)
+                logprobs = _legacy_logprobs(text_of, event.logprobs, offset)
                 offset += len(event.text)
-                return [
-                    *events,
-                    chunk(choices=[CompletionChoice(text=event.text, logprobs=logprobs)]),
-                ]
+                return [chunk(choices=[CompletionChoice(text=event.text, logprobs=logprobs)])]
             assert isinstance(event, Finished)  # a raw prompt's reply has no tool calls
-            ended = CompletionChoice(text="", finish_reason=event.reason)
-            events.append(chunk(choices=[ended]))
+            ended: list[BaseModel] = [
+                chunk(choices=[CompletionChoice(text="", finish_reason=event.reason)])
+            ]
             if body.include_usage:
                 usage, spent = usage_info(event.usage), timings(event.usage)
-                events.append(chunk(choices=[], usage=usage, timings=spent))
-            return events
+                ended.append(chunk(choices=[], usage=usage, timings=spent))
+            return ended
 
-        return await sse_response(reply.scored_events(engine), render)
+        return await sse_response(events, render)
 
     text: list[str] = []
     logprobs: list[TokenLogprob] = []
-    scored: tuple[TokenLogprob, ...] | None = None
+    echo = Echo("", None, 0)
     finished = Finished("stop", Usage(prompt_tokens=0, completion_tokens=0))
-    async for event in reply.scored_events(engine):
-        if isinstance(event, PromptLogprobs):
-            scored = event.logprobs
+    async for event in events:
+        if isinstance(event, Echo):
+            echo = event
         elif isinstance(event, TextDelta):
             text.append(event.text)
             logprobs.extend(event.logprobs)
         elif isinstance(event, Finished):
             finished = event
-    echo = _echo(body, reply, scored) if body.echo else Echo("", None, 0)
     return CompletionResponse(
         id=response_id,
         model=reply.model_name,
@@ -181,7 +207,7 @@ async def completions(
             CompletionChoice(
                 text=echo.text + "".join(text),
                 finish_reason=finished.reason,
-                logprobs=echo.joined(_legacy_logprobs(model, logprobs, echo.end)),
+                logprobs=echo.joined(_legacy_logprobs(text_of, logprobs, echo.end)),
             )
         ],
         usage=usage_info(finished.usage),
