@@ -317,8 +317,11 @@ class ModelWorker:
 
     def _scoring(self, plan: StepPlan) -> dict[str, Sequence]:
         """The sequences of ``plan``'s prefill chunks that score their prompt."""
-        seqs = (self.scheduler.find(c.request_id) for group in plan.prefill for c in group)
-        return {s.request_id: s for s in seqs if s is not None and s.scores_prompt}
+        scoring = {s.request_id: s for s in self.scheduler.prefilling if s.scores_prompt}
+        if not scoring:  # the common step: nothing to look up
+            return {}
+        chunks = {c.request_id for group in plan.prefill for c in group}
+        return {request_id: s for request_id, s in scoring.items() if request_id in chunks}
 
     def _score_prompts(
         self, plan: StepPlan, scoring: dict[str, Sequence], every_position: dict[str, mx.array]
