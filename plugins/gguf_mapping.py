@@ -60,7 +60,7 @@ UNMAPPED_ARCHITECTURES = {
     ),
 }
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3's rope scaling, one factor per rotary pair
-# MLX reads a quantized tensor NAME.weight as NAME.weight, NAME.scales and NAME.biases.
+# A quantized tensor NAME.weight is read as NAME.weight, NAME.scales and NAME.biases.
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias|scales|biases)")
 _GLOBAL_NAME = re.compile(r"(\w+)\.(weight|bias|scales|biases)")
 
@@ -74,7 +74,8 @@ class GGUFModel:
         architecture: its ``general.architecture``, e.g. ``"llama"`` or ``"qwen3"``.
         metadata: every metadata key, as Python values (numbers, strings, lists).
         tensors: its tensors under llama.cpp's names, as MLX arrays; quantized ones are
-            already MLX affine triples (``NAME.weight`` uint32, ``NAME.scales``, ``NAME.biases``).
+            already MLX affine triples (``NAME.weight`` uint32, ``NAME.scales``, ``NAME.biases``),
+            or floats (the types with 16-value sub-blocks: Q6_K, Q3_K, Q2_K).
         tensor_types: each tensor's type in the file (e.g. ``{"token_embd.weight": "Q8_0"}``).
         num_parameters: how many numbers the tensors hold.
     """

@@ -1,10 +1,11 @@
 """GGUF files as checkpoints: one is converted into an MLX checkpoint folder (config.json,
 model.safetensors under mlx-lm's names, tokenizer files), which then loads like any other.
 
-MLX reads F32, F16, Q4_0, Q4_1 and Q8_0 tensors itself (the quantized ones straight into its
-own affine format, group size 32); BF16 is read here bit for bit (``mx.load`` would round it to
-float16). Other types are refused by name: ``mx.load`` turns some of them into float16 (Q4_K
-wrongly, as of MLX 0.32), fails on others and drops a few without a word.
+The file is read with the ``gguf`` package's memory-mapped reader, not ``mx.load`` (MLX 0.32's
+GGUF reader decodes Q4_K wrongly, fails on Q3_K, Q5_0, Q5_K and skips MXFP4 without a word).
+F32, F16 and BF16 tensors are read as they are; the quantized types of ``gguf_quants.TYPES``
+are decoded exactly, into MLX's affine quantization (group size 32) or into floats. Other
+types are refused by name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import struct
 from collections import Counter
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import mlx.core as mx
 import numpy as np
@@ -21,11 +22,13 @@ import numpy as np
 from mlxserve.core.errors import ModelNotFoundError, UnsupportedModelError
 from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.gguf_mapping import GGUFModel, listed
+from mlxserve.registry.gguf_quants import GROUP_SIZE, TYPES, Quantized, decode
 from mlxserve.registry.gguf_tokenizer import save_gguf_tokenizer
 from mlxserve.registry.plugins import Plugins
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
-QUANT_GROUP_SIZE = 32  # the block of Q4_0, Q4_1 and Q8_0, which MLX keeps as its group
+FLOAT_TYPES = ("F32", "F16", "BF16")
+SUPPORTED_TYPES = (*FLOAT_TYPES, *TYPES)
+QUANT_GROUP_SIZE = GROUP_SIZE  # every quantized type becomes MLX's affine group of 32
 # The sizes of GGUF's fixed-size metadata value types, by type number (8 is a string, 9 an array).
 _VALUE_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
@@ -75,7 +78,12 @@ def write_gguf_checkpoint(
 
 
 def read_gguf(path: Path) -> GGUFModel:
-    """The file's metadata and tensors; an error names what mlxserve cannot read."""
+    """The file's metadata and tensors; an error names what mlxserve cannot read.
+
+    A quantized tensor ``NAME.weight`` becomes MLX's affine triple ``NAME.weight`` (uint32),
+    ``NAME.scales`` and ``NAME.biases``, or floats for the 16-element types (Q6_K, Q3_K, Q2_K);
+    one that is not a ``.weight`` (no quantized module could take it) becomes float32.
+    """
     import gguf
 
     try:
@@ -83,22 +91,17 @@ def read_gguf(path: Path) -> GGUFModel:
     except Exception as exc:  # the reader trusts the header: a crafted one fails anyhow
         raise UnsupportedModelError(f"{path}: not a GGUF file mlxserve can read ({exc})") from exc
     _check_tensor_types(path, reader)
-    try:
-        loaded = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as exc:
-        raise UnsupportedModelError(f"{path}: MLX cannot read it ({exc})") from exc
-    # With return_metadata, mx.load gives (the tensors by name, the metadata).
-    tensors, raw_metadata = cast("tuple[dict[str, mx.array], dict[str, Any]]", loaded)
-    metadata = {key: _python(value) for key, value in raw_metadata.items()}
+    if reader.endianess != gguf.GGUFEndian.LITTLE:  # blocks are decoded as little-endian
+        raise UnsupportedModelError(f"{path.name}: a big-endian GGUF, which mlxserve cannot read")
+    metadata = _metadata(reader)
     if int(metadata.get("split.count", 1)) > 1:
         raise UnsupportedModelError(
             f"{path.name}: it is one part of a GGUF split into {metadata['split.count']} files; "
             f"merge them into one first (llama.cpp's `llama-gguf-split --merge`)"
         )
+    tensors: dict[str, mx.array] = {}
     for tensor in reader.tensors:
-        if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:
-            raw = np.ascontiguousarray(tensor.data)
-            tensors[tensor.name] = mx.array(raw).view(mx.bfloat16)
+        tensors.update(_read_tensor(path, tensor.name, tensor.tensor_type.name, tensor.data))
     return GGUFModel(
         path,
         str(metadata.get("general.architecture", "")),
@@ -107,6 +110,49 @@ def read_gguf(path: Path) -> GGUFModel:
         tensor_types={t.name: t.tensor_type.name for t in reader.tensors},
         num_parameters=sum(int(t.n_elements) for t in reader.tensors),
     )
+
+
+def _read_tensor(path: Path, name: str, kind: str, data: np.ndarray) -> dict[str, mx.array]:
+    """One tensor, under its name (and its ``.scales``, ``.biases`` if it stays quantized)."""
+    if kind == "BF16":  # its 2-byte values, as bytes: viewed, so read bit for bit
+        return {name: mx.array(np.ascontiguousarray(data)).view(mx.bfloat16)}
+    if kind in FLOAT_TYPES:
+        return {name: mx.array(np.ascontiguousarray(data))}
+    try:
+        decoded = decode(data, kind)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{path.name}: cannot read its tensor {name} ({exc})") from exc
+    if not isinstance(decoded, Quantized):
+        return {name: mx.array(decoded)}
+    weight, scales, biases = (mx.array(a) for a in (decoded.weight, decoded.scales, decoded.biases))
+    if name.endswith(".weight") and weight.ndim >= 2:
+        module = name.removesuffix(".weight")
+        return {name: weight, f"{module}.scales": scales, f"{module}.biases": biases}
+    values = mx.dequantize(
+        weight.reshape(-1, weight.shape[-1]),
+        scales.astype(mx.float32).reshape(-1, scales.shape[-1]),
+        biases.astype(mx.float32).reshape(-1, biases.shape[-1]),
+        group_size=QUANT_GROUP_SIZE,
+        bits=decoded.bits,
+        dtype=mx.float32,
+    )
+    return {name: values.reshape(*weight.shape[:-1], -1)}
+
+
+def _metadata(reader: Any) -> dict[str, Any]:
+    """Every metadata key as Python values; a float32 as the shortest decimal that is it
+    (1e-05, not 9.99e-06). The reader's own ``GGUF.*`` header fields are left out."""
+    from gguf import GGUFValueType
+
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if field.types == [GGUFValueType.FLOAT32]:
+            value = float(str(np.float32(value)))
+        metadata[key] = value
+    return metadata
 
 
 def _check_tensor_types(path: Path, reader: Any) -> None:
@@ -119,19 +165,9 @@ def _check_tensor_types(path: Path, reader: Any) -> None:
         found = "; ".join(f"{kind} ({listed(names, 2)})" for kind, names in unsupported.items())
         raise UnsupportedModelError(
             f"{path.name}: mlxserve cannot read GGUF tensor type {found}; it reads "
-            f"{', '.join(SUPPORTED_TYPES)}: use a GGUF quantized to one of those (Q8_0, Q4_0), "
+            f"{', '.join(SUPPORTED_TYPES)}: use a GGUF quantized to one of those (e.g. Q4_K_M), "
             f"or an MLX checkpoint of the model"
         )
-
-
-def _python(value: Any) -> Any:
-    if not isinstance(value, mx.array):
-        return value
-    if value.ndim:
-        return value.tolist()
-    if value.dtype == mx.float32:  # the shortest decimal that is this float32: 1e-05, not 9.99e-06
-        return float(str(np.float32(float(value))))
-    return value.item()
 
 
 def converting_family(

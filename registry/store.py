@@ -33,7 +33,7 @@ from mlxserve.registry.plugins import Plugins
 BUILTIN_PREFIX = "builtin:"
 TINY_PREFIX = "tiny-"
 GGUF_DIR = "gguf"
-GGUF_CONVERSION = 1  # part of a converted folder's name: bump it when conversions change
+GGUF_CONVERSION = 2  # part of a converted folder's name: bump it when conversions change
 METADATA_FILES = ["*.json", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 HUB_FILES = [*METADATA_FILES, "*.safetensors"]
 

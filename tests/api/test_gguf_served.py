@@ -37,7 +37,7 @@ def server(
     tmp = tmp_path_factory.mktemp("gguf-served")
     files = {
         "moe": write_gguf(qwen3_moe, tmp / "moe.gguf", "qwen3moe"),
-        "odd": write_tiny_gguf(tmp / "odd.gguf", kind=Q.Q4_K),
+        "odd": write_tiny_gguf(tmp / "odd.gguf", kind=Q.IQ2_XXS),
         "gemma": write_tiny_gguf(tmp / "gemma.gguf", "gemma3", Q.Q8_0),
         "gptoss": write_tiny_gguf(tmp / "gptoss.gguf", "gpt-oss", Q.MXFP4),
     }
@@ -67,7 +67,7 @@ def test_the_api_answers_an_unservable_gguf_with_422(server: RunningServer) -> N
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "model_unsupported"
-    assert "odd.gguf: mlxserve cannot read GGUF tensor type Q4_K" in error["message"]
+    assert "odd.gguf: mlxserve cannot read GGUF tensor type IQ2_XXS" in error["message"]
 
 
 @pytest.mark.parametrize(("model", "architecture"), [("gemma", "gemma3"), ("gptoss", "gpt-oss")])

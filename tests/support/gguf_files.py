@@ -2,13 +2,16 @@
 
 Names come from the gguf package's own tensor-name map (not from mlxserve's), and a Llama's
 q/k rows are put in llama.cpp's rotary order, so reading them back tests mlxserve's mapping.
-``write_tiny_gguf`` writes a one-tensor file of any tensor type, for the error paths.
+``write_tiny_gguf`` writes a one-tensor file of any tensor type, for the error paths;
+``random_blocks`` writes tensors of a quantized type's random blocks (random quants and scale
+bytes, finite float16 super-scales), for the types the gguf package cannot quantize.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -23,6 +26,21 @@ ARCHITECTURES = {
 }
 CONTROL = 3
 NORMAL = 1
+Q = gguf.GGMLQuantizationType
+# Where each type's float16 scales (d, and dmin or m) sit in its block, and the largest
+# |d|-multiple a value reaches (so a value stays near ``amplitude``): llama.cpp's layouts.
+SUPER_SCALES: dict[Q, tuple[tuple[int, ...], int]] = {
+    Q.Q4_0: ((0,), 8),
+    Q.Q4_1: ((0, 2), 15),
+    Q.Q5_0: ((0,), 16),
+    Q.Q5_1: ((0, 2), 31),
+    Q.Q8_0: ((0,), 128),
+    Q.Q4_K: ((0, 2), 63 * 15),
+    Q.Q5_K: ((0, 2), 63 * 31),
+    Q.Q6_K: ((208,), 128 * 32),
+    Q.Q3_K: ((108,), 32 * 4),
+    Q.Q2_K: ((80, 82), 15 * 3),
+}
 
 
 def llama_cpp_row_order(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -50,6 +68,25 @@ def llama3_rope_factors(config: dict) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
+def random_blocks(
+    kind: gguf.GGMLQuantizationType,
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+    amplitude: float = 1.0,
+) -> np.ndarray:
+    """Raw blocks (uint8, rows of bytes) of a ``kind`` tensor of ``shape`` (row length last):
+    random bytes, with finite float16 scales that keep values within about ``amplitude``."""
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    *lead, k = shape
+    raw = rng.integers(0, 256, (*lead, k // block * size), dtype=np.uint8)
+    blocks = raw.reshape(-1, size)
+    offsets, reach = SUPER_SCALES[kind]
+    for offset in offsets:
+        scale = amplitude / reach * rng.uniform(-1, 1, (blocks.shape[0], 1))
+        blocks[:, offset : offset + 2] = scale.astype(np.float16).view(np.uint8)
+    return raw
+
+
 def write_gguf(
     checkpoint: Path,
     dest: Path,
@@ -57,11 +94,15 @@ def write_gguf(
     tensor_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
     *,
     dequantized: bool = False,
+    tensor_types: Callable[[str, tuple[int, ...]], gguf.GGMLQuantizationType] | None = None,
 ) -> Path:
     """A GGUF of a tiny checkpoint; 2-D and 3-D weights (stacked experts) in ``tensor_type``,
     the rest in F32.
 
     ``dequantized``: the weights quantized to ``tensor_type`` and back, written as F32.
+    ``tensor_types``: each weight's type by its GGUF name and shape (e.g. a Q4_K_M-like mix); a
+    type the gguf package cannot quantize gets random blocks of the weight's scale (seeded by
+    the name), not the checkpoint's values.
     """
     config = json.loads((checkpoint / "config.json").read_text())
     writer = gguf.GGUFWriter(str(dest), architecture)
@@ -94,11 +135,12 @@ def write_gguf(
         projection = name.split(".")[-2]
         if architecture == "llama" and projection in heads:
             data = llama_cpp_row_order(data, heads[projection])
-        kind = tensor_type
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        kind = tensor_type if tensor_types is None else tensor_types(gguf_name, data.shape)
         if dequantized and data.ndim >= 2:
             data = gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)
             kind = gguf.GGMLQuantizationType.F32
-        add_tensor(writer, names.get_name(name, try_suffixes=(".weight", ".bias")), data, kind)
+        add_tensor(writer, gguf_name, data, kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -114,7 +156,12 @@ def add_tensor(
     elif kind == gguf.GGMLQuantizationType.F16:
         writer.add_tensor(name, data.astype(np.float16))
     else:
-        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        try:
+            raw = gguf.quants.quantize(data, kind)
+        except NotImplementedError:
+            rng = np.random.default_rng(list(name.encode()))
+            raw = random_blocks(kind, data.shape, rng, 4 * float(np.abs(data).mean()))
+        writer.add_tensor(name, raw, raw_dtype=kind)
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, checkpoint: Path) -> None:

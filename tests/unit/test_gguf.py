@@ -91,7 +91,9 @@ def test_a_gguf_of_a_tiny_checkpoint_gives_its_greedy_tokens(
 @pytest.mark.parametrize(
     ("model", "architecture"), [("llama", "llama"), ("qwen3_moe", "qwen3moe")], ids=["llama", "moe"]
 )
-@pytest.mark.parametrize("kind", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda kind: kind.name)
+@pytest.mark.parametrize(
+    "kind", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda kind: kind.name
+)
 def test_quantized_tensors_are_read_as_their_values(
     kind: gguf.GGMLQuantizationType,
     model: str,
@@ -106,7 +108,7 @@ def test_quantized_tensors_are_read_as_their_values(
     store = ModelStore(tmp_path / "c", plugins)
     converted = store.locate(str(quantized))
     config = json.loads((converted / "config.json").read_text())
-    bits = {Q.Q8_0: 8, Q.Q4_0: 4, Q.Q4_1: 4}[kind]
+    bits = {Q.Q8_0: 8, Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5}[kind]
     assert config["quantization"] == {"group_size": 32, "bits": bits}
     assert config["mlxserve"]["description"].endswith(f"parameters, {kind.name} GGUF)")
     weights = mx.load(str(converted / "model.safetensors"))
@@ -159,7 +161,9 @@ def test_llama_3_rope_scaling_is_recovered_from_rope_freqs(
     assert greedy(models.load("gguf"), long_prompt) == greedy(models.load("original"), long_prompt)
 
 
-@pytest.mark.parametrize("kind", [Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.TQ2_0], ids=lambda kind: kind.name)
+@pytest.mark.parametrize(
+    "kind", [Q.IQ2_XXS, Q.IQ4_NL, Q.TQ2_0, Q.MXFP4], ids=lambda kind: kind.name
+)
 def test_an_unsupported_tensor_type_is_named(
     kind: gguf.GGMLQuantizationType, tmp_path: Path, plugins: Plugins
 ) -> None:
