@@ -1,16 +1,19 @@
 """Serving benchmark: mlx_lm.server (the reference) against mlxserve on the same checkpoint.
 
 Usage:
-    python tests/benchmarks/bench_serving.py [--size large|small] [--only reference|mlxserve|both]
+    python tests/benchmarks/bench_serving.py [--size large|small|deep-tiny]
+        [--only reference|mlxserve|both]
         [--dtypes float32,bfloat16,4bit] [--max-tokens 64] [--streams 8] [--runs 3]
         [--openblas [PATH]] [--out FILE.md] [--reference-blas openblas|builtin]
         [--workdir ~/.cache/mlxserve/bench]
 
 It writes (once, cached under --workdir) a random-weight float32 Llama checkpoint with the
-project's own writer (~250M parameters, or ~20M with --size small), and for each of --dtypes
-other than float32 a copy made by mlx-lm's own conversion (mlx_lm.convert: bfloat16, or 4-bit
-with group size 64) next to it. It then starts one server at a time on 127.0.0.1: the reference
-on the float32 checkpoint, and mlxserve once per dtype. It measures with streaming, greedy
+project's own writer, which builds mlx-lm's model classes (~250M parameters, ~20M with --size
+small, or with --size deep-tiny 30 layers of hidden size 128, where a server's per-layer overhead
+counts more than its matmuls), and for each of --dtypes other than float32 a copy made by
+mlx-lm's own conversion (mlx_lm.convert: bfloat16, or 4-bit with group size 64) next to it.
+It then starts one server at a time on 127.0.0.1: the reference on the float32 checkpoint, and
+mlxserve once per dtype. It measures with streaming, greedy
 POST /v1/chat/completions:
 
 - single-stream decode tokens/s: (tokens - 1) / (time from first token to last), median of --runs;
@@ -76,6 +79,14 @@ SIZES: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 6,
         "num_attention_heads": 8,
         "num_key_value_heads": 8,
+    },
+    # many small layers: the per-layer cost of the engine, not the BLAS, sets the pace
+    "deep-tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
     },
 }
 OPENBLAS_CANDIDATES = (
@@ -254,7 +265,9 @@ def mlxserve_executable() -> str:
     return str(beside) if beside.exists() else "mlxserve"
 
 
-def write_mlxserve_config(workdir: Path, checkpoint: Path, streams: int) -> Path:
+def write_mlxserve_config(workdir: Path, checkpoint: Path, streams: int, extra: str = "") -> Path:
+    """mlxserve's config serving ``checkpoint`` (a folder or a .gguf) as model "bench";
+    ``extra`` is appended (more TOML tables)."""
     path = workdir / "mlxserve-bench.toml"
     path.write_text(
         "[server]\n"
@@ -265,7 +278,7 @@ def write_mlxserve_config(workdir: Path, checkpoint: Path, streams: int) -> Path
         "[models.bench]\n"
         f'source = "{checkpoint}"\n'
         "[performance]\n"
-        f"max_batch_size = {max(8, streams)}\n",
+        f"max_batch_size = {max(8, streams)}\n" + extra,
         encoding="utf-8",
     )
     return path
@@ -320,9 +333,11 @@ def wait_ready(
 
 
 @contextlib.contextmanager
-def running_server(
+def started_server(
     command: list[str], port: int, log: Path, env: dict[str, str], timeout: float
-) -> Iterator[str]:
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start ``command`` in its own session, logging to ``log``; yield its /v1 URL once it
+    answers, and its process; end its process group after."""
     base_url = f"http://{HOST}:{port}/v1"
     print(f"starting: {' '.join(command)}  (log: {log})", flush=True)
     with open(log, "wb") as out:
@@ -331,9 +346,17 @@ def running_server(
         )
     try:
         wait_ready(proc, base_url, log, timeout)
-        yield base_url
+        yield base_url, proc
     finally:
         stop_process(proc)
+
+
+@contextlib.contextmanager
+def running_server(
+    command: list[str], port: int, log: Path, env: dict[str, str], timeout: float
+) -> Iterator[str]:
+    with started_server(command, port, log, env, timeout) as (base_url, _):
+        yield base_url
 
 
 # ---- requests --------------------------------------------------------------------------
@@ -348,6 +371,7 @@ class Completion:
     deltas: int
     from_usage: bool
     finish_reason: str | None
+    prompt_tokens: int | None = None
 
     @property
     def decode_rate(self) -> float | None:
@@ -363,6 +387,9 @@ class Client:
     max_tokens: int
     timeout: float
     logit_bias: dict[str, float] = field(default_factory=dict)
+    prompt: str = PROMPT
+    # more request fields, e.g. {"ignore_eos": True}
+    extra: dict[str, Any] = field(default_factory=dict)
     counter: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -372,7 +399,7 @@ class Client:
             n = self.counter
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "user", "content": f"Request {n}. {PROMPT}"}],
+            "messages": [{"role": "user", "content": f"Request {n}. {self.prompt}"}],
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": 0,
@@ -380,13 +407,13 @@ class Client:
         }
         if self.logit_bias:
             body["logit_bias"] = self.logit_bias
-        return body
+        return {**body, **self.extra}
 
     def complete(self) -> Completion:
         start = time.perf_counter()
         first = last = None
         deltas = 0
-        usage_tokens = None
+        usage_tokens = prompt_tokens = None
         finish_reason = None
         url = f"{self.base_url}/chat/completions"
         with httpx.stream("POST", url, json=self.body(), timeout=self.timeout) as response:
@@ -401,8 +428,10 @@ class Client:
                     break
                 event = json.loads(data)
                 now = time.perf_counter()
-                if (event.get("usage") or {}).get("completion_tokens") is not None:
-                    usage_tokens = event["usage"]["completion_tokens"]
+                usage = event.get("usage") or {}
+                if usage.get("completion_tokens") is not None:
+                    usage_tokens = usage["completion_tokens"]
+                    prompt_tokens = usage.get("prompt_tokens")
                 for choice in event.get("choices") or []:
                     if (choice.get("delta") or {}).get("content"):
                         deltas += 1
@@ -421,6 +450,7 @@ class Client:
             deltas=deltas,
             from_usage=usage_tokens is not None,
             finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
         )
 
 
