@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import mlx.core as mx
+
 from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.core.errors import ModelNotFoundError, UnsupportedModelError
 from mlxserve.core.kv.batching import unbatchable
@@ -207,6 +209,7 @@ class ModelRegistry:
                 model_type=str(config.get("model_type")),
                 batchable=not unbatchable(loaded.make_cache(KVCacheOptions())),
             )
+        mx.clear_cache()  # what the load and the probe freed goes back to the system
         return loaded
 
     def _downloads_own_layers_only(self, source_kind: str) -> bool:

@@ -7,7 +7,9 @@ CPU streams with one BLAS thread each, every stream computing half of the output
 took 0.77 ms (one row: 0.56 → 0.41 ms, 28 GB/s). So on the CPU, each ``nn.Linear`` of a loaded
 model is cut by output features into as many parts as the cores its process gets (see
 ``blas.cpu_split``), and each part runs on its own stream; the parts are views of the stored
-weight, so no memory is added.
+weight, so no memory is added. A small layer is left whole: its parts would wait on each
+other's streams longer than they compute (``MIN_SPLIT_ELEMENTS``, measured in
+docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import threading
 
 import mlx.core as mx
 import mlx.nn as nn
+
+# The smallest weight (output x input features) split over the streams; below it, one stream
+# with one BLAS thread computes the layer faster than two streams and their synchronization.
+MIN_SPLIT_ELEMENTS = 1 << 20
 
 _local = threading.local()
 
@@ -49,10 +55,12 @@ class ParallelLinear(nn.Module):
         return y + self.bias if "bias" in self else y
 
 
-def parallelize_linears(module: nn.Module, ways: int) -> int:
+def parallelize_linears(
+    module: nn.Module, ways: int, min_elements: int = MIN_SPLIT_ELEMENTS
+) -> int:
     """Replace every plain ``nn.Linear`` under ``module`` by a :class:`ParallelLinear` (on the
-    CPU backend, ``ways`` > 1, and only layers with at least ``ways`` output features); how
-    many were replaced."""
+    CPU backend, ``ways`` > 1, and only layers with at least ``ways`` output features and
+    ``min_elements`` weights); how many were replaced."""
     if ways < 2 or mx.default_device() != mx.cpu:
         return 0
     replaced = 0
@@ -61,14 +69,17 @@ def parallelize_linears(module: nn.Module, ways: int) -> int:
             child = parent[name]  # children() gives copies of lists
             if isinstance(child, list):
                 for index, item in enumerate(child):
-                    if _splittable(item, ways):
+                    if _splittable(item, ways, min_elements):
                         child[index] = ParallelLinear(item, ways)
                         replaced += 1
-            elif _splittable(child, ways):
+            elif _splittable(child, ways, min_elements):
                 parent[name] = ParallelLinear(child, ways)
                 replaced += 1
     return replaced
 
 
-def _splittable(module: object, ways: int) -> bool:
-    return type(module) is nn.Linear and module.weight.shape[0] >= ways
+def _splittable(module: object, ways: int, min_elements: int) -> bool:
+    if type(module) is not nn.Linear:
+        return False
+    rows, columns = module.weight.shape
+    return rows >= ways and rows * columns >= min_elements

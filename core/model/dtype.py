@@ -1,5 +1,7 @@
 """The dtype a model computes in: float32 on the CPU backend, where only float32 matmuls use
-BLAS (float16/bfloat16 and quantized matmuls there run several times slower)."""
+BLAS (float16/bfloat16 matmuls there run several times slower). Quantized layers keep their
+packed weights where mlxserve's native CPU kernel computes them (core/cpu/qmm.py), and are
+dequantized to float32 where it cannot (MLX's own CPU quantized matmul is slower still)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models.mla import MultiLinear, QuantizedMultiLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from mlxserve.core.cpu.packed import PACKED_TYPES, pack_quantized, packable
+from mlxserve.core.cpu.qmm import unavailable_reason
 from mlxserve.core.distributed.cluster import Cluster, available_memory
 from mlxserve.core.model.layout import DecoderLayout
 
@@ -34,6 +38,12 @@ def on_cpu_backend() -> bool:
 def wants_float32(setting: str) -> bool:
     """``[performance] compute_dtype``: "float32", "model", or "auto" (float32 on the CPU)."""
     return setting == "float32" or (setting == "auto" and on_cpu_backend())
+
+
+def keeps_packed(setting: str) -> bool:
+    """Whether quantized layers stay packed, computed by the native CPU kernel: with
+    ``compute_dtype = "auto"`` on the CPU backend, where the kernel is built and loads."""
+    return setting == "auto" and on_cpu_backend() and unavailable_reason() is None
 
 
 def _dequantized(q: nn.Module) -> mx.array:
@@ -118,12 +128,16 @@ def stored_precision(model: nn.Module) -> tuple[set[str], set[int]]:
     return floats, bits
 
 
-def float32_nbytes(model: nn.Module, needed: Callable[[str], bool]) -> int:
-    """Bytes the weights ``needed`` accepts (by name) take once computed in float32."""
+def float32_nbytes(model: nn.Module, needed: Callable[[str], bool], *, packed: bool = False) -> int:
+    """Bytes the weights ``needed`` accepts (by name) take once computed in float32 (with
+    ``packed``, the layers the native kernel computes keep their size)."""
     total = 0
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
         arrays = _arrays(module)
+        if packed and packable(module):
+            total += sum(a.nbytes for k, a in arrays.items() if needed(prefix + k))
+            continue
         if _is_quantized(module):
             if needed(f"{prefix}weight"):
                 weight = arrays["weight"]
@@ -137,15 +151,26 @@ def float32_nbytes(model: nn.Module, needed: Callable[[str], bool]) -> int:
     return total
 
 
-def to_float32(model: nn.Module) -> list[str]:
+def to_float32(model: nn.Module, *, packed: bool = False) -> list[str]:
     """Make ``model`` compute in float32, lazily (nothing is evaluated): cast its floating
-    weights and dequantize its quantized layers. Returns the quantized layers it cannot
+    weights and dequantize its quantized layers (with ``packed``, those the native kernel
+    computes keep their packed weights and scales). Returns the quantized layers it cannot
     dequantize (they stay quantized, with float32 scales)."""
-    model.apply(lambda a: a.astype(mx.float32) if _lower_precision(a.dtype) else a)
+    kept = set(pack_quantized(model)) if packed else set()
+    model.apply(
+        lambda a: a.astype(mx.float32) if _lower_precision(a.dtype) else a,
+        lambda parent, key, value: (
+            nn.Module.valid_parameter_filter(parent, key, value)
+            and not isinstance(value, PACKED_TYPES)
+            and not isinstance(parent, PACKED_TYPES)
+        ),
+    )
     replacements: list[tuple[str, nn.Module]] = []
     left: list[str] = []
     for path, module in model.named_modules():
         dequantize = _DEQUANTIZERS.get(type(module))
+        if path in kept:
+            continue
         if dequantize is not None:
             replacements.append((path, dequantize(module)))
         elif _is_quantized(module):
@@ -184,7 +209,10 @@ def settle_compute_dtype(
     if not wants_float32(setting):
         log.info("model %s: computing in %s, as stored (compute_dtype = %r)", name, stored, setting)
         return
-    need = float32_nbytes(layout.model, needed) // ways
+    packed = bool(bits) and keeps_packed(setting)
+    if bits and not packed and setting == "auto":
+        log.info("model %s: the native quantized CPU kernel is off: %s", name, unavailable_reason())
+    need = float32_nbytes(layout.model, needed, packed=packed) // ways
     room = available_memory() - reserved_bytes
     fits = cluster.gather(int(need <= room))
     if not all(fits):
@@ -200,11 +228,12 @@ def settle_compute_dtype(
             where,
         )
         return
-    left = to_float32(layout.model)
+    left = to_float32(layout.model, packed=packed)
     layout.hidden_dtype = mx.float32
     changes = [f"{', '.join(sorted(floats))} → float32"] if floats else []
     if bits:
-        changes.append(f"{'/'.join(map(str, sorted(bits)))}-bit layers dequantized")
+        done = "kept packed (native CPU kernel)" if packed else "dequantized"
+        changes.append(f"{'/'.join(map(str, sorted(bits)))}-bit layers {done}")
     if left:
         log.warning(
             "model %s: %d quantized layer(s) of a kind mlxserve cannot dequantize stay "

@@ -13,6 +13,9 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import dequantize_model, load
 
+from mlxserve.core.cpu.packed import PackedEmbedding, PackedLinear
+from mlxserve.core.cpu.qmm import unavailable_reason
+
 from ..support.checkpoints import compute_dtype_config, param_dtypes, quantized_modules
 from ..support.processes import PROMPTS
 from ..support.server import RunningServer, post, running_server
@@ -79,7 +82,8 @@ def test_4bit_checkpoint_is_dequantized_like_mlx_lm(
     assert quantized_modules(load(str(q4_checkpoint))[0])
     expected = _decode(q4_checkpoint, _mlx_lm_float32_greedy(q4_checkpoint, dequantize_model))
     logs = caplog.at_level(logging.INFO, "mlxserve.core.model.dtype")
-    with logs, running_server(compute_dtype_config(tmp_path, q4_checkpoint)) as server:
+    config = compute_dtype_config(tmp_path, q4_checkpoint, "float32")
+    with logs, running_server(config) as server:
         assert _served_text(server) == expected
         model = _served_model(server)
         assert quantized_modules(model) == []
@@ -87,6 +91,42 @@ def test_4bit_checkpoint_is_dequantized_like_mlx_lm(
         assert param_dtypes(model) == {mx.float32}
         assert _kv_dtypes(server) == {mx.float32}
     assert "bfloat16 → float32, 4-bit layers dequantized" in caplog.text
+
+
+def test_4bit_checkpoint_stays_packed_and_computes_like_mlx_lm_in_float32(
+    q4_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if unavailable_reason() is not None:
+        pytest.skip(f"the native quantized kernel is off: {unavailable_reason()}")
+    reference, _ = load(str(q4_checkpoint))
+    reference.set_dtype(mx.float32)
+    dequantize_model(reference)
+    tokens = mx.array([PROMPT + _mlx_lm_float32_greedy(q4_checkpoint, dequantize_model)])
+    expected = reference(tokens)
+    logs = caplog.at_level(logging.INFO, "mlxserve.core.model.dtype")
+    with logs, running_server(compute_dtype_config(tmp_path, q4_checkpoint)) as server:
+        assert _served_text(server)
+        model = _served_model(server)
+        packed = {type(m) for _, m in model.named_modules() if "scales" in m}
+        assert packed == {PackedLinear, PackedEmbedding}
+        assert _unpacked_dtypes(model) == {mx.float32}
+        assert _kv_dtypes(server) == {mx.float32}
+        logits = model(tokens)  # the near-ties of random weights make greedy text fragile
+    assert logits.dtype == mx.float32
+    error = mx.abs(logits - expected).max().item()
+    assert error <= 1e-4 * mx.abs(expected).max().item(), error
+    assert "bfloat16 → float32, 4-bit layers kept packed (native CPU kernel)" in caplog.text
+
+
+def _unpacked_dtypes(model: nn.Module) -> set[mx.Dtype]:
+    """The dtypes of the arrays outside the packed layers."""
+    return {
+        array.dtype
+        for _, module in model.named_modules()
+        if "scales" not in module
+        for array in module.values()
+        if isinstance(array, mx.array)
+    }
 
 
 def test_model_setting_keeps_the_checkpoint_quantized(q4_checkpoint: Path, tmp_path: Path) -> None:

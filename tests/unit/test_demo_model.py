@@ -7,11 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mlxserve.core.config.schema import Config, load_config
+from mlxserve.core.cpu.packed import PackedLinear
+from mlxserve.core.cpu.qmm import unavailable_reason
 from mlxserve.registry.models import ModelRegistry
 from mlxserve.registry.plugins import Plugins
 
@@ -19,9 +23,13 @@ from ..support.demo import DEMO, QUESTION
 from ..support.engine import greedy
 
 
-def demo_registry(cache: Path, tmp_path: Path, plugins: Plugins) -> ModelRegistry:
+def demo_registry(
+    cache: Path, tmp_path: Path, plugins: Plugins, compute_dtype: str = "auto"
+) -> ModelRegistry:
     toml = tmp_path / "mlxserve.toml"
-    toml.write_text(f'[registry]\ncache_dir = "{cache}"\n')
+    toml.write_text(
+        f'[registry]\ncache_dir = "{cache}"\n[performance]\ncompute_dtype = "{compute_dtype}"\n'
+    )
     return ModelRegistry(load_config(toml, env={}), plugins)
 
 
@@ -45,6 +53,21 @@ def test_the_demo_gives_mlx_lm_s_greedy_tokens(
     ]
     assert ours == theirs
     assert tokenizer.decode(ours).startswith("The capital of France is Paris.")
+
+
+def test_the_demo_kept_packed_gives_the_dequantized_float32_greedy_tokens(
+    demo_cache: Path, tmp_path: Path, plugins: Plugins
+) -> None:
+    if unavailable_reason() is not None:
+        pytest.skip(f"the native quantized kernel is off: {unavailable_reason()}")
+    packed = demo_registry(demo_cache, tmp_path, plugins).load("demo")
+    assert isinstance(packed.stage.layout.model.model.layers[0].mlp.down_proj, PackedLinear)
+    float32 = demo_registry(demo_cache, tmp_path, plugins, "float32").load("demo")
+    assert type(float32.stage.layout.model.model.layers[0].mlp.down_proj) is nn.Linear
+    questions = [QUESTION, [{"role": "user", "content": "Write a poem about the sea."}]]
+    for question in questions:
+        prompt = list(packed.tokenizer.apply_chat_template(question, add_generation_prompt=True))
+        assert greedy(packed, prompt, 32) == greedy(float32, prompt, 32)
 
 
 def test_the_demo_tokenizer_keeps_the_gguf_vocabulary(

@@ -196,7 +196,8 @@ def test_a_parallel_linear_equals_the_linear_it_replaces() -> None:
     mx.eval(model.parameters())
     x = mx.random.normal((5, 64))
     expected = model(x)
-    assert parallelize_linears(model, 3) == 2  # the last has fewer outputs than parts
+    assert parallelize_linears(model, 3, min_elements=64 * 37 + 1) == 0  # all too small
+    assert parallelize_linears(model, 3, min_elements=0) == 2  # the last: fewer outputs than parts
     assert [type(m).__name__ for m in model.layers] == ["ParallelLinear"] * 2 + ["Linear"]
     assert [p.shape[0] for p in model.layers[0].parts] == [12, 12, 13]
     assert mx.allclose(model(x), expected, atol=1e-5).item()
