@@ -121,7 +121,7 @@ void run(const Problem& in) {
   }
 
   std::vector<float> xsum;
-  if (p.M == 1 && (p.bits == 4 || p.bits == 8)) {
+  if (p.M == 1) {
     // One row: the kernel sums scale * (q . x) and bias * (the sum of x) per group.
     const int groups = p.K / p.group_size;
     xsum.assign(groups, 0.0f);

@@ -38,6 +38,11 @@ struct V {
     __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
   }
+  // B bytes (B = 2, 3, 5, 6) -> the 8 values of B bits they pack, in order, as floats: the
+  // bytes in each 64-bit lane, the even-indexed values shifted to the low half of the lanes,
+  // the odd-indexed ones to the high half.
+  template <int B>
+  static inline vf bits8_to_f(const uint8_t* p);
   // 8 bytes -> their 8 low nibbles and their 8 high nibbles, as floats.
   static inline void nib_to_f(const uint8_t* p, vf& lo, vf& hi) {
     __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -49,6 +54,17 @@ struct V {
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 #include "kernel_impl.inc"
+
+// (Defined after kernel_impl.inc, whose load_bits8 it uses; templates are instantiated at
+// the end of the file.)
+template <int B>
+inline V::vf V::bits8_to_f(const uint8_t* p) {
+  const __m256i all = _mm256_set1_epi64x(static_cast<long long>(load_bits8<B>(p)));
+  const __m256i even = _mm256_srlv_epi64(all, _mm256_setr_epi64x(0, 2 * B, 4 * B, 6 * B));
+  const __m256i odd = _mm256_srlv_epi64(all, _mm256_setr_epi64x(B, 3 * B, 5 * B, 7 * B));
+  const __m256i both = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(both, _mm256_set1_epi32((1 << B) - 1)));
+}
 
 #if defined(__clang__)
 #pragma clang attribute pop
