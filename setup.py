@@ -100,7 +100,10 @@ assert mx.allclose(y, ref, rtol=1e-4, atol=1e-4).item(), "wrong numbers"
 
 
 def _smoke_test(module: Path) -> str | None:
-    env = dict(os.environ, PYTHONPATH=str(module.parent))
+    # pip's isolated build environment reaches its packages (mlx among them) through
+    # PYTHONPATH: the module's folder goes in front of it, not in its place.
+    paths = [str(module.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     done = subprocess.run(
         [sys.executable, "-c", SMOKE_TEST], capture_output=True, text=True, env=env
     )
