@@ -86,12 +86,14 @@ def test_codex_exec_completes_on_a_long_context_model(tmp_path: Path, long_tiny:
 
 def test_claude_code_recovers_from_a_max_tokens_overflow(tmp_path: Path, long_tiny: Path) -> None:
     """Its ~20k-token prompt with max_tokens 64,000 passes a 64k context: Anthropic's wording
-    for that overflow makes it ask again with fewer, and the answer comes."""
+    for that overflow makes it ask again with fewer, and the answer comes. (Every refusal is
+    that overflow: its side requests, such as a title, may overflow too.)"""
     with served(tmp_path, long_tiny, registry=ROUTE_CLAUDE) as server:
         status, output = claude(tmp_path, server, timeout=300)
     assert status == 0, output + server.log.read_text()[-3000:]
-    [overflow] = refusals(server)
-    assert "input length and `max_tokens` exceed context limit" in overflow
+    overflows = refusals(server)  # on a slow machine Claude Code may ask more than once
+    assert overflows, server.log.read_text()[-3000:]
+    assert all("input length and `max_tokens` exceed context limit" in o for o in overflows)
     assert '"POST /v1/messages?beta=true HTTP/1.1" 200' in server.log.read_text()
 
 
