@@ -293,6 +293,29 @@ class RegistryConfig(_Section):
     model_patterns: Annotated[dict[str, str], AfterValidator(_check_model_patterns)] = {}
 
 
+class SpeculativeConfig(_Section):
+    """`[models.NAME.speculative]`: how the model drafts tokens it then verifies in one step."""
+
+    method: Literal["ngram", "draft", "mtp"]
+    num_draft_tokens: Annotated[Int, _bounds(1, 16)] = 4
+    draft_model: str | None = None  # method "draft": a model name or alias from [models]
+    ngram_min: Annotated[Int, _bounds(1, 16)] = 2
+    ngram_max: Annotated[Int, _bounds(1, 16)] = 4
+    adaptive: bool = True
+
+    @model_validator(mode="after")
+    def _check_method(self) -> SpeculativeConfig:
+        if self.method == "draft" and self.draft_model is None:
+            raise ValueError("method 'draft' needs draft_model (a model name from [models])")
+        if self.method != "draft" and self.draft_model is not None:
+            raise ValueError(f"draft_model is for method 'draft' (method is {self.method!r})")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(
+                f"ngram_min ({self.ngram_min}) must be at most ngram_max ({self.ngram_max})"
+            )
+        return self
+
+
 class ModelEntry(_Section):
     """One `[models.NAME]` table: where a model comes from and its default sampling settings."""
 
@@ -307,6 +330,7 @@ class ModelEntry(_Section):
     min_p: Annotated[Float, _bounds(0, 1)] | None = None
     repetition_penalty: PositiveFloat | None = None
     kv_cache: KVCacheOverrides | None = None
+    speculative: SpeculativeConfig | None = None
     check_exactness: bool = True
 
     @property
@@ -505,6 +529,20 @@ class Config(_Section):
                     continue
                 message = f"alias {alias!r} is already {clash}"
                 problems.append((("models", name, "aliases"), message))
+        for name, entry in self.models.items():
+            spec = entry.speculative
+            if spec is None or spec.draft_model is None:
+                continue
+            draft = self._find_model(spec.draft_model)
+            where = ("models", name, "speculative", "draft_model")
+            if draft is None:
+                known = ", ".join(repr(n) for n in self.models)
+                message = f"{_show(spec.draft_model)} is not a model name or alias"
+                problems.append((where, f"{message} (models: {known})"))
+            elif draft[0] == name:
+                problems.append((where, "a model cannot be its own draft model"))
+            elif draft[1].speculative is not None:
+                problems.append((where, f"draft model {draft[0]!r} must not speculate itself"))
         split, hosts = self.distributed.split, self.distributed.hosts
         if isinstance(split, list) and hosts and len(split) != len(hosts):
             message = f"has {len(split)} entries for {len(hosts)} distributed.hosts"

@@ -41,6 +41,12 @@ class StepPlan:
 
     ``lane`` names the micro-batch: on a pipeline, each lane is a batch of its own, and
     the ranks work on different lanes at once (see worker.py).
+
+    Speculative decoding: ``decode_drafts`` (empty, or one per decode row) are tokens drafted
+    after each row's ``decode_tokens``; a step with any verifies them all, feeding every row
+    ``1 + draft_width`` positions (shorter drafts padded). ``rewind`` names the decode rows
+    whose caches must first forget their last tokens (request id, count): the drafts of the
+    lane's previous step that were rejected, and its padding.
     """
 
     lane: int = 0
@@ -52,6 +58,13 @@ class StepPlan:
     prefill: tuple[tuple[PrefillChunk, ...], ...] = ()
     keep_states: tuple[tuple[str, str], ...] = ()
     drop_states: tuple[str, ...] = ()
+    decode_drafts: tuple[tuple[int, ...], ...] = ()
+    rewind: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def draft_width(self) -> int:
+        """Draft positions each decode row is fed after its token (0: a plain decode step)."""
+        return max((len(d) for d in self.decode_drafts), default=0)
 
     @property
     def joining_ids(self) -> tuple[str, ...]:
@@ -74,7 +87,10 @@ class StepPlan:
                 out.text(c.request_id).uints(c.tokens).uint(c.start).uint(c.last)
                 out.texts(c.reused).text(c.snapshot)
         out.texts(r for r, _ in self.keep_states).texts(h for _, h in self.keep_states)
-        out.texts(self.drop_states)
+        out.texts(self.drop_states).uint(len(self.decode_drafts))
+        for draft in self.decode_drafts:
+            out.uints(draft)
+        out.texts(r for r, _ in self.rewind).uints(n for _, n in self.rewind)
         return bytes(out.data)
 
     @classmethod
@@ -91,6 +107,8 @@ class StepPlan:
         )
         keep_states = tuple(zip(read.texts(), read.texts(), strict=True))
         drop_states = read.texts()
+        drafts = tuple(read.uints() for _ in range(read.uint()))
+        rewind = tuple(zip(read.texts(), read.uints(), strict=True))
         return cls(
             lane,
             release,
@@ -101,6 +119,8 @@ class StepPlan:
             prefill,
             keep_states,
             drop_states,
+            drafts,
+            rewind,
         )
 
 

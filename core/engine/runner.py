@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import mlx.core as mx
@@ -12,6 +13,7 @@ from mlxserve.core.engine.plan import PrefillChunk, StepPlan
 from mlxserve.core.kv.batching import end_padding, merge, pad_left
 from mlxserve.core.kv.disk_tier import BlockSpec
 from mlxserve.core.kv.prefix_store import PrefixStore, kv_parts, snapshot
+from mlxserve.core.kv.rewind import rewind
 from mlxserve.core.model.stages import PipelineStage
 
 Cache = list[Any]
@@ -64,10 +66,13 @@ class ModelRunner:
     def run(
         self, plan: StepPlan, scored: Collection[str] = ()
     ) -> tuple[mx.array | None, dict[str, mx.array]]:
-        """Run one step: the logits to sample from (one row per ``plan.sample_ids``, or None),
-        and for the prefill chunks of the ``scored`` sequences the logits at every position
-        of the chunk (L, V), unevaluated (for their prompt's log probabilities)."""
+        """Run one step: the logits to sample from (one row per ``plan.sample_ids``, or None;
+        a decode row with drafted tokens has one row per position it verifies, see
+        :func:`sample_rows`), and for the prefill chunks of the ``scored`` sequences the logits
+        at every position of the chunk (L, V), unevaluated (for their prompt's log
+        probabilities)."""
         lane = self.lane(plan.lane)
+        self._rewind(plan.rewind, lane)
         self._save(plan.save, lane)
         for request_id, block_hash in plan.keep_states:
             self.prefix_store.keep_state(block_hash, self.snapshots.pop(request_id))
@@ -79,8 +84,11 @@ class ModelRunner:
         outputs = []
         if plan.decode_ids:
             assert lane.cache is not None  # the lane has rows, so it has their caches
-            tokens = mx.array(plan.decode_tokens)[:, None]
-            outputs.append(self._sync(self.stage.forward(tokens, lane.cache))[:, -1])
+            if plan.draft_width:
+                outputs.append(self._verify(plan, lane.cache))
+            else:
+                tokens = mx.array(plan.decode_tokens)[:, None]
+                outputs.append(self._sync(self.stage.forward(tokens, lane.cache))[:, -1])
         touched: list[Cache] = []
         every_position: dict[str, mx.array] = {}
         for group in plan.prefill:
@@ -95,6 +103,25 @@ class ModelRunner:
         sampled = mx.concatenate(outputs) if outputs else None
         mx.eval(sampled, [[c.state for c in cache] for cache in touched], self.snapshots)
         return sampled, every_position
+
+    def _verify(self, plan: StepPlan, cache: Cache) -> mx.array:
+        """Every decode row's token and drafts in one pass (padded to ``plan.draft_width`` by
+        repeating its last token; the padding is rewound with the rejected drafts): the logits
+        at each row's real positions, row after row."""
+        width = plan.draft_width
+        rows = [
+            [token, *draft] + [(draft or (token,))[-1]] * (width - len(draft))
+            for token, draft in zip(plan.decode_tokens, plan.decode_drafts, strict=True)
+        ]
+        logits = self._sync(self.stage.forward(mx.array(rows), cache))
+        at = [(i, j) for i, draft in enumerate(plan.decode_drafts) for j in range(len(draft) + 1)]
+        return logits[mx.array([i for i, _ in at]), mx.array([j for _, j in at])]
+
+    def _rewind(self, counts: Sequence[tuple[str, int]], lane: Lane) -> None:
+        if not counts or lane.cache is None:
+            return
+        by_id = dict(counts)
+        rewind(lane.cache, [by_id.get(row, 0) for row in lane.rows])
 
     def _sync(self, output: mx.array) -> mx.array:
         if self.lockstep:
@@ -190,6 +217,14 @@ class ModelRunner:
             for mine, theirs in zip(lane.cache, cache, strict=True):
                 mine.extend(theirs)
         lane.rows.extend(request_ids)
+
+
+def sample_rows(plan: StepPlan) -> list[tuple[int, int]]:
+    """Where each of ``plan.sample_ids`` is in the logits :meth:`ModelRunner.run` gives:
+    (first row, rows), one row per position it verifies."""
+    drafts = plan.decode_drafts or ((),) * len(plan.decode_ids)
+    sizes = [1 + len(d) for d in drafts] + [1] * len(plan.joining_ids)
+    return list(zip(accumulate(sizes, initial=0), sizes, strict=False))
 
 
 def _chunk_rows(

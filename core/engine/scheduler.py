@@ -63,6 +63,7 @@ class Scheduler:
         self.with_state: OrderedDict[str, None] = OrderedDict()  # blocks ending a reuse, LRU
         self.keep_states: list[list[tuple[str, str]]] = [[] for _ in range(lanes)]
         self.drop_states: list[str] = []
+        self.to_rewind: list[list[tuple[str, int]]] = [[] for _ in range(lanes)]
 
     @property
     def num_active(self) -> int:
@@ -103,6 +104,7 @@ class Scheduler:
         release, self.to_release[lane] = tuple(self.to_release[lane]), []
         save, self.to_save[lane] = tuple(self.to_save[lane]), []
         keep_states, self.keep_states[lane] = tuple(self.keep_states[lane]), []
+        rewind, self.to_rewind[lane] = tuple(self.to_rewind[lane]), []
         while self.admitting and self.waiting and self._may_admit(lane):
             if not self._reserve(self.waiting[0]):
                 break
@@ -124,6 +126,8 @@ class Scheduler:
             prefill=self._prefill_groups(lane),
             keep_states=keep_states,
             drop_states=drop_states,
+            decode_drafts=tuple(s.draft for s in running) if any(s.draft for s in running) else (),
+            rewind=rewind,
         )
 
     def _reserve(self, seq: Sequence) -> bool:
@@ -214,6 +218,14 @@ class Scheduler:
         exception in ``tokens``), or whose token could not be turned into text, ends with
         an error; the others go on.
         """
+        self.prefilled(plan)
+        return [
+            (seq, self.advance_or_fail(seq, token, logprob))
+            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True)
+        ]
+
+    def prefilled(self, plan: StepPlan) -> None:
+        """Account for ``plan``'s prefill chunks: prompts that are in join the decode batch."""
         by_id = {s.request_id: s for s in self.prefilling}
         for group in plan.prefill:
             for chunk in group:
@@ -225,14 +237,17 @@ class Scheduler:
                     self.prefilling.remove(seq)
                     seq.status = Status.RUNNING
                     self.running.append(seq)
-        return [
-            (seq, self._advance_or_fail(seq, token, logprob))
-            for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True)
-        ]
 
-    def _advance_or_fail(
+    def rewound(self, seq: Sequence, count: int) -> None:
+        """``seq``'s caches forget their last ``count`` tokens (rejected drafts, padding)
+        first thing in its lane's next step."""
+        if count:
+            self.to_rewind[seq.lane].append((seq.request_id, count))
+
+    def advance_or_fail(
         self, seq: Sequence, token: int | Exception, logprob: TokenLogprob | None
     ) -> RequestOutput:
+        """``seq`` takes ``token``; its output (its last, with an error, if it cannot)."""
         try:
             if isinstance(token, Exception):
                 raise token
@@ -374,4 +389,5 @@ class Scheduler:
         self.running, self.prefilling, self.waiting = [], [], deque()
         self.to_release = [[] for _ in range(self.lanes)]
         self.to_save = [[] for _ in range(self.lanes)]
+        self.to_rewind = [[] for _ in range(self.lanes)]
         return seqs

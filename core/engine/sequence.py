@@ -34,6 +34,8 @@ class Usage:
     ttft_s: float | None = None
     decode_s: float | None = None
     reasoning_tokens: int = 0  # of completion_tokens, those of a thinking block (end marker too)
+    draft_tokens: int = 0  # tokens drafted for it (speculative decoding)
+    accepted_tokens: int = 0  # of those, the ones verification accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,9 @@ class Sequence:
     thinking: Thinking | None = None  # its open thinking block (a budget, a waiting grammar)
     lane: int = 0  # its micro-batch (see Scheduler)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far
+    draft: tuple[int, ...] = ()  # tokens drafted to follow its last, verified in the next step
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def scores_prompt(self) -> bool:
@@ -118,4 +123,6 @@ class Sequence:
             ttft_s=None if first is None else first - self.arrival_time,
             decode_s=None if first is None else now - first,
             reasoning_tokens=self.thinking.tokens if self.thinking is not None else 0,
+            draft_tokens=self.drafted,
+            accepted_tokens=self.accepted,
         )

@@ -44,6 +44,18 @@ class KVSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeSettings:
+    """One model's ``[models.NAME.speculative]`` (``draft_model`` by its canonical name)."""
+
+    method: str
+    num_draft_tokens: int = 4
+    draft_model: str | None = None
+    ngram_min: int = 2
+    ngram_max: int = 4
+    adaptive: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class EngineSettings:
     max_batch_size: int = 8
     prefill_step_size: int = 512
@@ -54,6 +66,7 @@ class EngineSettings:
     disk_flush_s: float = 30.0
     kv: KVSettings = KVSettings()
     kv_by_model: Mapping[str, KVSettings] = field(default_factory=dict)
+    speculative_by_model: Mapping[str, SpeculativeSettings] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings:
@@ -70,7 +83,24 @@ class EngineSettings:
                 for name, entry in config.models.items()
                 if entry.kv_cache is not None
             },
+            speculative_by_model={
+                name: SpeculativeSettings(
+                    method=spec.method,
+                    num_draft_tokens=spec.num_draft_tokens,
+                    draft_model=(
+                        config.resolve_model(spec.draft_model)[0] if spec.draft_model else None
+                    ),
+                    ngram_min=spec.ngram_min,
+                    ngram_max=spec.ngram_max,
+                    adaptive=spec.adaptive,
+                )
+                for name, entry in config.models.items()
+                if (spec := entry.speculative) is not None
+            },
         )
+
+    def speculative_for(self, model: str) -> SpeculativeSettings | None:
+        return self.speculative_by_model.get(model)
 
     def kv_for(self, model: str) -> KVSettings:
         """The KV settings of model ``model`` (its canonical name)."""

@@ -18,7 +18,7 @@ from mlx_lm.models.cache import (
 )
 
 from mlxserve.core.engine.plan import StepPlan
-from mlxserve.core.engine.runner import ModelRunner
+from mlxserve.core.engine.runner import ModelRunner, sample_rows
 from mlxserve.core.engine.scheduler import Scheduler
 from mlxserve.core.engine.sequence import RequestOutput, Sequence
 from mlxserve.core.engine.settings import sequence_limit
@@ -33,6 +33,8 @@ from mlxserve.core.model.stages import PipelineStage
 from mlxserve.core.sampling.constraint import join_masks, start_masks
 from mlxserve.core.sampling.prompt_logprobs import score_chunk
 from mlxserve.core.sampling.sampler import sample_each
+from mlxserve.core.speculative.setup import make_speculator
+from mlxserve.core.speculative.verify import verify
 
 if TYPE_CHECKING:
     from mlxserve.core.engine.settings import EngineSettings
@@ -177,6 +179,7 @@ class ModelWorker:
             else:
                 log.warning("%s: the KV disk tier is off with several ranks", model.name)
         self.scheduler = self._new_scheduler()
+        self.speculator = make_speculator(model, settings, self.runner, sample, lanes)
 
     def _check_context(self) -> None:
         """A configured context past the model's own is served with a warning, unless the
@@ -278,6 +281,9 @@ class ModelWorker:
             lane = self._ready_lane()
             if lane is None:
                 break
+            if self.speculator is not None:
+                running = self.scheduler.running
+                self.speculator.draft([s for s in running if s.lane == lane], running)
             plan = self.scheduler.schedule(lane)
             if self.announce is not None:
                 self.announce(plan)
@@ -305,15 +311,45 @@ class ModelWorker:
         finally:
             masks = join_masks(pending)
         failed = self._score_prompts(plan, scoring, every_position)
-        if logits is not None and len(alive) < len(found):
-            logits = logits[mx.array(alive, dtype=mx.int32)]
         if not seqs:
             return self._fail_scoring(self.scheduler.postprocess(plan, [], [], []), failed)
         assert logits is not None, "a step that samples has logits"
+        if plan.decode_drafts:
+            return self._fail_scoring(self._verify(plan, logits, alive, seqs, masks, failed), failed)
+        if len(alive) < len(found):
+            logits = logits[mx.array(alive, dtype=mx.int32)]
         tokens, logprobs = sample_each(logits, seqs, masks)
         tokens = [failed.pop(s.request_id, t) for s, t in zip(seqs, tokens, strict=True)]
         results = self.scheduler.postprocess(plan, seqs, tokens, logprobs)
         return self._fail_scoring(results, failed)
+
+    def _verify(
+        self,
+        plan: StepPlan,
+        logits: mx.array,
+        alive: list[int],
+        seqs: list[Sequence],
+        masks: Any,
+        failed: dict[str, Exception],
+    ) -> list[tuple[Sequence, RequestOutput]]:
+        """A step that verified drafted tokens: each sequence's accepted tokens, and the
+        rewinds its caches need before the next step."""
+        assert self.speculator is not None  # only a speculating worker drafts
+        scheduler, width = self.scheduler, plan.draft_width
+        decoding = len(plan.decode_ids)
+        drafts = [plan.decode_drafts[i] if i < decoding else () for i in alive]
+        scheduler.prefilled(plan)
+
+        def advance(seq: Sequence, token: int | Exception, logprob: Any) -> RequestOutput:
+            return scheduler.advance_or_fail(seq, failed.pop(seq.request_id, token), logprob)
+
+        rows, before = sample_rows(plan), [s.accepted for s in seqs]
+        outputs = verify(logits, [rows[i] for i in alive], seqs, drafts, masks, advance)
+        for i, seq, draft, output, earlier in zip(alive, seqs, drafts, outputs, before, strict=True):
+            if i < decoding:
+                scheduler.rewound(seq, min(width, 1 + width - len(output.token_ids)))
+                self.speculator.verified(seq, len(draft), seq.accepted - earlier)
+        return list(zip(seqs, outputs, strict=True))
 
     def _scoring(self, plan: StepPlan) -> dict[str, Sequence]:
         """The sequences of ``plan``'s prefill chunks that score their prompt."""

@@ -133,6 +133,14 @@ class Constraint:
             message = _first_line(self.matcher.get_error())
             raise GrammarError(f"the output cannot go on under its grammar: {message}")
 
+    def allowed_prefix(self, tokens: Seq[int]) -> int:
+        """How many of ``tokens``, from the first, the grammar would take (none consumed)."""
+        return int(self.matcher.validate_tokens(list(tokens))) if tokens else 0
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar allows alone from here on (none consumed)."""
+        return [int(t) for t in self.matcher.compute_ff_tokens()]
+
     @property
     def done(self) -> bool:
         """The grammar is complete: only end-of-sequence could follow."""

@@ -1,0 +1,108 @@
+"""Drafting for a model's decoding sequences: what each proposes, and how much of it to send."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence as Seq
+from typing import Protocol
+
+from mlxserve.core.engine.sequence import Sequence
+from mlxserve.core.engine.settings import SpeculativeSettings
+from mlxserve.core.speculative.ngram import NgramIndex
+from mlxserve.core.speculative.policy import Acceptance, StepCost, longest_draft
+
+log = logging.getLogger(__name__)
+
+
+class Proposer(Protocol):
+    """Where drafted tokens come from (the prompt and output so far, a draft model, …)."""
+
+    def propose(self, seqs: Seq[Sequence], most: int) -> list[list[int]]:
+        """Up to ``most`` tokens to follow each sequence's tokens so far."""
+        ...
+
+    def forget(self, request_id: str) -> None:
+        """A sequence has ended: drop what is kept for it."""
+        ...
+
+
+class NgramProposer:
+    """Prompt lookup (see :mod:`ngram`): no model, nothing to run."""
+
+    def __init__(self, n_min: int, n_max: int) -> None:
+        self.n_min, self.n_max = n_min, n_max
+        self.indexes: dict[str, NgramIndex] = {}
+
+    def propose(self, seqs: Seq[Sequence], most: int) -> list[list[int]]:
+        return [self._index(seq).propose(most) for seq in seqs]
+
+    def _index(self, seq: Sequence) -> NgramIndex:
+        index = self.indexes.get(seq.request_id)
+        if index is None:
+            index = self.indexes[seq.request_id] = NgramIndex(self.n_min, self.n_max)
+            index.extend(seq.prompt_ids)
+        index.extend(seq.output_ids[len(index.tokens) - len(seq.prompt_ids) :])
+        return index
+
+    def forget(self, request_id: str) -> None:
+        self.indexes.pop(request_id, None)
+
+
+class Speculator:
+    """Sets each decoding sequence's ``draft`` before its step, from its proposer, cut to
+    what its grammar allows, and as long as pays (see :mod:`policy`); learns from what
+    verification accepted. Tokens its grammar forces are drafted first, and always."""
+
+    def __init__(
+        self, settings: SpeculativeSettings, proposer: Proposer, cost: StepCost | None = None
+    ) -> None:
+        self.settings = settings
+        self.method = settings.method
+        self.proposer = proposer
+        self.cost = cost or StepCost()
+        self.acceptance: dict[str, Acceptance] = {}
+        self.drafted_tokens = self.accepted_tokens = 0
+
+    def draft(self, seqs: Seq[Sequence], running: Seq[Sequence]) -> None:
+        """Draft for ``seqs``: one lane's decoding sequences, of ``running`` in all."""
+        if len(self.acceptance) > 2 * len(running) + 8:  # others have ended: forget them
+            self._keep_only({s.request_id for s in running})
+        if not seqs:
+            return
+        most = self.settings.num_draft_tokens
+        room = [max(0, min(most, s.max_tokens - len(s.output_ids) - 1)) for s in seqs]
+        proposals = self.proposer.propose(seqs, max(room))
+        rates = []
+        for i, seq in enumerate(seqs):
+            proposal, rate = proposals[i][: room[i]], self._rate(seq)
+            if seq.constraint is not None:
+                forced = seq.constraint.forced()[: room[i]]
+                if forced:
+                    proposal, rate = forced, 1.0
+                else:
+                    proposal = proposal[: seq.constraint.allowed_prefix(proposal)]
+            proposals[i] = proposal
+            rates.append(rate)
+        longest = max(len(p) for p in proposals)
+        if self.settings.adaptive and longest:
+            longest = longest_draft(rates, [len(p) for p in proposals], self.cost)
+        for seq, proposal in zip(seqs, proposals, strict=True):
+            seq.draft = tuple(proposal[:longest])
+
+    def _rate(self, seq: Sequence) -> float:
+        acceptance = self.acceptance.get(seq.request_id)
+        if acceptance is None:
+            acceptance = self.acceptance[seq.request_id] = Acceptance()
+        return acceptance.rate
+
+    def verified(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        acceptance = self.acceptance.get(seq.request_id)
+        if acceptance is not None:
+            acceptance.update(drafted, accepted)
+
+    def _keep_only(self, request_ids: set[str]) -> None:
+        for request_id in [r for r in self.acceptance if r not in request_ids]:
+            del self.acceptance[request_id]
+            self.proposer.forget(request_id)
