@@ -13,7 +13,7 @@ from mlxserve.core.engine.plan import PrefillChunk, StepPlan
 from mlxserve.core.kv.batching import end_padding, merge, pad_left
 from mlxserve.core.kv.disk_tier import BlockSpec
 from mlxserve.core.kv.prefix_store import PrefixStore, kv_parts, snapshot
-from mlxserve.core.kv.rewind import rewind
+from mlxserve.core.kv.rewind import rewind, unrotate
 from mlxserve.core.model.stages import PipelineStage
 
 Cache = list[Any]
@@ -113,6 +113,7 @@ class ModelRunner:
             [token, *draft] + [(draft or (token,))[-1]] * (width - len(draft))
             for token, draft in zip(plan.decode_tokens, plan.decode_drafts, strict=True)
         ]
+        unrotate(cache)  # mlx-lm masks a rotated sliding window wrongly for several tokens
         logits = self._sync(self.stage.forward(mx.array(rows), cache))
         at = [(i, j) for i, draft in enumerate(plan.decode_drafts) for j in range(len(draft) + 1)]
         return logits[mx.array([i for i, _ in at]), mx.array([j for _, j in at])]
