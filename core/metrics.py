@@ -118,6 +118,20 @@ WORKER_COUNTERS = (
     ),
 )
 
+# Speculative decoding's counters, by model and method (absent for models that do not draft).
+SPECULATIVE_COUNTERS = (
+    (
+        "speculative_draft_tokens",
+        "Tokens drafted for verification (speculative decoding).",
+        "drafted_tokens",
+    ),
+    (
+        "speculative_accepted_tokens",
+        "Drafted tokens that verification accepted (each saved a step).",
+        "accepted_tokens",
+    ),
+)
+
 
 class _ModelMetrics:
     """The metric children of one model (labels resolved once, so observing stays cheap)."""
@@ -256,6 +270,13 @@ class EngineMetrics:
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model"])
             for model, disk in disks:
                 counter.add_metric([model], 0 if disk is None else read_disk(disk))
+            yield counter
+        for name, doc, attribute in SPECULATIVE_COUNTERS:
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model", "method"])
+            for model, worker in workers:
+                if worker.speculator is not None:
+                    method = worker.speculator.method
+                    counter.add_metric([model, method], getattr(worker.speculator, attribute))
             yield counter
         for name, doc, attribute in WORKER_COUNTERS:
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model"])

@@ -357,10 +357,14 @@ def timings(usage: Usage) -> Timings | None:
         return None
     decode_s = usage.decode_s or 0.0
     generated = max(usage.completion_tokens - 1, 0)
+    drafted = usage.draft_tokens
     return Timings(
         ttft_s=round(usage.ttft_s, 6),
         tokens_per_s=round(generated / decode_s, 3) if decode_s > 0 else 0.0,
         prompt_tokens_per_s=round(usage.prompt_tokens / usage.ttft_s, 3) if usage.ttft_s else None,
+        draft_tokens=drafted or None,
+        accepted_tokens=usage.accepted_tokens if drafted else None,
+        acceptance_rate=round(usage.accepted_tokens / drafted, 4) if drafted else None,
     )
 
 

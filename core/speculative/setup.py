@@ -59,6 +59,11 @@ def make_speculator(
 def _proposer(model: ServedModel, method: str, n_min: int, n_max: int) -> tuple[Any, str | None]:
     if method == "ngram":
         return NgramProposer(n_min, n_max), None
+    if method == "mtp":
+        return None, (
+            f"no family loads multi-token-prediction layers yet ({model.family} included; "
+            "mlx-lm drops them from the checkpoints it loads)"
+        )
     return None, f"method {method!r} is not available for this model"
 
 

@@ -573,6 +573,15 @@ class Timings(_Response):
     prompt_tokens_per_s: float | None = Field(
         None, description="Prompt processing speed, in tokens per second."
     )
+    draft_tokens: int | None = Field(
+        None, description="Tokens drafted for it by speculative decoding (absent: none)."
+    )
+    accepted_tokens: int | None = Field(
+        None, description="Of the drafted tokens, those verification accepted."
+    )
+    acceptance_rate: float | None = Field(
+        None, description="accepted_tokens / draft_tokens (absent when nothing was drafted)."
+    )
 
 
 class TopLogprob(_Response):

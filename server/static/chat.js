@@ -49,6 +49,10 @@ function summary(usage, timings, finish) {
   if (timings && timings.ttft_s !== undefined) {
     parts.push(`first token ${(timings.ttft_s * 1000).toFixed(0)} ms`);
   }
+  if (timings && timings.draft_tokens) {
+    const rate = Math.round(timings.acceptance_rate * 100);
+    parts.push(`drafts accepted ${rate}% (${timings.accepted_tokens}/${timings.draft_tokens})`);
+  }
   if (finish) parts.push(`finish: ${finish}`);
   return parts.join(" · ");
 }
