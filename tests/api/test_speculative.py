@@ -154,9 +154,9 @@ def test_sampled_tokens_follow_the_same_distribution(
     tmp_path: Path, tiny_checkpoints: dict[str, Path]
 ) -> None:
     """Unseeded draws between the two likeliest tokens (the tiny model's distributions are
-    flat: a cool temperature makes them differ): at each of the first eight positions the
+    flat: a cool temperature makes them differ): at each of the first sixteen positions the
     distribution with speculation is the one without it (total variation within noise)."""
-    checkpoint, n, length = tiny_checkpoints["llama"], 240, 8
+    checkpoint, n, length = tiny_checkpoints["llama"], 160, 16
 
     def draws(server: object) -> list[Counter[str]]:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -177,7 +177,7 @@ def test_sampled_tokens_follow_the_same_distribution(
     assert sum(len(c) > 1 for c in plain) >= 3  # the draws are random at all
     for here, there in zip(plain, spec, strict=True):
         variation = sum(abs(here[k] - there[k]) for k in here.keys() | there.keys()) / (2 * n)
-        assert variation < 0.15, (here.most_common(4), there.most_common(4))
+        assert variation < 0.2, (here.most_common(4), there.most_common(4))
 
 
 def test_a_json_schema_is_followed_and_its_forced_tokens_are_drafted(
