@@ -315,7 +315,9 @@ class ModelWorker:
             return self._fail_scoring(self.scheduler.postprocess(plan, [], [], []), failed)
         assert logits is not None, "a step that samples has logits"
         if plan.decode_drafts:
-            return self._fail_scoring(self._verify(plan, logits, alive, seqs, masks, failed), failed)
+            return self._fail_scoring(
+                self._verify(plan, logits, alive, seqs, masks, failed), failed
+            )
         if len(alive) < len(found):
             logits = logits[mx.array(alive, dtype=mx.int32)]
         tokens, logprobs = sample_each(logits, seqs, masks)
@@ -345,7 +347,9 @@ class ModelWorker:
 
         rows, before = sample_rows(plan), [s.accepted for s in seqs]
         outputs = verify(logits, [rows[i] for i in alive], seqs, drafts, masks, advance)
-        for i, seq, draft, output, earlier in zip(alive, seqs, drafts, outputs, before, strict=True):
+        for i, seq, draft, output, earlier in zip(
+            alive, seqs, drafts, outputs, before, strict=True
+        ):
             if i < decoding:
                 scheduler.rewound(seq, min(width, 1 + width - len(output.token_ids)))
                 self.speculator.verified(seq, len(draft), seq.accepted - earlier)

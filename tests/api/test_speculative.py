@@ -23,7 +23,7 @@ PROMPTS = [REPEATING, REPEATING[5:], [9, 8, 7, 6] * 10, list(range(3, 60))]
 
 def served(tmp_path: Path, checkpoint: Path, spec: str = NGRAM, kv: str = "") -> object:
     """A server of ``checkpoint`` as "m", speculating as ``spec`` says ("" for plain)."""
-    config = config_for(tmp_path, checkpoint, kv)
+    config_for(tmp_path, checkpoint, kv)
     path = tmp_path / "mlxserve.toml"
     path.write_text(path.read_text().replace("[kv_cache]", spec + "[kv_cache]"))
     from ..support.server import write_config
@@ -117,7 +117,10 @@ def test_quantized_kv_and_the_prefix_cache(
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 112
         assert again["choices"][0]["text"] == first["choices"][0]["text"]
     with served(tmp_path / "plain", checkpoint, spec="") as server:
-        assert choices([completion(server, REPEATING, max_tokens=40)])[0][:2] == choices([first])[0][:2]
+        assert (
+            choices([completion(server, REPEATING, max_tokens=40)])[0][:2]
+            == choices([first])[0][:2]
+        )
 
 
 def test_seeded_sampling_gives_the_same_tokens_with_every_parameter(
@@ -249,7 +252,9 @@ def test_mtp_without_a_head_is_off_with_a_reason(
     with served(tmp_path, tiny_checkpoints["deepseek"], spec=spec) as server:
         assert completion(server, REPEATING)["choices"][0]["text"]
         assert server.engine.workers["m"].speculator is None
-    assert "speculative decoding (mtp) is off: no family loads multi-token-prediction" in caplog.text
+    assert (
+        "speculative decoding (mtp) is off: no family loads multi-token-prediction" in caplog.text
+    )
 
 
 def test_an_abort_during_verification_frees_everything(
@@ -268,4 +273,3 @@ def test_an_abort_during_verification_frees_everything(
         blocks = worker.scheduler.blocks
         assert not blocks.in_use and not blocks.reserved  # only the prefix cache keeps blocks
         assert completion(server, REPEATING)["choices"][0]["text"]
-
