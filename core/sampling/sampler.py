@@ -78,15 +78,23 @@ def _keep(logits: mx.array, params: Seq[SamplingParams], width: int) -> mx.array
     return mx.where(filtered, kept, logits)
 
 
-def _gumbel_noise(seqs: Seq[Sequence], vocab: int) -> mx.array:
-    keys = [mx.random.key(hash((s.seed, len(s.output_ids))) & (2**63 - 1)) for s in seqs]
+def _gumbel_noise(seqs: Seq[Sequence], vocab: int, ahead: Seq[int] | None) -> mx.array:
+    ahead = ahead or [0] * len(seqs)
+    keys = [
+        mx.random.key(hash((s.seed, len(s.output_ids) + a)) & (2**63 - 1))
+        for s, a in zip(seqs, ahead, strict=True)
+    ]
     return mx.stack([mx.random.gumbel((vocab,), key=k) for k in keys])
 
 
 def sample(
-    logits: mx.array, seqs: Seq[Sequence], masks: np.ndarray | None = None
+    logits: mx.array,
+    seqs: Seq[Sequence],
+    masks: np.ndarray | None = None,
+    ahead: Seq[int] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token per row of ``logits`` (rows in the order of ``seqs``).
+    """One token per row of ``logits`` (rows in the order of ``seqs``; a sequence may have
+    several rows, ``ahead[i]`` tokens past its output so far: drafted positions).
 
     A seeded request draws the same tokens whatever else is in the batch: each draw's
     randomness comes from the request's seed and the token's position alone. A sequence's
@@ -105,7 +113,7 @@ def sample(
         scaled = logits / mx.array([max(p.temperature, 1e-5) for p in params])[:, None]
         if any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in params):
             scaled = _filter(scaled, params)
-        drawn = mx.argmax(scaled + _gumbel_noise(seqs, logits.shape[-1]), axis=-1)
+        drawn = mx.argmax(scaled + _gumbel_noise(seqs, logits.shape[-1], ahead), axis=-1)
         tokens = mx.where(mx.array([p.greedy for p in params]), greedy, drawn)
     token_list = cast("list[int]", tokens.tolist())  # one token id a row
     if not any(s.params.wants_logprobs for s in seqs):
@@ -130,7 +138,10 @@ def _logprob(row: mx.array, token: int, top_n: int) -> TokenLogprob:
 
 
 def sample_each(
-    logits: mx.array, seqs: Seq[Sequence], masks: np.ndarray | None = None
+    logits: mx.array,
+    seqs: Seq[Sequence],
+    masks: np.ndarray | None = None,
+    ahead: Seq[int] | None = None,
 ) -> tuple[list[int | Exception], list[TokenLogprob | None]]:
     """Like :func:`sample`, but a row that cannot be sampled gives its error, not everyone's.
 
@@ -138,7 +149,7 @@ def sample_each(
     sequence's bad parameters end that sequence alone.
     """
     try:
-        tokens, logprobs = sample(logits, seqs, masks)
+        tokens, logprobs = sample(logits, seqs, masks, ahead)
         return list(tokens), logprobs
     except Exception:
         pass
@@ -149,7 +160,8 @@ def sample_each(
     for row, seq in enumerate(seqs):
         try:
             row_masks = None if masks is None else masks[row : row + 1]
-            (token,), (logprob,) = sample(logits[row : row + 1], [seq], row_masks)
+            row_ahead = None if ahead is None else ahead[row : row + 1]
+            (token,), (logprob,) = sample(logits[row : row + 1], [seq], row_masks, row_ahead)
         except Exception as exc:
             token, logprob = exc, None
         tokens_each.append(token)

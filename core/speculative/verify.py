@@ -39,9 +39,84 @@ def verify(
     last token on, one per token of ``drafts[i]`` plus one. ``masks`` are the grammar masks of
     the first positions, computed ahead. ``advance`` takes a token into a sequence. Each
     sequence's ``drafted`` and ``accepted`` counts grow by this step's.
+
+    A sequence whose draws do not depend on the tokens before them (no grammar, penalties or
+    open thinking block) has all its positions drawn at once; the others position by position.
     """
     outputs: list[list[RequestOutput]] = [[] for _ in seqs]
-    active = list(range(len(seqs)))
+    alone = [i for i, seq in enumerate(seqs) if _draws_alone(seq)]
+    if alone:
+        _at_once(
+            logits,
+            [rows[i] for i in alone],
+            [seqs[i] for i in alone],
+            alone,
+            drafts,
+            advance,
+            outputs,
+        )
+    rest = sorted(set(range(len(seqs))) - set(alone))
+    if rest:
+        first = None if masks is None else masks[rest]
+        _in_turn(logits, rows, seqs, drafts, rest, first, advance, outputs)
+    for seq, draft, each in zip(seqs, drafts, outputs, strict=True):
+        seq.drafted += len(draft)
+        if each[-1].usage is not None:  # its last: count this step's drafts in its usage
+            each[-1] = replace(each[-1], usage=seq.usage())
+    return [joined(each) for each in outputs]
+
+
+def _draws_alone(seq: Sequence) -> bool:
+    thinking = seq.thinking
+    return (
+        seq.constraint is None
+        and not seq.params.penalized
+        and (thinking is None or not thinking.inside)
+    )
+
+
+def _kept(seq: Sequence, output: RequestOutput, draft: tuple[int, ...], position: int) -> bool:
+    """Whether ``output`` took the drafted token of ``position`` (then it counts as accepted,
+    and the next position's logits hold)."""
+    if output.token_ids and position < len(draft) and seq.last_token == draft[position]:
+        seq.accepted += 1
+        return output.finish_reason is None
+    return False
+
+
+def _at_once(
+    logits: mx.array,
+    rows: Seq[tuple[int, int]],
+    seqs: Seq[Sequence],
+    indices: Seq[int],
+    drafts: Seq[tuple[int, ...]],
+    advance: Advance,
+    outputs: list[list[RequestOutput]],
+) -> None:
+    at = [start + j for start, count in rows for j in range(count)]
+    who = [seq for seq, (_, count) in zip(seqs, rows, strict=True) for _ in range(count)]
+    ahead = [j for _, count in rows for j in range(count)]
+    tokens, logprobs = sample_each(logits[mx.array(at)], who, None, ahead)
+    first = 0
+    for i, seq, (_, count) in zip(indices, seqs, rows, strict=True):
+        for position in range(count):
+            output = advance(seq, tokens[first + position], logprobs[first + position])
+            outputs[i].append(output)
+            if not _kept(seq, output, drafts[i], position):
+                break
+        first += count
+
+
+def _in_turn(
+    logits: mx.array,
+    rows: Seq[tuple[int, int]],
+    seqs: Seq[Sequence],
+    drafts: Seq[tuple[int, ...]],
+    active: list[int],
+    masks: np.ndarray | None,
+    advance: Advance,
+    outputs: list[list[RequestOutput]],
+) -> None:
     position = 0
     while active:
         at = mx.array([rows[i][0] + position for i in active])
@@ -51,20 +126,11 @@ def verify(
         tokens, logprobs = sample_each(logits[at], group, masks)
         going = []
         for i, token, logprob in zip(active, tokens, logprobs, strict=True):
-            seq = seqs[i]
-            output = advance(seq, token, logprob)
+            output = advance(seqs[i], token, logprob)
             outputs[i].append(output)
-            draft = drafts[i]
-            if output.token_ids and position < len(draft) and seq.last_token == draft[position]:
-                seq.accepted += 1
-                if output.finish_reason is None:
-                    going.append(i)
+            if _kept(seqs[i], output, drafts[i], position):
+                going.append(i)
         active, position = going, position + 1
-    for seq, draft, each in zip(seqs, drafts, outputs, strict=True):
-        seq.drafted += len(draft)
-        if each[-1].usage is not None:  # its last: count this step's drafts in its usage
-            each[-1] = replace(each[-1], usage=seq.usage())
-    return [joined(each) for each in outputs]
 
 
 def joined(outputs: Seq[RequestOutput]) -> RequestOutput:
