@@ -147,7 +147,10 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: dict[str, Path]
 ) -> Iterator[RunningServer]:
     tmp = tmp_path_factory.mktemp("web")
-    with running_server(write_config(tmp, two_models(tmp, tiny_checkpoints))) as running:
+    speculating = '[models.qwen.speculative]\nmethod = "ngram"\n'
+    with running_server(
+        write_config(tmp, two_models(tmp, tiny_checkpoints, speculating))
+    ) as running:
         yield running
 
 
@@ -192,6 +195,9 @@ def test_chat_streams_into_the_assistant_bubble(server: RunningServer, browser: 
     assert found, meta
     tokens, finish = int(found[1]), found[2]
     assert tokens == 300 if finish == "length" else 0 < tokens < 300, meta  # max_tokens was sent
+    speculator = server.engine.workers["qwen"].speculator  # qwen drafts by prompt lookup
+    accepted = f"({speculator.accepted_tokens}/{speculator.drafted_tokens})"
+    assert speculator.accepted_tokens and "drafts accepted" in meta and accepted in meta, meta
     assert not browser.find_element(By.ID, "send").get_attribute("disabled")
     assert text_of(browser, ".msg.assistant .role") == "qwen"
     assert "qwen" in server.engine.loaded_models()
