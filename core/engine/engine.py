@@ -527,6 +527,7 @@ class Engine:
                     can_measure=not distributed or pipeline,
                     can_use_disk=not distributed,
                     lanes=len(share.stages) if share is not None and pipeline else 1,
+                    draft=None if distributed else self._load_draft(name),
                 )
         except Exception as exc:
             log.error("loading model %s failed: %s", name, exc)
@@ -542,6 +543,18 @@ class Engine:
             self._enqueue(worker, seq)
         for future in futures:
             _resolve(future, worker.model)
+
+    def _load_draft(self, name: str) -> ServedModel | None:
+        """The draft model of model ``name``, if it drafts with one (on this rank alone: the
+        worker says why several ranks do not); None, with a log line, if it cannot load."""
+        spec = self.settings.speculative_for(name)
+        if spec is None or spec.method != "draft" or spec.draft_model is None:
+            return None
+        try:
+            return self.load_model(spec.draft_model)
+        except Exception as exc:
+            log.error("%s: loading its draft model %s failed: %s", name, spec.draft_model, exc)
+            return None
 
     def _step(self, name: str, worker: ModelWorker, settle: bool = False) -> None:
         """Run ``worker``'s next step (or, with ``settle``, every step it has in flight)."""

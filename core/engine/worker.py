@@ -132,7 +132,9 @@ class ModelWorker:
         can_measure: bool = True,
         can_use_disk: bool = True,
         lanes: int = 1,
+        draft: ServedModel | None = None,
     ) -> None:
+        """``draft`` is the draft model of a model that speculates by method "draft"."""
         self.model = model
         self.settings = settings
         self.kv = kv = settings.kv_for(model.name)
@@ -149,6 +151,7 @@ class ModelWorker:
         recurrent = self.prefix_caching and bool(state_parts(sample))
         self.snapshot_slots = SNAPSHOTS_PER_BATCH_SLOT * settings.max_batch_size if recurrent else 0
         self._check_context()
+        self.speculator = make_speculator(model, settings, self.runner, sample, lanes, draft)
         # Whole blocks only: a sequence is admitted only if all of its blocks can be.
         self.capacity_tokens = self._capacity(can_measure) // kv.block_size * kv.block_size
         if kv.prefix_cache and unshared:
@@ -179,7 +182,6 @@ class ModelWorker:
             else:
                 log.warning("%s: the KV disk tier is off with several ranks", model.name)
         self.scheduler = self._new_scheduler()
-        self.speculator = make_speculator(model, settings, self.runner, sample, lanes)
 
     def _check_context(self) -> None:
         """A configured context past the model's own is served with a warning, unless the
@@ -209,6 +211,8 @@ class ModelWorker:
         if kv.budget_kind != "tokens" and not can_measure:
             return batch * longest
         per_token, fixed, windows = self._measure_caches()
+        drafting = self.speculator.proposer.kv_bytes_per_token() if self.speculator else 0
+        per_token += drafting  # a draft model's caches grow with the same tokens
         # Recurrent state takes the same bytes whatever a sequence's length: a full batch's
         # worth, and the copies (with their sliding windows) the prefix cache keeps, are set
         # aside before the budget is counted in tokens.
@@ -218,11 +222,12 @@ class ModelWorker:
         if kv.budget_kind == "bytes":
             tokens = max(0, kv.budget_value - aside) // per_token
         log.info(
-            "%s: KV budget %d tokens (%.1f MiB, %d bytes a token%s)",
+            "%s: KV budget %d tokens (%.1f MiB, %d bytes a token%s%s)",
             self.model.name,
             tokens,
             tokens * per_token / 2**20,
             per_token,
+            f", {drafting} of them the draft model's" if drafting else "",
             f"; {aside / 2**20:.1f} MiB set aside for state" if aside else "",
         )
         if tokens < longest:

@@ -9,16 +9,21 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 
 from mlxserve.core.kv.rewind import unrewindable
+from mlxserve.core.speculative.draft_model import draft_proposer
 from mlxserve.core.speculative.policy import StepCost
 from mlxserve.core.speculative.speculator import NgramProposer, Proposer, Speculator
 
 if TYPE_CHECKING:
     from mlxserve.core.engine.runner import ModelRunner
-    from mlxserve.core.engine.settings import EngineSettings
+    from mlxserve.core.engine.settings import EngineSettings, SpeculativeSettings
     from mlxserve.core.engine.worker import ServedModel
 
 log = logging.getLogger(__name__)
 MEASURED_REPEATS = 2
+DRAFT_ON_ONE_RANK_ONLY = (
+    "draft models are not served on several ranks yet (the draft must run on rank 0 alone, "
+    "and the registry shares every model among the ranks); use method 'ngram' meanwhile"
+)
 
 
 def make_speculator(
@@ -27,9 +32,11 @@ def make_speculator(
     runner: ModelRunner,
     sample_cache: list[Any],
     lanes: int,
+    draft: ServedModel | None = None,
 ) -> Speculator | None:
-    """The speculator ``model`` is configured with; None (with a log line saying why) if it
-    has none or cannot speculate exactly."""
+    """The speculator ``model`` is configured with (method "draft" drafts with ``draft``, its
+    draft model, loaded); None (with a log line saying why) if it has none or cannot speculate
+    exactly."""
     spec = settings.speculative_for(model.name)
     if spec is None:
         return None
@@ -41,7 +48,7 @@ def make_speculator(
         why = "its caches cannot be batched, so they cannot forget rejected drafts either"
     proposer: Proposer | None = None
     if why is None:
-        proposer, why = _proposer(model, spec.method, spec.ngram_min, spec.ngram_max)
+        proposer, why = _proposer(model, spec, settings, runner, draft)
     if proposer is None:
         log.warning("%s: speculative decoding (%s) is off: %s", model.name, spec.method, why)
         return None
@@ -56,15 +63,27 @@ def make_speculator(
     return Speculator(spec, proposer, cost)
 
 
-def _proposer(model: ServedModel, method: str, n_min: int, n_max: int) -> tuple[Any, str | None]:
-    if method == "ngram":
-        return NgramProposer(n_min, n_max), None
-    if method == "mtp":
+def _proposer(
+    model: ServedModel,
+    spec: SpeculativeSettings,
+    settings: EngineSettings,
+    runner: ModelRunner,
+    draft: ServedModel | None,
+) -> tuple[Proposer | None, str | None]:
+    if spec.method == "ngram":
+        return NgramProposer(spec.ngram_min, spec.ngram_max), None
+    if spec.method == "draft":
+        if runner.lockstep:
+            return None, DRAFT_ON_ONE_RANK_ONLY
+        if draft is None:
+            return None, f"its draft model {spec.draft_model!r} is not loaded (see above)"
+        return draft_proposer(model, draft, settings)
+    if spec.method == "mtp":
         return None, (
             f"no family loads multi-token-prediction layers yet ({model.family} included; "
             "mlx-lm drops them from the checkpoints it loads)"
         )
-    return None, f"method {method!r} is not available for this model"
+    return None, f"method {spec.method!r} is not available for this model"
 
 
 def measure(runner: ModelRunner, settings: EngineSettings, most: int) -> StepCost:

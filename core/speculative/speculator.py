@@ -25,6 +25,11 @@ class Proposer(Protocol):
         """A sequence has ended: drop what is kept for it."""
         ...
 
+    def kv_bytes_per_token(self) -> int:
+        """The bytes of KV it keeps for each token of the sequences it drafts for (its share
+        of the model's KV budget)."""
+        ...
+
 
 class NgramProposer:
     """Prompt lookup (see :mod:`ngram`): no model, nothing to run."""
@@ -46,6 +51,9 @@ class NgramProposer:
 
     def forget(self, request_id: str) -> None:
         self.indexes.pop(request_id, None)
+
+    def kv_bytes_per_token(self) -> int:
+        return 0
 
 
 class Speculator:
