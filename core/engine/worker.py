@@ -288,7 +288,7 @@ class ModelWorker:
                 break
             if self.speculator is not None:
                 running = self.scheduler.running
-                self.speculator.draft([s for s in running if s.lane == lane], running)
+                self.speculator.draft_or_pause([s for s in running if s.lane == lane], running)
             plan = self.scheduler.schedule(lane)
             if self.announce is not None:
                 self.announce(plan)

@@ -55,15 +55,23 @@ class StepCost:
         return max(seconds[0], seconds[lo] + slope * (n - sizes[lo]))
 
 
-def longest_draft(rates: Sequence[float], available: Sequence[int], cost: StepCost) -> int:
+def longest_draft(
+    rates: Sequence[float],
+    available: Sequence[int],
+    cost: StepCost,
+    drafting: StepCost | None = None,
+) -> int:
     """The longest draft of a step whose rows accept at ``rates`` and have ``available``
-    tokens to draft: the one with the most expected tokens per second (0: do not draft)."""
+    tokens to draft: the one with the most expected tokens per second (0: do not draft).
+    ``drafting`` is what proposing one token for a batch of that many rows costs (a draft
+    model's step; None: nothing)."""
     rows = len(rates)
     best, best_speed = 0, rows / cost(rows)
     expected = float(rows)
+    per_token = drafting(rows) if drafting is not None else 0.0
     for k in range(1, max(available, default=0) + 1):
         expected += sum(r**k for r, a in zip(rates, available, strict=True) if a >= k)
-        speed = expected / cost(rows * (1 + k))
+        speed = expected / (cost(rows * (1 + k)) + k * per_token)
         if speed > best_speed:
             best, best_speed = k, speed
     return best

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 
 from mlxserve.core.kv.rewind import unrewindable
-from mlxserve.core.speculative.draft_model import draft_proposer
+from mlxserve.core.speculative.draft_model import DraftModelProposer, draft_proposer
 from mlxserve.core.speculative.policy import StepCost
 from mlxserve.core.speculative.speculator import NgramProposer, Proposer, Speculator
 
@@ -53,6 +53,9 @@ def make_speculator(
         log.warning("%s: speculative decoding (%s) is off: %s", model.name, spec.method, why)
         return None
     cost = StepCost() if runner.lockstep else measure(runner, settings, spec.num_draft_tokens)
+    drafting = None
+    if isinstance(proposer, DraftModelProposer):
+        drafting = measure(proposer.runner, settings, 0)
     log.info(
         "%s: speculative decoding by %s, up to %d drafted tokens a step%s",
         model.name,
@@ -60,7 +63,7 @@ def make_speculator(
         spec.num_draft_tokens,
         ", as many as pay" if spec.adaptive else "",
     )
-    return Speculator(spec, proposer, cost)
+    return Speculator(spec, proposer, cost, drafting)
 
 
 def _proposer(
@@ -88,7 +91,8 @@ def _proposer(
 
 def measure(runner: ModelRunner, settings: EngineSettings, most: int) -> StepCost:
     """The cost of forward passes of 1, 2, 4, … tokens (up to a full batch drafting ``most``
-    each) on this backend: the fastest of a few runs of each, on fresh caches."""
+    each) on this backend: the fastest of a few runs of each, on fresh caches. (Rows of one
+    token each cost about what one row of that many tokens does: the same matrix products.)"""
     largest = settings.max_batch_size * (1 + most)
     sizes = [1 << i for i in range(largest.bit_length() + 1) if 1 << i <= 2 * largest]
     points = []

@@ -12,6 +12,8 @@ from mlxserve.core.speculative.ngram import NgramIndex
 from mlxserve.core.speculative.policy import Acceptance, StepCost, longest_draft
 
 log = logging.getLogger(__name__)
+PAUSE_STEPS = 16  # steps without drafting after a drafting failure (doubling while they go on)
+MAX_PAUSE_STEPS = 4096
 
 
 class Proposer(Protocol):
@@ -62,14 +64,20 @@ class Speculator:
     verification accepted. Tokens its grammar forces are drafted first, and always."""
 
     def __init__(
-        self, settings: SpeculativeSettings, proposer: Proposer, cost: StepCost | None = None
+        self,
+        settings: SpeculativeSettings,
+        proposer: Proposer,
+        cost: StepCost | None = None,
+        drafting: StepCost | None = None,
     ) -> None:
         self.settings = settings
         self.method = settings.method
         self.proposer = proposer
         self.cost = cost or StepCost()
+        self.drafting = drafting  # a draft model's cost of a step, by rows
         self.acceptance: dict[str, Acceptance] = {}
         self.drafted_tokens = self.accepted_tokens = 0
+        self.failures = self.paused = 0
 
     def draft(self, seqs: Seq[Sequence], running: Seq[Sequence]) -> None:
         """Draft for ``seqs``: one lane's decoding sequences, of ``running`` in all."""
@@ -93,9 +101,33 @@ class Speculator:
             rates.append(rate)
         longest = max(len(p) for p in proposals)
         if self.settings.adaptive and longest:
-            longest = longest_draft(rates, [len(p) for p in proposals], self.cost)
+            available = [len(p) for p in proposals]
+            longest = longest_draft(rates, available, self.cost, self.drafting)
         for seq, proposal in zip(seqs, proposals, strict=True):
             seq.draft = tuple(proposal[:longest])
+
+    def draft_or_pause(self, seqs: Seq[Sequence], running: Seq[Sequence]) -> None:
+        """:meth:`draft`, unless it failed lately: a failure clears the drafts (the step goes
+        on as a plain one) and pauses drafting for a number of steps that doubles with each
+        failure in a row, up to ``MAX_PAUSE_STEPS``."""
+        if self.paused:
+            self.paused -= 1
+            for seq in seqs:
+                seq.draft = ()
+            return
+        try:
+            self.draft(seqs, running)
+            self.failures = 0
+        except Exception:
+            self.failures += 1
+            self.paused = min(MAX_PAUSE_STEPS, PAUSE_STEPS << (self.failures - 1))
+            log.exception(
+                "%s drafting failed; decoding goes on without it for %d steps",
+                self.method,
+                self.paused,
+            )
+            for seq in seqs:
+                seq.draft = ()
 
     def _rate(self, seq: Sequence) -> float:
         acceptance = self.acceptance.get(seq.request_id)

@@ -273,3 +273,28 @@ def test_an_abort_during_verification_frees_everything(
         blocks = worker.scheduler.blocks
         assert not blocks.in_use and not blocks.reserved  # only the prefix cache keeps blocks
         assert completion(server, REPEATING)["choices"][0]["text"]
+
+
+def test_a_drafting_failure_pauses_drafting_and_fails_no_request(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault in the optimisation turns it off for a while, then it comes back on."""
+    checkpoint = tiny_checkpoints["llama"]
+    with served(tmp_path / "plain", checkpoint, spec="") as server:
+        plain = together(server, PROMPTS, max_tokens=60)
+    with served(tmp_path / "spec", checkpoint) as server:
+        speculator = server.engine.workers["m"].speculator
+        proposer, calls = speculator.proposer, []
+        real = proposer.propose
+
+        def fails_once(seqs: list, most: int) -> list[list[int]]:
+            calls.append(len(seqs))
+            if len(calls) == 1:
+                raise RuntimeError("an injected drafting fault")
+            return real(seqs, most)
+
+        proposer.propose = fails_once
+        spec = together(server, PROMPTS, max_tokens=60)
+    assert_same(plain, spec)
+    assert "ngram drafting failed; decoding goes on without it for 16 steps" in caplog.text
+    assert len(calls) > 1 and speculator.accepted_tokens > 0  # back on after the pause

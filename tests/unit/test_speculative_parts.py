@@ -37,6 +37,8 @@ def test_a_draft_is_as_long_as_it_pays() -> None:
     assert longest_draft([0.9], [6], cheap) >= 4
     assert longest_draft([0.05], [6], cheap) <= 1  # rarely accepted: hardly worth it
     assert longest_draft([0.9] * 8, [6] * 8, cheap) < longest_draft([0.9], [6], cheap)
+    draft_model = StepCost([(1, 0.5), (64, 0.6)])  # each drafted token costs a draft step
+    assert longest_draft([0.6], [6], cheap, draft_model) < longest_draft([0.6], [6], cheap)
 
 
 def test_acceptance_follows_what_verification_kept() -> None:
