@@ -357,7 +357,7 @@ class ModelWorker:
         ):
             if i < decoding:
                 scheduler.rewound(seq, min(width, 1 + width - len(output.token_ids)))
-                self.speculator.verified(seq, len(draft), seq.accepted - earlier)
+                self.speculator.verified(len(draft), seq.accepted - earlier)
         return list(zip(seqs, outputs, strict=True))
 
     def _scoring(self, plan: StepPlan) -> dict[str, Sequence]:

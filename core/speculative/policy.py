@@ -19,11 +19,19 @@ DECAY = 0.7  # weight of the history against a step's news in a sequence's accep
 
 @dataclass(slots=True)
 class Acceptance:
-    """A sequence's recent acceptance of drafted tokens: a decayed count of the tokens accepted
-    and of the drafts cut short by a rejection (a Beta(1, 1) prior before any)."""
+    """A sequence's recent acceptance of proposed tokens: a decayed count of the tokens that
+    came true and of the proposals cut short by one that did not (a Beta(1, 1) prior before
+    any).
+
+    Every proposal is checked against the tokens that followed it, whether it was drafted or
+    not: a sequence that stopped drafting because it did not pay keeps learning whether it
+    would now (its first proposed token is checked against the next token it gets).
+    """
 
     accepted: float = 0.0
     rejected: float = 0.0
+    proposal: tuple[int, ...] = ()
+    after: int = 0  # the sequence's output length when it was proposed
 
     @property
     def rate(self) -> float:
@@ -33,6 +41,15 @@ class Acceptance:
         if drafted:
             self.accepted = DECAY * self.accepted + accepted
             self.rejected = DECAY * self.rejected + (accepted < drafted)
+
+    def proposed(self, proposal: Sequence[int], output: Sequence[int]) -> None:
+        """Check the last proposal against the tokens ``output`` got since; keep this one."""
+        if self.proposal:
+            came = output[self.after : self.after + len(self.proposal)]
+            checked = min(len(came), len(self.proposal))
+            true = next((i for i in range(checked) if came[i] != self.proposal[i]), checked)
+            self.update(checked, true)
+        self.proposal, self.after = tuple(proposal), len(output)
 
 
 class StepCost:

@@ -90,13 +90,15 @@ class Speculator:
         proposals = self.proposer.propose(seqs, max(room))
         rates = []
         for i, seq in enumerate(seqs):
-            proposal, rate = proposals[i][: room[i]], self._rate(seq)
-            if seq.constraint is not None:
-                forced = seq.constraint.forced()[: room[i]]
-                if forced:
-                    proposal, rate = forced, 1.0
-                else:
+            proposal, acceptance = proposals[i][: room[i]], self._acceptance(seq)
+            forced = seq.constraint.forced()[: room[i]] if seq.constraint is not None else []
+            if forced:  # certain: they teach nothing about the proposer
+                proposal, rate = forced, 1.0
+            else:
+                if seq.constraint is not None:
                     proposal = proposal[: seq.constraint.allowed_prefix(proposal)]
+                acceptance.proposed(proposal, seq.output_ids)
+                rate = acceptance.rate
             proposals[i] = proposal
             rates.append(rate)
         longest = max(len(p) for p in proposals)
@@ -129,18 +131,16 @@ class Speculator:
             for seq in seqs:
                 seq.draft = ()
 
-    def _rate(self, seq: Sequence) -> float:
+    def _acceptance(self, seq: Sequence) -> Acceptance:
         acceptance = self.acceptance.get(seq.request_id)
         if acceptance is None:
             acceptance = self.acceptance[seq.request_id] = Acceptance()
-        return acceptance.rate
+        return acceptance
 
-    def verified(self, seq: Sequence, drafted: int, accepted: int) -> None:
+    def verified(self, drafted: int, accepted: int) -> None:
+        """Count a sequence's drafted and accepted tokens of a step (for the metrics)."""
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
-        acceptance = self.acceptance.get(seq.request_id)
-        if acceptance is not None:
-            acceptance.update(drafted, accepted)
 
     def _keep_only(self, request_ids: set[str]) -> None:
         for request_id in [r for r in self.acceptance if r not in request_ids]:

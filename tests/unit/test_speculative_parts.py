@@ -52,6 +52,19 @@ def test_acceptance_follows_what_verification_kept() -> None:
     assert high > 0.8 and acceptance.rate < 0.3
 
 
+def test_proposals_are_checked_whether_drafted_or_not() -> None:
+    """A sequence that stopped drafting keeps learning from what it would have drafted."""
+    acceptance, output = Acceptance(), [1, 2]
+    acceptance.proposed([3, 4, 5], output)
+    assert acceptance.rate == 0.5  # nothing to check yet
+    output.append(3)  # one token came (a plain step): the first proposed token came true
+    acceptance.proposed([4, 5], output)
+    assert (acceptance.accepted, acceptance.rejected) == (1, 0)
+    output += [4, 9]  # a step that took a drafted token, then another: one true, one not
+    acceptance.proposed([1], output)
+    assert (acceptance.accepted, acceptance.rejected) == (0.7 + 1, 1)
+
+
 def test_drafts_and_rewinds_survive_the_wire() -> None:
     plan = StepPlan(
         decode_ids=("a", "b", "c"),
