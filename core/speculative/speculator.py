@@ -14,6 +14,7 @@ from mlxserve.core.speculative.policy import Acceptance, StepCost, longest_draft
 log = logging.getLogger(__name__)
 PAUSE_STEPS = 16  # steps without drafting after a drafting failure (doubling while they go on)
 MAX_PAUSE_STEPS = 4096
+EXPLORE_EVERY = 32  # steps between tries of a draft model that was not expected to pay
 
 
 class Proposer(Protocol):
@@ -77,7 +78,7 @@ class Speculator:
         self.drafting = drafting  # a draft model's cost of a step, by rows
         self.acceptance: dict[str, Acceptance] = {}
         self.drafted_tokens = self.accepted_tokens = 0
-        self.failures = self.paused = 0
+        self.failures = self.paused = self.idle_steps = 0
 
     def draft(self, seqs: Seq[Sequence], running: Seq[Sequence]) -> None:
         """Draft for ``seqs``: one lane's decoding sequences, of ``running`` in all."""
@@ -87,7 +88,8 @@ class Speculator:
             return
         most = self.settings.num_draft_tokens
         room = [max(0, min(most, s.max_tokens - len(s.output_ids) - 1)) for s in seqs]
-        proposals = self.proposer.propose(seqs, max(room))
+        asked = self._worth_asking(seqs, room)
+        proposals = self.proposer.propose(seqs, asked) if asked else [[] for _ in seqs]
         rates = []
         for i, seq in enumerate(seqs):
             proposal, acceptance = proposals[i][: room[i]], self._acceptance(seq)
@@ -107,6 +109,22 @@ class Speculator:
             longest = longest_draft(rates, available, self.cost, self.drafting)
         for seq, proposal in zip(seqs, proposals, strict=True):
             seq.draft = tuple(proposal[:longest])
+
+    def _worth_asking(self, seqs: Seq[Sequence], room: list[int]) -> int:
+        """How many tokens to ask the proposer for. A draft model's tokens cost a step of it
+        each, so they are asked for only as far as they are expected to pay; when none would,
+        one is asked for every ``EXPLORE_EVERY`` steps, to learn whether that has changed."""
+        if self.drafting is None or not self.settings.adaptive:
+            return max(room)
+        rates = [self._acceptance(seq).rate for seq in seqs]
+        asked = longest_draft(rates, room, self.cost, self.drafting)
+        if asked:
+            return asked
+        self.idle_steps += 1
+        if self.idle_steps < EXPLORE_EVERY:
+            return 0
+        self.idle_steps = 0
+        return min(1, max(room))
 
     def draft_or_pause(self, seqs: Seq[Sequence], running: Seq[Sequence]) -> None:
         """:meth:`draft`, unless it failed lately: a failure clears the drafts (the step goes

@@ -79,7 +79,9 @@ def test_tokens_equal_plain_decoding_batched(
     draft = target if same else other_llama
     with running_server(config_for(tmp_path / "plain", target)) as server:
         plain = batch(server, requests)
-    with running_server(draft_config(tmp_path / "draft", target, draft)) as server:
+    # a tiny draft costs what the tiny target does: adaptive drafting would hardly ever draft
+    config = draft_config(tmp_path / "draft", target, draft, spec="adaptive = false\n")
+    with running_server(config) as server:
         drafted = batch(server, requests)
         speculator = server.engine.workers["m"].speculator
     assert speculator is not None and speculator.method == "draft"
@@ -138,3 +140,19 @@ def test_the_kv_budget_holds_the_draft_models_caches_too(
     assert drafting == per_token  # the same architecture
     assert alone == budget // per_token // 16 * 16
     assert shared == budget // (per_token + drafting) // 16 * 16
+
+
+def test_a_draft_model_as_costly_as_the_target_is_seldom_asked(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path], other_llama: Path
+) -> None:
+    """Adaptive drafting weighs a draft model's own steps: a draft the size of the target
+    (and never right) cannot pay, so it is asked for a token only now and then, to learn."""
+    target = tiny_checkpoints["llama"]
+    with running_server(config_for(tmp_path / "plain", target)) as server:
+        plain = batch(server, GREEDY[:1])
+    with running_server(draft_config(tmp_path / "draft", target, other_llama)) as server:
+        drafted = batch(server, [(PROMPTS[0], {"max_tokens": 20})])
+        speculator = server.engine.workers["m"].speculator
+        steps = server.engine.workers["m"].steps
+    assert drafted == plain
+    assert speculator.drafted_tokens <= 1 + steps // 32
