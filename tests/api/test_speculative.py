@@ -14,6 +14,7 @@ import pytest
 
 from ..support.kv_cache import config_for
 from ..support.server import get, post, running_server, wait_until
+from ..support.speculative import completion
 
 NGRAM = '[models.m.speculative]\nmethod = "ngram"\nnum_draft_tokens = 4\n'
 # Prompts that repeat themselves, so prompt lookup has something to draft from.
@@ -29,15 +30,6 @@ def served(tmp_path: Path, checkpoint: Path, spec: str = NGRAM, kv: str = "") ->
     from ..support.server import write_config
 
     return running_server(write_config(tmp_path, path.read_text()))
-
-
-def completion(server: object, prompt: list[int], **extra: object) -> dict:
-    body = {"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0, "logprobs": 1}
-    body.update(extra)
-    body.setdefault("ignore_eos", True)
-    response = post(server, "/v1/completions", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def together(server: object, prompts: list[list[int]], **extra: object) -> list[dict]:

@@ -13,7 +13,8 @@ from mlxserve.plugins.family import ModelFamily
 from mlxserve.plugins.tiny import write_tiny_checkpoint
 
 from ..support.kv_cache import config_for
-from ..support.server import post, running_server, write_config
+from ..support.server import running_server, write_config
+from ..support.speculative import completion
 
 PROMPTS = [[(i * 7) % 23 + 3 for i in range(40)], list(range(3, 60)), [9, 8, 7, 6] * 10, [5] * 9]
 
@@ -27,15 +28,6 @@ def draft_config(tmp_path: Path, target: Path, draft: Path, kv: str = "", spec: 
     )
     text = (tmp_path / "mlxserve.toml").read_text().replace("[kv_cache]", models + "[kv_cache]")
     return write_config(tmp_path, text)
-
-
-def completion(server: object, prompt: list[int], **extra: object) -> dict:
-    body = {"model": "m", "prompt": prompt, "max_tokens": 20, "temperature": 0, "logprobs": 1}
-    body.update(extra)
-    body.setdefault("ignore_eos", True)
-    response = post(server, "/v1/completions", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def batch(server: object, requests: list[tuple[list[int], dict]]) -> list[list[str]]:

@@ -63,7 +63,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -463,13 +462,6 @@ def table(servers: dict[str, Server], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def header(
     args: argparse.Namespace, gguf: Path, types: dict[str, int], llama: str, compute: str
 ) -> list[str]:
@@ -477,7 +469,7 @@ def header(
     return [
         f"- machine: {platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
-        f"- mlxserve {version('mlxserve')} (mlx {version('mlx')}), computing in {compute}; "
+        f"- mlxserve {bs.version('mlxserve')} (mlx {bs.version('mlx')}), computing in {compute}; "
         f"llama-server from llama-cpp-python {LLAMA_CPP_PYTHON} (llama.cpp {llama}), "
         f"{args.threads} threads",
         f"- model: {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB; tensors: {kinds})",

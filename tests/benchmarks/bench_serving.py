@@ -642,13 +642,15 @@ def ratio(new: float | None, ref: float | None) -> str:
     return "-" if new is None or not ref else f"{new / ref:.2f}x"
 
 
-def machine_info(args: argparse.Namespace, params: int, blas: str) -> list[str]:
-    def version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
+def version(name: str) -> str:
+    """An installed distribution's version, or "not installed"."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
+
+def machine_info(args: argparse.Namespace, params: int, blas: str) -> list[str]:
     return [
         f"- machine: {platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",

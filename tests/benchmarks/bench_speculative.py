@@ -52,7 +52,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -524,13 +523,6 @@ def goals(configs: list[Config], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def report(configs: list[Config], args: argparse.Namespace, checkpoint: Path | None) -> str:
     blas = []
     for config in configs:
@@ -542,8 +534,9 @@ def report(configs: list[Config], args: argparse.Namespace, checkpoint: Path | N
         "## Speculative decoding",
         "",
         f"- machine: {platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}; mlx {version('mlx')}, mlx-lm {version('mlx-lm')}, "
-        f"mlxserve {version('mlxserve')}; BLAS: {'; '.join(blas) or '-'}",
+        f"Python {platform.python_version()}; mlx {bs.version('mlx')}, "
+        f"mlx-lm {bs.version('mlx-lm')}, "
+        f"mlxserve {bs.version('mlxserve')}; BLAS: {'; '.join(blas) or '-'}",
         f"- model: {DEMO_SOURCE} (SmolLM2-135M-Instruct Q4_1); mlx_lm.server on mlxserve's "
         f"conversion of it: {checkpoint or '-'}",
         "- draft configurations: no smaller SmolLM2 is available offline, so the demo model is "

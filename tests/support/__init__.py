@@ -14,6 +14,7 @@
 - ``web_ui``: the web page tests' two-model config and a browser's Accept header.
 - ``fake_hub``: a fake Hugging Face hub on 127.0.0.1.
 - ``gguf_files``: GGUF files written the way llama.cpp's converter writes them.
+- ``speculative``: completions compared token for token with and without speculation.
 """
 
 from __future__ import annotations
