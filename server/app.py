@@ -51,8 +51,12 @@ def create_app(
     stops with the app."""
     plugins = plugins or load_plugins(config.plugins.enabled, trace=config.plugins.trace)
     registry = ModelRegistry(config, plugins, cluster)
+    alone = ModelRegistry(config, plugins) if registry.cluster.distributed else registry
     engine = engine or Engine(
-        lambda name: registry.load(name, download=True), engine_settings(config), cluster
+        lambda name: registry.load(name, download=True),
+        engine_settings(config),
+        cluster,
+        load_alone=lambda name: alone.load(name, download=True),
     )
 
     @asynccontextmanager

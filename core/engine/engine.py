@@ -113,8 +113,11 @@ class Engine:
         load_model: Callable[[str], ServedModel],
         settings: EngineSettings,
         cluster: Cluster | None = None,
+        load_alone: Callable[[str], ServedModel] | None = None,
     ) -> None:
         self.load_model = load_model
+        # Draft models run on this rank alone, whatever the ranks share.
+        self.load_alone = load_alone or load_model
         self.settings = settings
         self.cluster = cluster or Cluster()
         self.ranks = RankZero(self.cluster, settings.step_timeout_s, self.fail)
@@ -527,7 +530,7 @@ class Engine:
                     can_measure=not distributed or pipeline,
                     can_use_disk=not distributed,
                     lanes=len(share.stages) if share is not None and pipeline else 1,
-                    draft=None if distributed else self._load_draft(name),
+                    draft=self._load_draft(name),
                 )
         except Exception as exc:
             log.error("loading model %s failed: %s", name, exc)
@@ -545,13 +548,13 @@ class Engine:
             _resolve(future, worker.model)
 
     def _load_draft(self, name: str) -> ServedModel | None:
-        """The draft model of model ``name``, if it drafts with one (on this rank alone: the
-        worker says why several ranks do not); None, with a log line, if it cannot load."""
+        """The draft model of model ``name``, if it drafts with one, whole on this rank (on
+        several ranks, rank 0 drafts alone); None, with a log line, if it cannot load."""
         spec = self.settings.speculative_for(name)
         if spec is None or spec.method != "draft" or spec.draft_model is None:
             return None
         try:
-            return self.load_model(spec.draft_model)
+            return self.load_alone(spec.draft_model)
         except Exception as exc:
             log.error("%s: loading its draft model %s failed: %s", name, spec.draft_model, exc)
             return None

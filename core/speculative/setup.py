@@ -20,10 +20,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MEASURED_REPEATS = 2
-DRAFT_ON_ONE_RANK_ONLY = (
-    "draft models are not served on several ranks yet (the draft must run on rank 0 alone, "
-    "and the registry shares every model among the ranks); use method 'ngram' meanwhile"
-)
 
 
 def make_speculator(
@@ -76,8 +72,6 @@ def _proposer(
     if spec.method == "ngram":
         return NgramProposer(spec.ngram_min, spec.ngram_max), None
     if spec.method == "draft":
-        if runner.lockstep:
-            return None, DRAFT_ON_ONE_RANK_ONLY
         if draft is None:
             return None, f"its draft model {spec.draft_model!r} is not loaded (see above)"
         return draft_proposer(model, draft, settings)

@@ -52,3 +52,34 @@ def test_two_ranks_speculate_with_the_tokens_of_one(
         r'speculative_accepted_tokens_total\{method="ngram",model="m"\} (\S+)', metrics
     )
     assert accepted and float(accepted[1]) > 0, metrics
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+def test_a_draft_model_drafts_on_rank_zero_alone(
+    tmp_path: Path, tiny_checkpoints: dict[str, Path], strategy: str
+) -> None:
+    """The target (its own draft here: always accepted) is shared by the ranks; the draft
+    runs whole on rank 0."""
+    checkpoint = tiny_checkpoints["llama"]
+    one_rank = (
+        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache1"}"\n'
+        f'[models.m]\nsource = "{checkpoint}"\n'
+    )
+    (tmp_path / "one").mkdir()
+    with running_server(write_config(tmp_path / "one", one_rank)) as server:
+        expected = completions(server.url)
+    drafting = (
+        '[models.m.speculative]\nmethod = "draft"\ndraft_model = "d"\nadaptive = false\n'
+        f'[models.d]\nsource = "{checkpoint}"\n'
+    )
+    text = two_ranks_config(tmp_path, checkpoint, f'strategy = "{strategy}"\n')
+    with launched(tmp_path, text.replace("[distributed]", drafting + "[distributed]")) as (
+        url,
+        _,
+    ):
+        texts = completions(url)
+        metrics = httpx.get(url + "/metrics").text
+    assert texts == expected
+    counted = r'speculative_(draft|accepted)_tokens_total\{method="draft",model="m"\} (\S+)'
+    found = dict(re.findall(counted, metrics))
+    assert float(found["draft"]) > 0 and found["accepted"] == found["draft"], metrics
