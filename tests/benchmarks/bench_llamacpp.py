@@ -522,11 +522,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=1100, help="of the prefill prompt")
     parser.add_argument("--context", type=int, default=2048, help="tokens a sequence may hold")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--workdir", type=Path, default=Path("~/.cache/mlxserve/bench"))
-    parser.add_argument("--json", type=Path, help="also write every round's figures here")
-    parser.add_argument("--out", type=Path, help="also write the report as Markdown here")
-    parser.add_argument("--ready-timeout", type=float, default=600.0)
-    parser.add_argument("--request-timeout", type=float, default=900.0)
+    bs.add_round_options(parser)
     args = parser.parse_args(argv)
     args.workdir = args.workdir.expanduser().resolve()
     if min(args.rounds, args.streams, args.prompt_tokens) < 1 or args.max_tokens < 2:

@@ -764,6 +764,15 @@ def common_parser(
     return parser
 
 
+def add_round_options(parser: argparse.ArgumentParser) -> None:
+    """Where interleaved-round benchmarks work and write, and how long they wait."""
+    parser.add_argument("--workdir", type=Path, default=Path("~/.cache/mlxserve/bench"))
+    parser.add_argument("--json", type=Path, help="also write every round's figures here")
+    parser.add_argument("--out", type=Path, help="also write the report as Markdown here")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--request-timeout", type=float, default=900.0)
+
+
 def checked_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.workdir = args.workdir.expanduser().resolve()

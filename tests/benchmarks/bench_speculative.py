@@ -617,11 +617,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--draft-adaptive", action="store_true", help="mlxserve's draft configuration adaptive"
     )
     parser.add_argument("--reference-blas", choices=("openblas", "builtin"), default="openblas")
-    parser.add_argument("--workdir", type=Path, default=Path("~/.cache/mlxserve/bench"))
-    parser.add_argument("--json", type=Path, help="also write every round's figures here")
-    parser.add_argument("--out", type=Path, help="also write the report as Markdown here")
-    parser.add_argument("--ready-timeout", type=float, default=600.0)
-    parser.add_argument("--request-timeout", type=float, default=900.0)
+    bs.add_round_options(parser)
     args = parser.parse_args(argv)
     args.workdir = args.workdir.expanduser().resolve()
     if args.quick:

@@ -30,18 +30,23 @@ def completions(url: str) -> list[str]:
         return list(pool.map(one, PROMPTS))
 
 
+def on_one_rank(tmp_path: Path, checkpoint: Path) -> list[str]:
+    """The completions of one rank without speculation: the reference."""
+    (tmp_path / "one").mkdir()
+    one_rank = (
+        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache1"}"\n'
+        f'[models.m]\nsource = "{checkpoint}"\n'
+    )
+    with running_server(write_config(tmp_path / "one", one_rank)) as server:
+        return completions(server.url)
+
+
 @pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
 def test_two_ranks_speculate_with_the_tokens_of_one(
     tmp_path: Path, tiny_checkpoints: dict[str, Path], strategy: str
 ) -> None:
     checkpoint = tiny_checkpoints["llama"]
-    one_rank = (
-        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache1"}"\n'
-        f'[models.m]\nsource = "{checkpoint}"\n'
-    )
-    (tmp_path / "one").mkdir()
-    with running_server(write_config(tmp_path / "one", one_rank)) as server:
-        expected = completions(server.url)
+    expected = on_one_rank(tmp_path, checkpoint)
     text = two_ranks_config(tmp_path, checkpoint, f'strategy = "{strategy}"\n')
     text = text.replace("[distributed]", NGRAM + "[distributed]")
     with launched(tmp_path, text) as (url, _):
@@ -61,13 +66,7 @@ def test_a_draft_model_drafts_on_rank_zero_alone(
     """The target (its own draft here: always accepted) is shared by the ranks; the draft
     runs whole on rank 0."""
     checkpoint = tiny_checkpoints["llama"]
-    one_rank = (
-        f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp_path / "cache1"}"\n'
-        f'[models.m]\nsource = "{checkpoint}"\n'
-    )
-    (tmp_path / "one").mkdir()
-    with running_server(write_config(tmp_path / "one", one_rank)) as server:
-        expected = completions(server.url)
+    expected = on_one_rank(tmp_path, checkpoint)
     drafting = (
         '[models.m.speculative]\nmethod = "draft"\ndraft_model = "d"\nadaptive = false\n'
         f'[models.d]\nsource = "{checkpoint}"\n'
