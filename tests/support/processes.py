@@ -123,16 +123,17 @@ def served(
     extra: str = "",
     preexec_fn: Callable[[], None] | None = None,
     registry: str = "",
+    model: str = "",
 ) -> Iterator[Served]:
     """``mlxserve serve`` of one tiny model named "m" on a free loopback port, healthy, its
-    output in ``tmp/server.log``; ``server`` and ``registry`` add lines to ``[server]`` and
-    ``[registry]``, ``extra`` tables.
+    output in ``tmp/server.log``; ``server``, ``registry`` and ``model`` add lines to
+    ``[server]``, ``[registry]`` and ``[models.m]``, ``extra`` tables.
     Stopped with SIGTERM (then killed) on the way out."""
     port = free_port()
     config = tmp / "mlxserve.toml"
     config.write_text(
         f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp / "cache"}"\n{registry}\n'
-        f'[models.m]\nsource = "{checkpoint}"\n[server]\nport = {port}\n{server}\n{extra}'
+        f'[models.m]\nsource = "{checkpoint}"\n{model}\n[server]\nport = {port}\n{server}\n{extra}'
     )
     log = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
