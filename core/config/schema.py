@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticKnownError
 
+from mlxserve.core.distributed.hostfile import JACCL_BACKENDS, rdma_names, rdma_problems
 from mlxserve.core.errors import ModelNotFoundError
 
 if sys.version_info >= (3, 11):
@@ -46,6 +47,7 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(mb|mib|gb|gib)", re.IGNORECASE)
 _HUB_ID = re.compile(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
+_RDMA_DEVICE = re.compile(r"[A-Za-z0-9_.:-]+")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _MODEL_NAME_RULE = (
     "at most 128 letters, digits, '.', '_', ':' or '-', starting with a letter or digit, "
@@ -379,9 +381,19 @@ class PerformanceConfig(_Section):
     compute_dtype: Literal["auto", "float32", "model"] = "auto"
 
 
+def _rdma_entry_ok(entry: Any) -> bool:
+    if isinstance(entry, str):
+        return entry == "" or bool(_RDMA_DEVICE.fullmatch(entry))
+    return isinstance(entry, list) and all(
+        isinstance(name, str) and _RDMA_DEVICE.fullmatch(name) for name in entry
+    )
+
+
 class DistributedConfig(_Section):
-    backend: Literal["ring"] = "ring"
+    backend: Literal["ring", "jaccl", "jaccl-ring", "mpi"] = "ring"
     hosts: list[str] = []
+    hostfile: ExpandedPath | None = None
+    rdma_devices: list[list[str | list[str]]] = []
     strategy: Literal["pipeline", "tensor", "auto"] = "auto"
     split: Literal["even", "memory"] | list[int] = "even"
     step_timeout_s: PositiveFloat = 30.0
@@ -404,6 +416,19 @@ class DistributedConfig(_Section):
             return split
         raise ValueError(
             f"must be 'even', 'memory' or a list of positive integers (got {_show(split)})"
+        )
+
+    @field_validator("rdma_devices", mode="before")
+    @classmethod
+    def _check_rdma_devices(cls, devices: Any) -> Any:
+        if isinstance(devices, list) and all(
+            isinstance(row, list) and all(_rdma_entry_ok(entry) for entry in row) for row in devices
+        ):
+            return devices
+        raise ValueError(
+            "must be one list per host, each with an entry per host: an RDMA device name "
+            "such as 'rdma_en3', a list of them, or '' (the host itself, or no link) "
+            f"(got {_show(devices)})"
         )
 
 
@@ -441,6 +466,38 @@ def _kv_conflicts(kv: KVCacheConfig) -> list[tuple[str, str]]:
     if kv.block_size > kv.max_sequence_length:
         conflicts.append(("block_size", f"{kv.block_size} is larger than {limit}"))
     return conflicts
+
+
+def _rdma_conflicts(dist: DistributedConfig) -> list[tuple[Loc, str]]:
+    """What is wrong with ``rdma_devices`` given the backend, the hosts and the hostfile."""
+    devices, hosts, backend = dist.rdma_devices, dist.hosts, dist.backend
+    where: Loc = ("rdma_devices",)
+    if backend not in JACCL_BACKENDS:
+        if devices:
+            return [
+                (where, f"is only for backend 'jaccl' or 'jaccl-ring' (backend is {backend!r})")
+            ]
+        return []
+    if devices and dist.hostfile is not None:
+        return [(where, "give the RDMA devices here or in distributed.hostfile, not both")]
+    if not devices:
+        if len(hosts) < 2 or dist.hostfile is not None:
+            return []
+        return [
+            (
+                where,
+                f"backend {backend!r} needs each host's RDMA devices (a list per host, see "
+                "docs/distributed.md), or a distributed.hostfile written by "
+                "mlx.distributed_config",
+            )
+        ]
+    if len(devices) != len(hosts):
+        message = f"has {len(devices)} entries for {len(hosts)} distributed.hosts"
+        return [(where, f"{message}; give one per host")]
+    names = [[rdma_names(entry) for entry in row] for row in devices]
+    return [
+        ((*where, *at), message) for at, message in rdma_problems(names, backend == "jaccl-ring")
+    ]
 
 
 class Config(_Section):
@@ -551,6 +608,7 @@ class Config(_Section):
         if limits and len(limits) != len(hosts):
             message = f"has {len(limits)} entries for {len(hosts)} distributed.hosts"
             problems.append((("distributed", "memory_limit_mb"), f"{message}; give one per host"))
+        problems += [(("distributed", *loc), msg) for loc, msg in _rdma_conflicts(self.distributed)]
         problems += [(("kv_cache", key), msg) for key, msg in _kv_conflicts(self.kv_cache)]
         for name, entry in self.models.items():
             overridden = {key for key, value in entry.kv_cache or () if value is not None}

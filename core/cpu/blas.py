@@ -258,7 +258,12 @@ def _cores_of_this_machine() -> int:
 
 
 def ranks_on_this_host() -> int:
-    """How many of mlx.launch's ranks listen on this rank's IP (1 when not launched)."""
+    """How many of the launched ranks run on this host: as mpirun says
+    (``OMPI_COMM_WORLD_LOCAL_SIZE``), else those listening on this rank's IP in mlx.launch's
+    hostfile (1 when not launched, or without a hostfile: JACCL, one rank per Mac)."""
+    local = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "")
+    if local.isdigit() and int(local) > 0:
+        return int(local)
     try:
         rank = int(os.environ["MLX_RANK"])
     except (KeyError, ValueError):

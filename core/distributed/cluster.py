@@ -1,8 +1,8 @@
 """The ranks of one server: who is who, and the messages rank 0 sends to all the others.
 
-MLX's own collectives carry everything (``mx.distributed``, ring backend over TCP); the only
-other traffic is each rank's heartbeat to rank 0 (see heartbeat.py). Rank 0 serves HTTP and
-schedules; every other rank follows its messages.
+MLX's own collectives carry everything (``mx.distributed``: the ring backend over TCP, JACCL
+over RDMA on Thunderbolt, or MPI); the only other traffic is each rank's heartbeat to rank 0
+(see heartbeat.py). Rank 0 serves HTTP and schedules; every other rank follows its messages.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any, cast
 
 import mlx.core as mx
 
-from mlxserve.core.distributed.hostfile import rank_zero_address, read_hostfile
+from mlxserve.core.distributed.hostfile import JACCL_BACKENDS, heartbeat_address, launched_rank
+from mlxserve.core.errors import MlxserveError
 
 LENGTH_BYTES = 8
 
@@ -31,11 +32,22 @@ class Cluster:
 
     @classmethod
     def join(cls, backend: str = "ring") -> Cluster:
-        """Join the group ``mlx.launch`` started this process in, or stay alone."""
-        if "MLX_RANK" not in os.environ:
+        """Join the group ``mlx.launch`` (or mpirun) started this process in, or stay alone.
+
+        Raises:
+            MlxserveError: ``backend`` is not available on this machine, or MLX could not
+                form the group with it.
+        """
+        if launched_rank() is None:
             return cls()
-        group = mx.distributed.init(strict=True, backend=backend)
-        cluster = cls(group, group.rank(), group.size(), rank_zero_address(read_hostfile()))
+        refuse_unavailable(backend)
+        try:
+            group = mx.distributed.init(strict=True, backend=mlx_backend(backend))
+        except (RuntimeError, ValueError) as exc:
+            raise MlxserveError(
+                f'[distributed] backend = "{backend}": MLX could not form the group: {exc}'
+            ) from exc
+        cluster = cls(group, group.rank(), group.size(), heartbeat_address())
         if cluster.distributed:
             # Tells this launch's heartbeats from those of a stale rank of an earlier one.
             token = secrets.randbits(62) if cluster.rank == 0 else 0
@@ -53,6 +65,35 @@ class Cluster:
             return [value]
         gathered = mx.distributed.all_gather(mx.array([value], dtype=mx.int64), group=self.group)
         return cast("list[int]", gathered.tolist())
+
+
+# Why a backend is not available, by MLX's name for it.
+UNAVAILABLE = {
+    "jaccl": "MLX's RDMA backend is not available on this machine (it needs macOS 26.2+ with "
+    "RDMA enabled over Thunderbolt 5; see docs/distributed.md)",
+    "mpi": "MLX cannot load Open MPI's library (libmpi) on this machine; install Open MPI "
+    "(apt-get install openmpi-bin, or brew install open-mpi), or set MLX_MPI_LIBNAME to its "
+    "libmpi's path (see docs/distributed.md)",
+    "ring": "this build of MLX has no ring backend",
+}
+
+
+def mlx_backend(backend: str) -> str:
+    """MLX's name for a ``[distributed] backend``: "jaccl-ring" is JACCL, told to form a ring
+    by mlx.launch (``MLX_JACCL_RING``)."""
+    return "jaccl" if backend in JACCL_BACKENDS else backend
+
+
+def refuse_unavailable(backend: str) -> None:
+    """Refuse a backend MLX cannot use on this machine (``mx.distributed.is_available``: whether
+    MLX can start it here, not yet whether the others answer).
+
+    Raises:
+        MlxserveError: saying why, and what it needs.
+    """
+    name = mlx_backend(backend)
+    if not mx.distributed.is_available(name):
+        raise MlxserveError(f'[distributed] backend = "{backend}": {UNAVAILABLE[name]}')
 
 
 def available_memory() -> int:

@@ -4,7 +4,9 @@ MLX's collectives cannot be used from a second thread beside the main one, so li
 channel of its own: a daemon thread on every other rank sends rank 0 a small UDP datagram a few
 times a second for as long as its process runs, also while MLX computes (``mx.eval`` releases
 the GIL). A killed or stopped (SIGSTOP) process, or an unreachable machine, sends nothing.
-Rank 0 listens on UDP at the same address and port number its ring backend uses over TCP.
+Rank 0 listens on UDP at its own address (the first IP of its host in the launch hostfile)
+and port ``[distributed] starting_port``, whatever the backend (hostfile.py,
+``heartbeat_address``).
 """
 
 from __future__ import annotations

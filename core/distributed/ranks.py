@@ -55,9 +55,19 @@ class Op(IntEnum):
     STEP = 6
 
 
+# How MLX's backends begin the errors of their collectives. MLX raises an error of a
+# communication as a RuntimeError with the backend's own text: the ring's "[ring] connection
+# to a peer was lost" (a closed socket); JACCL's "[jaccl] Send failed ..."/"[jaccl] Recv
+# failed ..." (a queue pair gone to its error state). JACCL does not read the status of the
+# completions it polls, so a peer that vanishes mid-collective may leave it waiting instead:
+# the heartbeats tell that apart. MPI raises nothing: Open MPI's default error handler ends
+# the process, and mpirun then ends every rank (its exit status is not 0).
+BACKEND_TAGS = ("[ring]", "[jaccl]")
+
+
 def lost_a_rank(exc: BaseException) -> bool:
-    """Whether ``exc`` is MLX's ring backend saying a peer is gone."""
-    return isinstance(exc, RuntimeError) and "[ring]" in str(exc)
+    """Whether ``exc`` is MLX's distributed backend saying a peer is gone."""
+    return isinstance(exc, RuntimeError) and any(tag in str(exc) for tag in BACKEND_TAGS)
 
 
 class Link:
@@ -137,7 +147,7 @@ class RankZero:
     # ---- the messages --------------------------------------------------------------------
 
     def idle(self, sleep_s: float) -> None:
-        """Let the others sleep: MLX's ring backend spins while a rank waits to receive."""
+        """Let the others sleep: MLX's backends spin while a rank waits to receive."""
         self._say(Op.IDLE, body=Writer().uint(round(sleep_s * 1000)).data)
 
     def stop(self) -> None:
@@ -215,7 +225,10 @@ class RankZero:
     def _listen(self) -> HeartbeatListener | None:
         address = self.cluster.rank_zero_address
         if address is None:
-            log.warning("no ring hostfile: a step longer than the step timeout ends the group")
+            log.warning(
+                "rank 0's address is not known (neither `mlxserve launch` nor a ring hostfile "
+                "gave it): a step longer than the step timeout ends the group"
+            )
             return None
         try:
             return HeartbeatListener(address, self.cluster.launch_token)

@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     launch = commands.add_parser(
-        "launch", parents=[common], help="start every [distributed] host's rank with mlx.launch"
+        "launch",
+        parents=[common],
+        help="start every [distributed] host's rank with mlx.launch (or mpirun)",
     )
     launch.add_argument("--dry-run", action="store_true", help="print what would run")
     launch.set_defaults(func=cmd_launch, mlx=False)  # its ranks run `serve`

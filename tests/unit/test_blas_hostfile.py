@@ -33,3 +33,12 @@ def test_ranks_on_this_host_read_from_the_hostfile(
     monkeypatch.setenv("MLX_RANK", str(rank))
     monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
     assert ranks_on_this_host() == expected
+
+
+def test_mpirun_says_how_many_ranks_run_on_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+    assert ranks_on_this_host() == 2
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "")
+    assert ranks_on_this_host() == 1

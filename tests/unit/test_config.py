@@ -130,6 +130,9 @@ def test_plugins_env_var() -> None:
     assert load_config(env={"MLXSERVE_PLUGINS": ""}).plugins.enabled is None
 
 
+RDMA = "rdma_devices = [['', 'rdma_en3'], ['rdma_en3', '']]"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -164,6 +167,47 @@ def test_plugins_env_var() -> None:
             "distributed.split: has 1 entries for 2 distributed.hosts; give one per host",
         ),
         ("[distributed]\nsplit = 'odd'", "distributed.split: must be 'even', 'memory' or a list"),
+        (
+            "[distributed]\nbackend = 'any'",
+            "distributed.backend: must be one of 'ring', 'jaccl', 'jaccl-ring', 'mpi' (got 'any')",
+        ),
+        (
+            "[distributed]\nbackend = 'jaccl'\nhosts = ['a', 'b']",
+            "distributed.rdma_devices: backend 'jaccl' needs each host's RDMA devices",
+        ),
+        (
+            "[distributed]\nbackend = 'jaccl'\nhosts = ['a', 'b']\nrdma_devices = [['', 'x']]",
+            "distributed.rdma_devices: has 1 entries for 2 distributed.hosts; give one per host",
+        ),
+        (
+            f"[distributed]\nbackend = 'jaccl'\nhosts = ['a', 'b']\n{RDMA}"
+            "\nhostfile = 'hosts.json'",
+            "distributed.rdma_devices: give the RDMA devices here or in distributed.hostfile",
+        ),
+        (
+            "[distributed]\nbackend = 'jaccl'\nhosts = ['a', 'b']\n"
+            "rdma_devices = [['', 'x'], ['x']]",
+            "distributed.rdma_devices[1]: has 1 entries for 2 hosts: one per host, none for the",
+        ),
+        (
+            "[distributed]\nbackend = 'jaccl'\nhosts = ['a', 'b']\n"
+            "rdma_devices = [['x', 'x'], ['x', '']]",
+            "distributed.rdma_devices[0][0]: a host has no RDMA device to itself: leave it empty",
+        ),
+        (
+            "[distributed]\nbackend = 'jaccl'\nhosts = ['a', 'b', 'c']\n"
+            "rdma_devices = [['', 'x', 'z'], ['x', '', 'y'], ['', 'y', '']]",
+            "distributed.rdma_devices[2][0]: no RDMA device from host 2 to host 0: jaccl needs",
+        ),
+        (
+            "[distributed]\nbackend = 'jaccl'\nrdma_devices = [['', 'en 3']]",
+            "distributed.rdma_devices: must be one list per host, each with an entry per host",
+        ),
+        (
+            f"[distributed]\nhosts = ['a', 'b']\n{RDMA}",
+            "distributed.rdma_devices: is only for backend 'jaccl' or 'jaccl-ring' (backend is "
+            "'ring')",
+        ),
         (
             "[kv_cache]\nbudget = 1024\nmax_sequence_length = 4096",
             "kv_cache.budget: 1024 tokens is less than max_sequence_length (4096)",
@@ -381,6 +425,36 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert 'budget = "1.5GB"' in dumped
     assert "budget = 65536" in dumped
     assert '[models."odd.name"]' in dumped
+
+
+JACCL = """
+[distributed]
+backend = "jaccl-ring"
+hosts = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+rdma_devices = [
+  ["", "rdma_en2", "", "rdma_en5"],
+  ["rdma_en2", "", "rdma_en3", ""],
+  ["", "rdma_en3", "", "rdma_en6"],
+  ["rdma_en5", "", "rdma_en6", ""],
+]
+"""
+TWO_CABLES = """
+[distributed]
+backend = "jaccl"
+hosts = ["10.0.0.1", "10.0.0.2"]
+rdma_devices = [["", ["rdma_en3", "rdma_en4"]], [["rdma_en3", "rdma_en4"], ""]]
+"""
+
+
+def test_rdma_devices_and_a_hostfile_round_trip(tmp_path: Path) -> None:
+    """A ring of four Macs; two Macs with two cables; mlx.distributed_config's hostfile."""
+    config = load_config(write(tmp_path, TWO_CABLES), env={})
+    assert config.distributed.rdma_devices[1] == [["rdma_en3", "rdma_en4"], ""]
+    hostfile = "[distributed]\nbackend = 'jaccl'\nhostfile = '~/hosts.json'\n"
+    for text in (JACCL, TWO_CABLES, hostfile):
+        config = load_config(write(tmp_path, text), env={})
+        assert load_config(write(tmp_path, dump_config(config)), env={}) == config
+    assert config.distributed.hostfile == Path("~/hosts.json").expanduser()
 
 
 def test_dump_of_defaults_round_trips(tmp_path: Path) -> None:

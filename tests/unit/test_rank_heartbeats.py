@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.core.distributed.heartbeat import HeartbeatSender, beat_interval
-from mlxserve.core.distributed.ranks import RankZero
+from mlxserve.core.distributed.ranks import RankZero, lost_a_rank
 
 
 def free_udp_port() -> int:
@@ -113,3 +113,13 @@ def test_a_load_is_not_capped_while_the_ranks_beat() -> None:
         loaded = SimpleNamespace(placement=None)  # a model, as far as load looks at one
         ranks.load("m", lambda name: time.sleep(1.5) or done.set() or loaded)
         assert done.is_set() and not lost, lost
+
+
+def test_a_lost_peer_is_recognised_in_each_backends_words() -> None:
+    """MLX raises a communication's failure as a RuntimeError in its backend's words (MPI
+    raises nothing: Open MPI ends the process, and mpirun the group)."""
+    assert lost_a_rank(RuntimeError("[ring] connection to a peer was lost"))
+    assert lost_a_rank(RuntimeError("[jaccl] Send failed with error code 22"))
+    assert lost_a_rank(RuntimeError("[jaccl] Recv failed with error code 5"))
+    assert not lost_a_rank(RuntimeError("[metal] Command buffer execution failed"))
+    assert not lost_a_rank(ValueError("[ring] not raised this way"))
