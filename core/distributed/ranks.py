@@ -293,7 +293,9 @@ class RankZero:
 class Follower:
     """Every other rank's side: receive each message, pass it on, and do what it says.
 
-    Beats to rank 0 all along, so that it can tell this rank working from this rank gone.
+    Beats to rank 0 all along, so that it can tell this rank working from this rank gone; and
+    calls ``on_lost`` (from the heartbeat's thread: this one may be waiting on the ring for
+    good) once rank 0, having answered the beats, stops answering for the step timeout.
     """
 
     def __init__(
@@ -301,8 +303,10 @@ class Follower:
         cluster: Cluster,
         load_model: Callable[[str], ServedModel],
         settings: EngineSettings,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.cluster = cluster
+        self.on_lost = on_lost
         self.link = Link(cluster)
         self.load_model = load_model
         self.settings = settings
@@ -319,11 +323,14 @@ class Follower:
         """
         heartbeat = None
         if self.cluster.rank_zero_address is not None:
+            timeout = self.settings.step_timeout_s
             heartbeat = HeartbeatSender(
                 self.cluster.rank_zero_address,
                 self.cluster.launch_token,
                 self.cluster.rank,
-                beat_interval(self.settings.step_timeout_s),
+                beat_interval(timeout),
+                on_silent=self._rank_zero_silent if self.on_lost else None,
+                silent_s=timeout,
             )
             heartbeat.start()
         try:
@@ -335,6 +342,14 @@ class Follower:
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
+
+    def _rank_zero_silent(self, seconds: float) -> None:
+        assert self.on_lost is not None
+        self.on_lost(
+            f"rank 0 has not answered this rank's heartbeats for {seconds:.1f} s "
+            f"([distributed] step_timeout_s {self.settings.step_timeout_s:g} s): it is gone "
+            f"or cut off"
+        )
 
     def on_idle(self, model: str, body: bytes) -> None:
         time.sleep(Reader(body).uint() / 1000)
@@ -366,7 +381,11 @@ class Follower:
 
 
 def follow(
-    cluster: Cluster, load_model: Callable[[str], ServedModel], settings: EngineSettings
+    cluster: Cluster,
+    load_model: Callable[[str], ServedModel],
+    settings: EngineSettings,
+    on_lost: Callable[[str], None] | None = None,
 ) -> None:
-    """Load, unload and run each step of each model as rank 0 says, until it says stop."""
-    Follower(cluster, load_model, settings).run()
+    """Load, unload and run each step of each model as rank 0 says, until it says stop;
+    ``on_lost`` (which must end the process) if rank 0 stops answering the heartbeats."""
+    Follower(cluster, load_model, settings, on_lost).run()

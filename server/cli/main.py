@@ -114,20 +114,32 @@ def follow_rank_zero(config: Config, cluster: Any) -> int:
     from mlxserve.registry.models import ModelRegistry
     from mlxserve.server.app import engine_settings
 
-    registry = ModelRegistry(config, _plugins(config), cluster)
-    try:
-        follow(cluster, lambda name: registry.load(name, download=True), engine_settings(config))
-    except Exception as exc:
-        if lost_a_rank(exc):
-            print(f"error: rank {cluster.rank} lost contact with rank 0: {exc}", file=sys.stderr)
-        else:
-            logging.getLogger(__name__).critical("rank %d failed", cluster.rank, exc_info=True)
+    def end() -> None:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         # A rank out of step cannot go on, and nothing of it may keep the process alive: end
         # it now, so that mlx.launch stops the group and rank 0 sees its ring connection drop.
         os._exit(1)
+
+    def cut_off(reason: str) -> None:  # the main thread may wait on the ring for good
+        print(f"error: rank {cluster.rank} lost contact with rank 0: {reason}", file=sys.stderr)
+        end()
+
+    registry = ModelRegistry(config, _plugins(config), cluster)
+    try:
+        follow(
+            cluster,
+            lambda name: registry.load(name, download=True),
+            engine_settings(config),
+            on_lost=cut_off,
+        )
+    except Exception as exc:
+        if lost_a_rank(exc):
+            print(f"error: rank {cluster.rank} lost contact with rank 0: {exc}", file=sys.stderr)
+        else:
+            logging.getLogger(__name__).critical("rank %d failed", cluster.rank, exc_info=True)
+        end()
     return 0
 
 

@@ -3,6 +3,7 @@
 - ``server``: a real uvicorn server in a thread on 127.0.0.1 (``running_server``), configs,
   HTTP helpers.
 - ``processes``: the ``mlxserve`` command, ``mlxserve launch`` on two loopback ranks.
+- ``netns``: ranks in network namespaces of their own, on links shaped with tc netem.
 - ``checkpoints``: bfloat16 and 4-bit copies of the tiny llama, and what to look at in them.
 - ``engine``: sequences for the scheduler, greedy tokens from a loaded model.
 - ``kv_cache``: configs and requests for the prefix-cache and disk-tier tests.

@@ -3,12 +3,13 @@ serving one model on two ranks on loopback (mlx.launch, ring backend)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,18 @@ def completion(url: str, prompt: list[int], max_tokens: int = 24) -> str:
     return response.json()["choices"][0]["text"]
 
 
-def two_ranks_config(tmp: Path, checkpoint: Path, distributed: str) -> str:
-    """A config serving ``checkpoint`` as model "m" on two ranks on 127.0.0.1; ``distributed``
-    is appended to its [distributed] table."""
+def two_ranks_config(
+    tmp: Path,
+    checkpoint: Path,
+    distributed: str,
+    hosts: Sequence[str] = ("127.0.0.1", "127.0.0.1"),
+) -> str:
+    """A config serving ``checkpoint`` as model "m" on two ranks on 127.0.0.1 (or one rank per
+    entry of ``hosts``); ``distributed`` is appended to its [distributed] table."""
     return (
         f'[registry]\ndefault_model = "m"\ncache_dir = "{tmp / "cache"}"\n'
         f'[models.m]\nsource = "{checkpoint}"\n'
-        f'[distributed]\nhosts = ["127.0.0.1", "127.0.0.1"]\n'
+        f"[distributed]\nhosts = {json.dumps(list(hosts))}\n"
         f"starting_port = {free_port_run()}\n{distributed}"
     )
 

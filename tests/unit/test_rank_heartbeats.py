@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import mlx.core as mx
+import pytest
 
 from mlxserve.core.distributed.cluster import Cluster
 from mlxserve.core.distributed.heartbeat import HeartbeatSender, beat_interval
@@ -123,3 +124,48 @@ def test_a_lost_peer_is_recognised_in_each_backends_words() -> None:
     assert lost_a_rank(RuntimeError("[jaccl] Recv failed with error code 5"))
     assert not lost_a_rank(RuntimeError("[metal] Command buffer execution failed"))
     assert not lost_a_rank(ValueError("[ring] not raised this way"))
+
+
+def test_a_rank_whose_rank_zero_stops_answering_is_told_within_the_step_timeout() -> None:
+    """Rank 0 answers every beat; once it stops (gone, or the link cut) the rank is told,
+    once: its own ring connection may never end (a pulled cable sends no reset)."""
+    address = ("127.0.0.1", free_udp_port())
+    ranks = RankZero(Cluster(None, 0, 2, address, launch_token=7), 0.4, lambda why: None)
+    ranks.start()
+    told: list[tuple[float, float]] = []
+    sender = HeartbeatSender(
+        address, 7, 1, beat_interval(0.4), lambda s: told.append((time.monotonic(), s)), 0.4
+    )
+    sender.start()
+    try:
+        time.sleep(1.2)  # three step timeouts, answered all along
+        assert sender.last_answer is not None and not told
+        ranks.lost = True  # rank 0's watchdog ends: nothing answers any more
+        stopped = time.monotonic()
+        time.sleep(1.5)
+        [(when, silence)] = told
+        assert silence > 0.4 and when - stopped < 1.2, (silence, when - stopped)
+    finally:
+        ranks.lost = True
+        sender.stop()
+
+
+@pytest.mark.parametrize("rank_zero_token", [None, 8])
+def test_a_rank_never_answered_is_never_told(rank_zero_token: int | None) -> None:
+    """No answer ever (rank 0's UDP port blocked, or a rank 0 of another launch): no verdict,
+    as before answers existed."""
+    address = ("127.0.0.1", free_udp_port())
+    ranks = None
+    if rank_zero_token is not None:
+        ranks = RankZero(Cluster(None, 0, 2, address, rank_zero_token), 0.3, lambda why: None)
+        ranks.start()
+    told: list[float] = []
+    sender = HeartbeatSender(address, 7, 1, beat_interval(0.3), told.append, 0.3)
+    sender.start()
+    try:
+        time.sleep(1.2)
+        assert sender.last_answer is None and not told
+    finally:
+        sender.stop()
+        if ranks is not None:
+            ranks.lost = True
