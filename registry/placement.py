@@ -7,7 +7,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -90,17 +90,24 @@ def _auto_strategy(family: ModelFamily, model: nn.Module, cluster: Cluster) -> s
         return "pipeline"
     weights = family.layer_weights(model)
     hidden = int(getattr(getattr(model, "args", None), "hidden_size", 4096))
-    link_us = cluster.gather(_all_reduce_us(cluster, hidden))[0]
+    reduce = cluster.all_reduce
+    link_us = cluster.gather(_all_reduce_us(hidden, _all_sum(reduce, cluster)))[0]
+    mlx_us = link_us
+    if reduce is not None and reduce.kind != "mlx":
+        mlx_us = cluster.gather(_all_reduce_us(hidden, _all_sum(None, cluster)))[0]
     bandwidth_mb_s = cluster.gather(_matvec_mb_per_s())[0]
     cost_ms = 2 * len(weights) * link_us / 1000
     saved_ms = sum(weights) / 2**20 / max(bandwidth_mb_s, 1) * 1000 * (1 - 1 / cluster.size)
     choice = "tensor" if saved_ms >= TENSOR_MARGIN * cost_ms else "pipeline"
     log.info(
-        'strategy "auto": %s. An all-reduce over this link takes %.3f ms, so splitting each '
-        "of the %d layers would cost %.2f ms a token, against %.2f ms a token of weight "
-        "reading it would spare rank 0 (at %.1f GiB/s); tensor only when that pays %gx",
+        'strategy "auto": %s. An all-reduce over this link takes %.3f ms (%s; MLX\'s own '
+        "all_sum: %.3f ms), so splitting each of the %d layers would cost %.2f ms a token, "
+        "against %.2f ms a token of weight reading it would spare rank 0 (at %.1f GiB/s); "
+        "tensor only when that pays %gx",
         choice,
         link_us / 1000,
+        "MLX's all_sum" if reduce is None else f"the {reduce.kind} all-reduce",
+        mlx_us / 1000,
         len(weights),
         cost_ms,
         saved_ms,
@@ -120,12 +127,19 @@ def _median_seconds(work: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _all_reduce_us(cluster: Cluster, hidden: int) -> int:
-    """One token's all-reduce of a hidden state over the ring, in microseconds."""
+def _all_sum(reduce: Any, cluster: Cluster) -> Callable[[mx.array], mx.array]:
+    """The all-reduce tensor-parallel layers use (``reduce``), or MLX's own without one."""
+    if reduce is not None:
+        return cast("Callable[[mx.array], mx.array]", reduce.all_sum)
+    from mlxserve.core.distributed.allreduce import mlx_all_sum
+
+    return lambda x: mlx_all_sum(x, cluster.group)
+
+
+def _all_reduce_us(hidden: int, all_sum: Callable[[mx.array], mx.array]) -> int:
+    """One token's all-reduce of a hidden state, in microseconds."""
     x = mx.zeros((1, hidden), dtype=mx.float32)
-    seconds = _median_seconds(
-        lambda: mx.eval(mx.distributed.all_sum(x, group=cluster.group)), repeats=20
-    )
+    seconds = _median_seconds(lambda: mx.eval(all_sum(x)), repeats=20)
     return round(seconds * 1e6)
 
 

@@ -53,6 +53,12 @@ def native_kernel() -> ModuleType | None:
     return _load()[0]
 
 
+def extension() -> ModuleType | None:
+    """The native extension module where it loaded and passed its check, whether or not the
+    quantized matmul is disabled (its other primitive, the mesh all-reduce, is not)."""
+    return _load()[0]
+
+
 def unavailable_reason() -> str | None:
     """Why the native kernel is not used, in one sentence; None when it is."""
     if disabled():

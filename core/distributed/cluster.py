@@ -29,6 +29,7 @@ class Cluster:
     size: int = 1
     rank_zero_address: tuple[str, int] | None = None
     launch_token: int = 0
+    all_reduce: Any = None  # allreduce.AllReduce, once the ranks joined (several ranks only)
 
     @classmethod
     def join(cls, backend: str = "ring") -> Cluster:

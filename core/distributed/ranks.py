@@ -62,11 +62,12 @@ class Op(IntEnum):
 # completions it polls, so a peer that vanishes mid-collective may leave it waiting instead:
 # the heartbeats tell that apart. MPI raises nothing: Open MPI's default error handler ends
 # the process, and mpirun then ends every rank (its exit status is not 0).
-BACKEND_TAGS = ("[ring]", "[jaccl]")
+BACKEND_TAGS = ("[ring]", "[jaccl]", "[mesh]")  # the last: mlxserve's all-reduce
 
 
 def lost_a_rank(exc: BaseException) -> bool:
-    """Whether ``exc`` is MLX's distributed backend saying a peer is gone."""
+    """Whether ``exc`` is MLX's distributed backend, or mlxserve's all-reduce mesh, saying a
+    peer is gone."""
     return isinstance(exc, RuntimeError) and any(tag in str(exc) for tag in BACKEND_TAGS)
 
 

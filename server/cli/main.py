@@ -90,6 +90,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     cluster = Cluster.join(config.distributed.backend)
     if cluster.distributed:
         setup_logging(config.logging.level, config.logging.file, rank=cluster.rank)
+        join_all_reduce(cluster, config)
     logging.getLogger("mlxserve.core.cpu.blas").info("%s", load_fast_blas().describe())
     if cluster.rank > 0:
         return follow_rank_zero(config, cluster)
@@ -100,6 +101,17 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         app, host=config.server.host, port=config.server.port, log_level=config.logging.level
     ).run()
     return 0
+
+
+def join_all_reduce(cluster: Any, config: Config) -> None:
+    """Every rank at once: the all-reduce tensor-parallel layers sum their shares with."""
+    from mlxserve.core.distributed.allreduce import connect, route_all_sums
+    from mlxserve.core.distributed.ranks import STEP_CAP_FACTOR
+
+    cluster.all_reduce = connect(
+        cluster, silence_s=STEP_CAP_FACTOR * config.distributed.step_timeout_s
+    )
+    route_all_sums(cluster.all_reduce)
 
 
 def follow_rank_zero(config: Config, cluster: Any) -> int:

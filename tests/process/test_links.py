@@ -24,6 +24,7 @@ from ..support.netns import (
     NetnsError,
     Network,
     launch_ranks,
+    no_latency_reason,
     ranks_config,
     ranks_network,
     unavailable,
@@ -51,7 +52,7 @@ def expected(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> list
 
 def needs_latency(network: Network) -> None:
     if not network.emulates_latency:
-        pytest.skip("the links are shaped without netem: no latency or loss to measure")
+        pytest.skip(no_latency_reason() or "the links are shaped without latency")
 
 
 # ---- the harness itself -----------------------------------------------------------------

@@ -11,9 +11,10 @@ Everything a network makes (namespaces, veths, qdiscs) and every process it star
 killed on the way out of ``ranks_network``, also after a failure. Names carry this process's pid
 and a counter, so that concurrent runs never meet.
 
-``MLXSERVE_TEST_LINKS_RATE_ONLY=1``: on a kernel without netem (Firecracker's, say), shape the
-links' bandwidth alone with ``tbf``, to check the namespaces and the ranks' plumbing there;
-``Network.emulates_latency`` is then False, and tests that need the latency or the loss skip.
+On a kernel without netem (Firecracker's, as on the development machine and CI) the links'
+bandwidth alone is shaped, with ``tbf``, so that the namespaces, the ranks' plumbing, a cut
+link and a slow one are still tested; ``Network.emulates_latency`` is then False,
+``no_latency_reason()`` says why, and the tests that need the latency or the loss skip.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ from typing import Any
 from mlxserve.core.config.schema import load_config
 
 from .processes import two_ranks_config, wait_until_healthy
-
-RATE_ONLY_ENV = "MLXSERVE_TEST_LINKS_RATE_ONLY"
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,6 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and done.returncode != 0:
         raise NetnsError(f"`{' '.join(argv)}` failed: {(done.stderr or done.stdout).strip()}")
     return done
-
-
-def _rate_only() -> bool:
-    return os.environ.get(RATE_ONLY_ENV, "") not in ("", "0")
 
 
 def _qdisc(link: LinkShape, rate_only: bool) -> list[str]:
@@ -139,20 +134,25 @@ def unavailable() -> str | None:
     return _probe()[0]
 
 
+def no_latency_reason() -> str | None:
+    """Why the links have no latency or loss here (no netem: bandwidth alone), or None."""
+    return _probe()[2]
+
+
 @functools.cache
-def _probe() -> tuple[str | None, bool]:
-    """(why shaped namespaces cannot be made here or None, whether netem shapes them): tried
-    once per process on a veth pair in a namespace of its own."""
+def _probe() -> tuple[str | None, bool, str | None]:
+    """(why shaped namespaces cannot be made here or None, whether netem shapes them, why it
+    does not): tried once per process on a veth pair in a namespace of its own."""
     if os.geteuid() != 0:
-        return "network namespaces and tc need root", False
+        return "network namespaces and tc need root", False, None
     missing = [tool for tool in ("ip", "tc") if _tool(tool) is None]
     if missing:
-        return f"{' and '.join(missing)} not found: install iproute2", False
+        return f"{' and '.join(missing)} not found: install iproute2", False, None
     probe = f"mlxs{os.getpid()}probe"
     try:
         _run("ip", "netns", "add", probe)
     except (NetnsError, OSError, subprocess.SubprocessError) as exc:
-        return f"cannot make a network namespace: {exc}", False
+        return f"cannot make a network namespace: {exc}", False, None
     wifi = LINKS["wifi"]
     try:
         veth = ["type", "veth", "peer", "name", "probe"]
@@ -160,19 +160,15 @@ def _probe() -> tuple[str | None, bool]:
         try:
             _run("tc", "-n", probe, "qdisc", "add", "dev", SHAPED, "root", *_qdisc(wifi, False))
             _check_qdisc(probe, wifi, False)
-            return None, True
+            return None, True, None
         except NetnsError as exc:
-            if not _rate_only():
-                return (
-                    f"the kernel has no netem qdisc (sch_netem; {RATE_ONLY_ENV}=1 shapes the "
-                    f"bandwidth alone): {exc}"
-                ), False
+            no_netem = f"the kernel has no netem qdisc (sch_netem), so no latency or loss: {exc}"
         _run("tc", "-n", probe, "qdisc", "del", "dev", SHAPED, "root", check=False)
         _run("tc", "-n", probe, "qdisc", "add", "dev", SHAPED, "root", *_qdisc(wifi, True))
         _check_qdisc(probe, wifi, True)
-        return None, False
+        return None, False, no_netem
     except (NetnsError, OSError, subprocess.SubprocessError) as exc:
-        return f"cannot make a shaped veth pair: {exc}", False
+        return f"cannot make a shaped veth pair: {exc}", False, None
     finally:
         _run("ip", "netns", "del", probe, check=False)
 
@@ -185,7 +181,7 @@ class Network:
     ips: list[str]  # rank r's IP on the shaped link(s)
     client_url_host: str  # where the test reaches rank 0's HTTP port
     link: LinkShape
-    emulates_latency: bool = True  # False: the bandwidth alone is shaped (RATE_ONLY_ENV)
+    emulates_latency: bool = True  # False: no netem here, the bandwidth alone is shaped
     hub: str | None = None  # the bridge's namespace, with more than two ranks
     client_interface: str = ""  # the test's end of its veth to rank 0, in the root namespace
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)

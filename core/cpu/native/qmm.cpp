@@ -7,11 +7,16 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "row_major.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace mlxserve_qmm {
 namespace {
+
+using mlxserve_native::describe;
+using mlxserve_native::Packed;
+using mlxserve_native::row_major;
 
 void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("[mlxserve quantized_matmul] " + what);
@@ -21,45 +26,6 @@ ScaleType scale_type(mx::Dtype d) {
   if (d == mx::float16) return ScaleType::f16;
   if (d == mx::bfloat16) return ScaleType::bf16;
   return ScaleType::f32;
-}
-
-// An input's bytes in row-major order: its own buffer when it is row-contiguous (nearly
-// always: weights as loaded, activations as ops produce them), else a copy made when the task
-// runs. Copying here, not with a Contiguous node per input, keeps four graph nodes (and their
-// scheduling, ~10 us each on the CPU) out of every call.
-struct Packed {
-  const uint8_t* data;
-  std::vector<int> shape;
-  std::vector<int64_t> strides;
-  size_t itemsize;
-  size_t size;
-  bool contiguous;
-};
-
-Packed describe(const mx::array& a) {
-  return {reinterpret_cast<const uint8_t*>(a.data<void>()),
-          std::vector<int>(a.shape().begin(), a.shape().end()),
-          std::vector<int64_t>(a.strides().begin(), a.strides().end()),
-          a.itemsize(),
-          a.size(),
-          a.flags().row_contiguous};
-}
-
-const uint8_t* row_major(const Packed& a, std::vector<uint8_t>& copy) {
-  if (a.contiguous) return a.data;
-  copy.resize(a.size * a.itemsize);
-  const size_t dims = a.shape.size();
-  std::vector<int> index(dims, 0);
-  for (size_t i = 0; i < a.size; ++i) {
-    int64_t offset = 0;
-    for (size_t d = 0; d < dims; ++d) offset += index[d] * a.strides[d];
-    std::memcpy(copy.data() + i * a.itemsize, a.data + offset * a.itemsize, a.itemsize);
-    for (size_t d = dims; d-- > 0;) {
-      if (++index[d] < a.shape[d]) break;
-      index[d] = 0;
-    }
-  }
-  return copy.data();
 }
 
 }  // namespace
