@@ -178,6 +178,27 @@ def test_tensor_parallel_equals_one_rank(family: str, tmp_path: Path, tiny_check
         assert [completion(url, p) for p in PROMPTS] == expected
 
 
+def test_tensor_parallel_streams_each_token_as_it_is_sampled(
+    tmp_path: Path, tiny_checkpoints
+) -> None:
+    """Every step takes at least 50 ms (rank 1 sleeps before each), so chunks sent as their
+    tokens are sampled arrive about that far apart; tokens held back and sent together arrive
+    in bursts, microseconds apart. (A token that ends inside a character sends nothing: fewer
+    chunks than tokens.)"""
+    text = two_ranks_config(tmp_path, tiny_checkpoints["llama"], 'strategy = "tensor"\n')
+    with launched(tmp_path, text, {SLOW_STEP_ENV: "0.05"}) as (url, _):
+        body = {"prompt": PROMPTS[0], "max_tokens": 24, "ignore_eos": True, "stream": True}
+        arrivals = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.monotonic())
+    gaps = sorted(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+    assert len(arrivals) >= 12 and gaps[len(gaps) // 2] > 0.04, gaps
+    together = [gap for gap in gaps if gap < 0.01]
+    assert len(together) <= len(gaps) // 5, f"{len(together)} of {len(gaps)} in bursts: {gaps}"
+
+
 # Today's types whose mlx-lm model has a tensor-parallel rule (shard), one per cache kind.
 TENSOR_TYPES = ["qwen3_5", "deepseek_v32", "ministral3", "gpt_oss"]
 

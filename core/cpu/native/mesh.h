@@ -2,9 +2,11 @@
 // MLX primitive that sums an array over them (mlxserve.core.distributed.allreduce).
 //
 // Every rank sends its array to every other rank and sums what it receives in rank order, so
-// all ranks get the same bits. Waits block in poll(): a rank that waits for a slower one
-// sleeps, where MLX's ring backend spins a thread, which on a rank with one core takes the core
-// from the rank's own computation.
+// all ranks get the same bits. The exchange runs on the MLX stream that asked for it, which has
+// nothing else to do meanwhile: a wait spins briefly, yielding to any other runnable thread,
+// then sleeps in poll(). MLX's ring backend hands each message to other threads, and its
+// socket threads spin without yielding for as long as they wait, which on a rank with one core
+// takes the core from the rank's own computation.
 #pragma once
 
 #include <atomic>
