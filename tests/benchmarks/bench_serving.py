@@ -56,7 +56,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -372,6 +372,8 @@ class Completion:
     from_usage: bool
     finish_reason: str | None
     prompt_tokens: int | None = None
+    # when each content chunk arrived, in seconds from sending the request
+    arrivals: list[float] = field(default_factory=list)
 
     @property
     def decode_rate(self) -> float | None:
@@ -413,6 +415,7 @@ class Client:
         start = time.perf_counter()
         first = last = None
         deltas = 0
+        arrivals: list[float] = []
         usage_tokens = prompt_tokens = None
         finish_reason = None
         url = f"{self.base_url}/chat/completions"
@@ -435,6 +438,7 @@ class Client:
                 for choice in event.get("choices") or []:
                     if (choice.get("delta") or {}).get("content"):
                         deltas += 1
+                        arrivals.append(now - start)
                         first = first or now
                         last = now
                     if choice.get("finish_reason"):
@@ -451,6 +455,7 @@ class Client:
             from_usage=usage_tokens is not None,
             finish_reason=finish_reason,
             prompt_tokens=prompt_tokens,
+            arrivals=arrivals,
         )
 
 
@@ -508,6 +513,7 @@ class Measurement:
     early_stops: int = 0
     requests: int = 0
     seconds: float = 0.0
+    singles: list[Completion] = field(default_factory=list)  # the single-stream requests
 
 
 def median(values: list[float | None]) -> float | None:
@@ -560,6 +566,7 @@ def measure(client: Client, runs: int, streams: int) -> Measurement:
         early_stops=note_early_stops("a request", everything, client.max_tokens),
         requests=len(everything) + 1,
         seconds=time.perf_counter() - start,
+        singles=single,
     )
 
 
@@ -741,17 +748,21 @@ def report(
 
 
 def common_parser(
-    description: str, ready_timeout: float = 120.0, max_tokens: int = 64, streams: bool = True
+    description: str,
+    ready_timeout: float = 120.0,
+    max_tokens: int = 64,
+    streams: bool = True,
+    rounds: bool = False,
 ) -> argparse.ArgumentParser:
-    """The options every benchmark script shares."""
+    """The options every benchmark script shares; ``rounds``: with the round options
+    (``--runs`` then counts interleaved rounds)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=sorted(SIZES), default="large")
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     if streams:
         parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=Path("~/.cache/mlxserve/bench"))
-    parser.add_argument("--out", type=Path, help="also write the report as Markdown here")
+    runs = "interleaved rounds" if rounds else None
+    parser.add_argument("--runs", type=int, default=3, help=runs)
     parser.add_argument(
         "--openblas",
         nargs="?",
@@ -759,18 +770,25 @@ def common_parser(
         metavar="PATH",
         help="LD_PRELOAD a system OpenBLAS into every server (default path: searched)",
     )
-    parser.add_argument("--ready-timeout", type=float, default=ready_timeout)
-    parser.add_argument("--request-timeout", type=float, default=900.0)
+    if rounds:
+        add_round_options(parser, ready_timeout)
+    else:
+        add_place_options(parser, ready_timeout)
     return parser
 
 
-def add_round_options(parser: argparse.ArgumentParser) -> None:
-    """Where interleaved-round benchmarks work and write, and how long they wait."""
+def add_place_options(parser: argparse.ArgumentParser, ready_timeout: float = 600.0) -> None:
+    """Where a benchmark works and writes its report, and how long it waits."""
     parser.add_argument("--workdir", type=Path, default=Path("~/.cache/mlxserve/bench"))
-    parser.add_argument("--json", type=Path, help="also write every round's figures here")
     parser.add_argument("--out", type=Path, help="also write the report as Markdown here")
-    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--ready-timeout", type=float, default=ready_timeout)
     parser.add_argument("--request-timeout", type=float, default=900.0)
+
+
+def add_round_options(parser: argparse.ArgumentParser, ready_timeout: float = 600.0) -> None:
+    """Where interleaved-round benchmarks work and write, and how long they wait."""
+    add_place_options(parser, ready_timeout)
+    parser.add_argument("--json", type=Path, help="also write every round's figures here")
 
 
 def checked_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -781,11 +799,19 @@ def checked_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> arg
     return args
 
 
-def dtype_list(text: str) -> list[str]:
-    dtypes = list(dict.fromkeys(d.strip() for d in text.split(",") if d.strip()))
-    if not dtypes or any(d not in DTYPES for d in dtypes):
-        raise argparse.ArgumentTypeError(f"choose from {','.join(DTYPES)}, got {text!r}")
-    return dtypes
+def names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An option's type: a comma-separated list of some of ``choices``, each once."""
+
+    def parse(text: str) -> list[str]:
+        picked = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+        if not picked or any(x not in choices for x in picked):
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}, got {text!r}")
+        return picked
+
+    return parse
+
+
+dtype_list = names(DTYPES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

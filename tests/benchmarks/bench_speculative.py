@@ -588,16 +588,6 @@ def write_json(path: Path, configs: list[Config], args: argparse.Namespace) -> N
 # ---- main ----------------------------------------------------------------------------------
 
 
-def names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        picked = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-        if not picked or any(x not in choices for x in picked):
-            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}, got {text!r}")
-        return picked
-
-    return parse
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -605,8 +595,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 1 round, short max_tokens"
     )
-    parser.add_argument("--only", type=names(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--workloads", type=names(tuple(WORKLOADS)), default=list(WORKLOADS))
+    parser.add_argument("--only", type=bs.names(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--workloads", type=bs.names(tuple(WORKLOADS)), default=list(WORKLOADS))
     parser.add_argument(
         "--max-tokens", type=int, help="for every workload (default: 200 editing, 128 others)"
     )

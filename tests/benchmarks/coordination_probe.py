@@ -1,8 +1,9 @@
-"""Per-step coordination cost of two ranks: bench_distributed.py runs it under mlx.launch.
+"""Per-step coordination and all-reduce cost of two ranks: bench_distributed.py runs it under
+mlx.launch (or in two network namespaces, with the environment mlx.launch gives a rank).
 
 Usage (two ranks on loopback; rank 0 writes the medians as JSON to OUT):
     mlx.launch -n 2 --backend ring -- python tests/benchmarks/coordination_probe.py OUT
-        [--steps 300]
+        [--steps 300] [--hidden 1024] [--inner 1408] [--reduces 40]
 
 Rank 0 times round trips to rank 1, which answers each with a (8, 1, 1024) float32 array
 (``mx.distributed.send``), as the first stage of a pipeline sends its hidden states on. What
@@ -17,11 +18,30 @@ goes out to rank 1 differs, for a decode step of 8 rows with uuid request ids:
 The three take turns, step by step and in a rotating order, so that drift and what one leaves
 behind for the next hit them alike. Also measured on rank 0: encoding and decoding alone (no
 wire), and each rank's allowed cores.
+
+Then the all-reduce of tensor parallelism, --steps steps more, on rank 0 (each timed item
+after an untimed barrier, so that neither rank waits for the other's previous work): one
+token's hidden state, a (1, --hidden) float32 array, summed over the ranks
+
+- mlx: with MLX's own ``mx.distributed.all_sum``;
+- mlxserve: as mlxserve's tensor-parallel layers sum it, with the ``AllReduce`` that
+  ``mlxserve.core.distributed.allreduce.connect`` sets up ("mesh", mlxserve's own, or "mlx",
+  its fallback to MLX's all_sum, with the reason); where that module does not exist, not
+  measured (null, and the reason);
+
+alone, and --reduces of them (two a layer: 40 for the 20 layers of the large benchmark model)
+in one graph, each after a (1, --inner) x (--inner, --hidden) float32 matmul whose result it
+sums and on which the next matmul's input depends, as a tensor-parallel decode step's layers
+do (a row-split MLP: --inner is the intermediate size over the ranks, 1408 for the large
+model on 2), against the same graph without the all-reduces ("matmuls"). The in-graph cost of
+one all-reduce is (graph - matmuls) / --reduces. These five items take turns as the three
+above do.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -32,12 +52,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-import mlx.core as mx
+from mlxserve.core.cpu.startup import prepare_mlx
 
-from mlxserve.core.distributed.cluster import Cluster
-from mlxserve.core.distributed.ranks import Link, Op, decode, encode
-from mlxserve.core.engine.plan import StepPlan
+prepare_mlx()  # before MLX is imported: the BLAS the ranks' matmuls run on, as in the server
+
+import mlx.core as mx  # noqa: E402
+
+from mlxserve.core.distributed.cluster import Cluster  # noqa: E402
+from mlxserve.core.distributed.ranks import Link, Op, decode, encode  # noqa: E402
+from mlxserve.core.engine.plan import StepPlan  # noqa: E402
 
 MODEL = "bench"
 ROWS = 8
@@ -45,6 +70,15 @@ HIDDEN = 1024
 WARM_UP = 20
 MAX_STEPS = 10_000
 WAYS = ("tokens", "binary", "json")
+ALLREDUCE_MODULE = "mlxserve.core.distributed.allreduce"
+# (what, whose): an all-reduce alone, or a step's graph of matmuls with or without them
+REDUCE_ITEMS = (
+    ("single", "mlx"),
+    ("single", "mlxserve"),
+    ("graph", "matmuls"),
+    ("graph", "mlx"),
+    ("graph", "mlxserve"),
+)
 
 
 # ---- the plan, both ways ------------------------------------------------------------------
@@ -126,10 +160,10 @@ RECEIVES: dict[str, Callable[[Link], None]] = {
 # ---- the two ranks -------------------------------------------------------------------------
 
 
-def turn(step: int) -> tuple[str, ...]:
+def turn(step: int, ways: tuple[Any, ...] = WAYS) -> tuple[Any, ...]:
     """The ways in the order of this step: each follows each other one as often."""
-    first = step % len(WAYS)
-    return WAYS[first:] + WAYS[:first]
+    first = step % len(ways)
+    return ways[first:] + ways[:first]
 
 
 def round_trips(link: Link, steps: int) -> dict[str, list[float]]:
@@ -184,10 +218,110 @@ def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
     return {way: statistics.median(values) * 1000.0 for way, values in times.items()}
 
 
-def lead(cluster: Cluster, steps: int, out: Path) -> None:
+# ---- the all-reduce ------------------------------------------------------------------------
+
+Sum = Callable[[mx.array], mx.array]
+
+
+def mlxserve_all_reduce(cluster: Cluster) -> tuple[Any, str]:
+    """(mlxserve's AllReduce, "") or (None, why not); every rank calls it at once."""
+    try:
+        allreduce = importlib.import_module(ALLREDUCE_MODULE)
+    except ImportError as exc:  # the same on every rank
+        if isinstance(exc, ModuleNotFoundError) and exc.name == ALLREDUCE_MODULE:
+            return None, f"{ALLREDUCE_MODULE} not found"
+        return None, f"{ALLREDUCE_MODULE} cannot be imported ({exc})"
+    reduce = allreduce.connect(cluster)
+    return reduce, getattr(reduce, "reason", "")
+
+
+class Reducer:
+    """The all-reduce probe's work, the same on both ranks."""
+
+    def __init__(self, cluster: Cluster, args: argparse.Namespace, ours: Any) -> None:
+        group = cluster.group
+        self.sums: dict[str, Sum] = {"mlx": lambda x: mx.distributed.all_sum(x, group=group)}
+        if ours is not None:
+            self.sums["mlxserve"] = ours.all_sum
+        self.items = tuple(item for item in REDUCE_ITEMS if item[1] in (*self.sums, "matmuls"))
+        self.group = group
+        self.token = mx.zeros((1, args.hidden), dtype=mx.float32)
+        self.x = mx.random.normal((1, args.inner), key=mx.random.key(0))
+        scale = args.inner**-0.5
+        keys = mx.random.split(mx.random.key(1), args.reduces)
+        self.weights = [mx.random.normal((args.inner, args.hidden), key=k) * scale for k in keys]
+        self.barrier_token = mx.zeros((1,), dtype=mx.float32)
+        mx.eval(self.token, self.x, self.weights, self.barrier_token)
+
+    def barrier(self) -> None:
+        mx.eval(mx.distributed.all_sum(self.barrier_token, group=self.group))
+
+    def graph(self, whose: str) -> mx.array:
+        """The matmuls of a step, each result summed over the ranks unless ``whose`` is
+        "matmuls"; each matmul's input depends on the previous result."""
+        reduce = self.sums.get(whose)
+        u = self.x
+        for w in self.weights:
+            h = u @ w
+            if reduce is not None:
+                h = reduce(h)
+            u = self.x + 1e-3 * h[:, :1]
+        return u
+
+    def run(self, item: tuple[str, str]) -> float:
+        """Seconds ``item`` takes on this rank, after a barrier."""
+        what, whose = item
+        self.barrier()
+        start = time.perf_counter()
+        if what == "single":
+            mx.eval(self.sums[whose](self.token))
+        else:
+            mx.eval(self.graph(whose))
+        return time.perf_counter() - start
+
+    def times(self, steps: int) -> dict[str, list[float]]:
+        found: dict[str, list[float]] = {f"{what}:{whose}": [] for what, whose in self.items}
+        for step in range(WARM_UP + steps):
+            for item in turn(step, self.items):
+                seconds = self.run(item)
+                if step >= WARM_UP:
+                    found[":".join(item)].append(seconds)
+        return found
+
+
+def all_reduce_figures(
+    cluster: Cluster, args: argparse.Namespace, steps: int
+) -> dict[str, Any] | None:
+    """Both ranks: time the all-reduce items; rank 0's medians (None on rank 1)."""
+    ours, reason = mlxserve_all_reduce(cluster)
+    try:
+        medians = median_ms(Reducer(cluster, args, ours).times(steps))
+    finally:
+        if ours is not None and hasattr(ours, "close"):
+            ours.close()
+    if cluster.rank != 0:
+        return None
+    return {
+        "steps": steps,
+        "hidden": args.hidden,
+        "inner": args.inner,
+        "reduces": args.reduces,
+        "kind": getattr(ours, "kind", None),
+        "reason": reason,
+        "single_ms": {w: medians.get(f"single:{w}") for w in ("mlx", "mlxserve")},
+        "graph_ms": {w: medians.get(f"graph:{w}") for w in ("matmuls", "mlx", "mlxserve")},
+    }
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+
+def lead(cluster: Cluster, args: argparse.Namespace) -> None:
+    steps, out = args.steps, args.out
     masks = cluster.gather(affinity_mask())
     trips = round_trips(Link(cluster), steps)
-    plan = step_plan(random.Random(2))
+    reduces = all_reduce_figures(cluster, args, steps)
+    plan = step_plan(random.Random(2))  # rank 1 is done: the codec is timed alone
     result = {
         "steps": steps,
         "cores": [cores_text(mask) for mask in masks],
@@ -198,6 +332,7 @@ def lead(cluster: Cluster, steps: int, out: Path) -> None:
             "binary": len(binary_message(plan)),
             "json": len(json_message(plan)),
         },
+        "allreduce": reduces,
     }
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
@@ -206,17 +341,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="where rank 0 writes its medians (JSON)")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="the model's hidden size")
+    parser.add_argument(
+        "--inner", type=int, default=1408, help="each rank's share of the intermediate size"
+    )
+    parser.add_argument(
+        "--reduces", type=int, default=40, help="all-reduces in a step (two a layer)"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.steps <= MAX_STEPS:
         parser.error(f"--steps must be in 1-{MAX_STEPS}")
+    if min(args.hidden, args.inner, args.reduces) < 1:
+        parser.error("--hidden, --inner and --reduces must be >= 1")
     cluster = Cluster.join()
     if cluster.size != 2:
         parser.error(f"run it on 2 ranks under mlx.launch (found {cluster.size})")
     if cluster.rank == 0:
-        lead(cluster, args.steps, args.out)
+        lead(cluster, args)
     else:
         cluster.gather(affinity_mask())
         answer(Link(cluster), args.steps)
+        all_reduce_figures(cluster, args, args.steps)
     return 0
 
 

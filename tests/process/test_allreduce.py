@@ -6,9 +6,6 @@ is turned off."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 
 from mlxserve.core.cpu.qmm import extension
 
-from ..support.server import free_port_run
+from ..support.processes import run_on_two_ranks
 
 pytestmark = pytest.mark.skipif(
     extension() is None, reason="mlxserve's native extension is not built"
@@ -67,20 +64,7 @@ if rank == 0:
 def run_two_ranks(tmp_path: Path, mode: str, env_extra: dict[str, str]) -> dict:
     script, verdict = tmp_path / "probe.py", tmp_path / "verdict.json"
     script.write_text(PROBE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
-    env.update(env_extra)
-    launch = Path(sys.executable).parent / "mlx.launch"
-    ranks = subprocess.Popen(
-        [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run()), "--",
-         sys.executable, str(script), str(verdict), mode],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=env, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, stderr = ranks.communicate(timeout=90)
-    except subprocess.TimeoutExpired:  # a hung rank: end the whole group, never leave it
-        os.killpg(ranks.pid, signal.SIGKILL)
-        _, stderr = ranks.communicate()
+    stderr = run_on_two_ranks([sys.executable, str(script), str(verdict), mode], env_extra, 90)
     assert verdict.exists(), stderr[-3000:]
     return json.loads(verdict.read_text())
 

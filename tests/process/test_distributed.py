@@ -23,10 +23,12 @@ from ..support.processes import (
     PROMPTS,
     completion,
     launched,
+    rank_pids,
+    run_on_two_ranks,
     single_rank_texts,
     two_ranks_config,
 )
-from ..support.server import free_port_run, running_server, write_config
+from ..support.server import running_server, write_config
 
 FAMILIES = ["llama", "qwen", "mistral", "deepseek"]
 
@@ -289,21 +291,6 @@ def test_unequal_memory_gives_an_uneven_split(tmp_path: Path, tiny_checkpoints) 
     assert 'strategy "auto": pipeline. An all-reduce over this link takes' in log, log[-2000:]
 
 
-def rank_pids(rank: int, tmp: Path) -> list[int]:
-    """The processes of rank ``rank`` launched with the config in ``tmp``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ours = str(tmp).encode() in cmdline and b"mlxserve.server.cli.main" in cmdline
-        if ours and f"MLX_RANK={rank}".encode() in environ:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_a_killed_rank_is_reported_not_hung_on(tmp_path: Path, tiny_checkpoints) -> None:
     text = two_ranks_config(tmp_path, tiny_checkpoints["llama"], "step_timeout_s = 5\n")
     # Rank 1 steps slowly (60 s for the whole request), so that a loaded machine's late first
@@ -400,19 +387,6 @@ def test_messages_of_any_length_cross_the_ring_whole(tmp_path: Path) -> None:
     """Rank 0 → rank 1 framing over the real ring: empty, under, at and past one frame."""
     script, verdict = tmp_path / "probe.py", tmp_path / "verdict"
     script.write_text(LINK_PROBE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
-    launch = Path(sys.executable).parent / "mlx.launch"
-    ranks = subprocess.Popen(
-        [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run()), "--",
-         sys.executable, str(script), str(verdict)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=env,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, stderr = ranks.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # a hung rank: end the whole group, never leave it
-        os.killpg(ranks.pid, signal.SIGKILL)
-        _, stderr = ranks.communicate()
+    stderr = run_on_two_ranks([sys.executable, str(script), str(verdict)])
     assert verdict.exists(), stderr[-2000:]
     assert verdict.read_text() == "whole"

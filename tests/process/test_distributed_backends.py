@@ -14,7 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..support.processes import MLXSERVE, PROMPTS, completion, launched, single_rank_texts
+from ..support.processes import (
+    MLXSERVE,
+    PROMPTS,
+    completion,
+    launched,
+    rank_pids,
+    single_rank_texts,
+)
 from ..support.server import free_port_run
 
 JACCL = """[distributed]
@@ -69,21 +76,6 @@ def test_two_mpi_ranks_equal_one(
         assert [completion(url, p) for p in PROMPTS] == expected
 
 
-def mpi_rank_pids(rank: int, tmp: Path) -> list[int]:
-    """The processes mpirun started as rank ``rank`` with the config in ``tmp``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ours = str(tmp).encode() in cmdline and b"mlxserve.server.cli.main" in cmdline
-        if ours and f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_a_killed_mpi_rank_ends_the_group_with_a_failure(
     tmp_path: Path, tiny_checkpoints, mpi_env: dict[str, str]
 ) -> None:
@@ -92,10 +84,10 @@ def test_a_killed_mpi_rank_ends_the_group_with_a_failure(
     text = mpi_config(tmp_path, tiny_checkpoints["llama"], "")
     with launched(tmp_path, text, mpi_env) as (url, process):
         completion(url, PROMPTS[0], max_tokens=2)  # the group serves (a 200)
-        [pid] = mpi_rank_pids(1, tmp_path)
+        [pid] = rank_pids(1, tmp_path, "OMPI_COMM_WORLD_RANK")
         os.kill(pid, signal.SIGKILL)
         assert process.wait(30) != 0
-        assert not mpi_rank_pids(0, tmp_path)
+        assert not rank_pids(0, tmp_path, "OMPI_COMM_WORLD_RANK")
 
 
 def test_launch_refuses_jaccl_where_mlx_has_no_rdma(tmp_path: Path) -> None:

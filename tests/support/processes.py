@@ -166,3 +166,40 @@ def served(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
+
+
+def rank_pids(rank: int, tmp: Path, variable: str = "MLX_RANK") -> list[int]:
+    """The processes launched as rank ``rank`` (told by ``variable``: mpirun's is
+    ``OMPI_COMM_WORLD_RANK``) with the config in ``tmp``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ours = str(tmp).encode() in cmdline and b"mlxserve.server.cli.main" in cmdline
+        if ours and f"{variable}={rank}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+def run_on_two_ranks(
+    argv: list[str], env: dict[str, str] | None = None, timeout: float = 60
+) -> str:
+    """Run ``argv`` as two ranks under mlx.launch (ring, loopback); its stderr. A hung rank
+    ends the whole group at ``timeout``, never left behind."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLXSERVE_", "MLX_"))}
+    launch = Path(sys.executable).parent / "mlx.launch"
+    ranks = subprocess.Popen(
+        [str(launch), "-n", "2", "--backend", "ring", "--starting-port", str(free_port_run()),
+         "--", *argv],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**clean, **(env or {})}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = ranks.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(ranks.pid, signal.SIGKILL)
+        _, stderr = ranks.communicate()
+    return str(stderr)
