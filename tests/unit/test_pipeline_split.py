@@ -68,7 +68,7 @@ def test_auto_splits_layers_only_when_the_link_pays_for_it(
     against 2 x 4 all-reduces: 0.16 ms at 20 us each (tensor), 40 ms at 5 ms (pipeline)."""
     family = load_plugins().family("llama")
     model, _ = build_lazy(tiny_checkpoints["llama"], family.model_classes)
-    monkeypatch.setattr(placement, "_all_reduce_us", lambda cluster, hidden: link_us)
+    monkeypatch.setattr(placement, "_all_reduce_us", lambda hidden, all_sum: link_us)
     monkeypatch.setattr(placement, "_matvec_mb_per_s", lambda: bandwidth_mb_s)
     cluster = Cluster(None, 0, 2)
     monkeypatch.setattr(cluster, "gather", lambda value: [value, value + 1])  # rank 0 decides
