@@ -88,25 +88,28 @@ def connect(cluster: Any, timeout_s: float = 30.0, silence_s: float = 600.0) -> 
     """
     reduce = AllReduce(cluster.group, cluster.size)
     module, why = _native_mesh()
-    address = _own_address(cluster.rank) if module is not None else None
-    if module is not None and address is None:
+    ips = _rank_ips(cluster.size)
+    if module is not None and ips is None:
         why = "the ranks' addresses are not known (no ring hostfile)"
     if not _all_agree(cluster, why is None):
         reduce.reason = why or "another rank cannot join the mesh (see its log)"
         return _keep_mlx(reduce)
-    assert module is not None and address is not None
+    assert module is not None and ips is not None
     try:
-        fds = _join_mesh(cluster, address, timeout_s)
+        fds = _join_mesh(cluster, ips, timeout_s)
     except OSError as exc:
         fds, why = None, f"connecting the ranks failed ({exc})"
     if not _all_agree(cluster, fds is not None):
+        for fd in fds or []:
+            if fd >= 0:
+                os.close(fd)
         reduce.reason = why or "another rank could not connect (see its log)"
         return _keep_mlx(reduce)
     assert fds is not None
     reduce._module = module
     reduce._handle = module.open_mesh(cluster.rank, fds, round(silence_s * 1000))
     reduce.kind = "mesh"
-    log.info("all-reduce: mlxserve's mesh of %d ranks (TCP, %s)", cluster.size, address[0])
+    log.info("all-reduce: mlxserve's mesh of %d ranks (TCP, %s)", cluster.size, ips[cluster.rank])
     return reduce
 
 
@@ -136,12 +139,12 @@ def _native_mesh() -> tuple[ModuleType | None, str | None]:
     return module, None
 
 
-def _own_address(rank: int) -> tuple[str, int] | None:
-    """The IP this rank listens on for the mesh (its ring address's), port chosen by the OS."""
+def _rank_ips(size: int) -> list[str] | None:
+    """Each rank's IP on the ring (its first ring address's): where it listens for the mesh."""
     hosts = read_hostfile()
-    if not hosts or rank >= len(hosts) or not hosts[rank].addresses:
+    if not hosts or len(hosts) != size or not all(host.addresses for host in hosts):
         return None
-    return hosts[rank].addresses[0][0], 0
+    return [host.addresses[0][0] for host in hosts]
 
 
 def _all_agree(cluster: Any, ok: bool) -> bool:
@@ -153,20 +156,17 @@ def _keep_mlx(reduce: AllReduce) -> AllReduce:
     return reduce
 
 
-def _join_mesh(cluster: Any, address: tuple[str, int], timeout_s: float) -> list[int]:
-    """Connected sockets to every other rank (-1 for this rank): each rank listens, the
-    listening ports go round, and every rank connects to the ranks below it."""
+def _join_mesh(cluster: Any, ips: list[str], timeout_s: float) -> list[int]:
+    """Connected sockets to every other rank (-1 for this rank): each rank listens on its IP
+    at a port the OS picks, the ports go round, and every rank connects to the ranks below it."""
     rank, size, token = cluster.rank, cluster.size, cluster.launch_token
-    hosts = read_hostfile()
-    assert hosts is not None  # _own_address found it
-    listener = socket.create_server(address, backlog=size)
+    listener = socket.create_server((ips[rank], 0), backlog=size)
     listener.settimeout(timeout_s)
     peers: dict[int, socket.socket] = {}
     try:
         ports = cluster.gather(listener.getsockname()[1])
         for other in range(rank):
-            ip = hosts[other].addresses[0][0]
-            conn = socket.create_connection((ip, ports[other]), timeout=timeout_s)
+            conn = socket.create_connection((ips[other], ports[other]), timeout=timeout_s)
             conn.sendall(HELLO.pack(rank, token))
             peers[other] = conn
         for _ in range(rank + 1, size):

@@ -28,6 +28,8 @@ from mlxserve.core.distributed.allreduce import connect, mlx_all_sum, route_all_
 from mlxserve.core.distributed.cluster import Cluster
 
 cluster = Cluster.join()
+if sys.argv[2] == "one_refuses" and cluster.rank == 1:
+    os.environ["MLXSERVE_MESH"] = "0"  # this rank alone may not join
 reduce = connect(cluster, silence_s=5.0)
 undo = route_all_sums(reduce)
 rank, out = cluster.rank, {"kind": reduce.kind, "reason": reduce.reason, "cases": []}
@@ -87,4 +89,12 @@ def test_a_peer_gone_mid_run_is_an_error_naming_it_not_a_hang(tmp_path: Path) ->
 def test_mlxserve_mesh_0_keeps_mlx_all_sum(tmp_path: Path) -> None:
     result = run_two_ranks(tmp_path, "live", {"MLXSERVE_MESH": "0"})
     assert result["kind"] == "mlx" and result["reason"] == "MLXSERVE_MESH=0"
+    assert all(c["equal_to_ring"] and c["same_on_ranks"] for c in result["cases"])
+
+
+def test_one_rank_that_cannot_join_keeps_every_rank_on_mlx_all_sum(tmp_path: Path) -> None:
+    """Two transports in one group would wait on each other for ever: all agree, or none."""
+    result = run_two_ranks(tmp_path, "one_refuses", {})
+    assert result["kind"] == "mlx"
+    assert result["reason"] == "another rank cannot join the mesh (see its log)"
     assert all(c["equal_to_ring"] and c["same_on_ranks"] for c in result["cases"])

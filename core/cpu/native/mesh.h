@@ -35,7 +35,6 @@ class Mesh {
 
   int rank() const { return rank_; }
   int size() const { return static_cast<int>(fds_.size()); }
-  uint64_t calls() const { return sequence_; }
 
   // out[i] = the sum over ranks, in rank order, of each rank's in[i] (float32 accumulation).
   // Throws std::runtime_error starting with "[mesh]" when a peer is gone or silent.
